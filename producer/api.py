@@ -1,0 +1,359 @@
+"""perq's Python API for producers: submit new jobs and continuations, read status, cancel.
+
+Everything that can be checked locally is checked before anything is written: a refused request leaves
+no job behind. Async functions are the API; `*_sync` wrappers serve scripts and the CLI.
+
+    from producer.api import RunRequest, submit_sync
+    job = submit_sync(RunRequest(expert_key="hello", query="Say hello", provider="script", model="script.toml"))
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shared.config import (
+    DEFAULT_MODEL,
+    DEFAULT_PROVIDER,
+    PROVIDERS,
+    ConfigError,
+    PerstackConfig,
+    Settings,
+    build_experts,
+    find_config,
+    load_config,
+)
+from shared.models import (
+    Checkpoint,
+    Expert,
+    ExpertRef,
+    InteractiveToolCallResult,
+    Job,
+    ProviderConfig,
+    ReasoningBudget,
+    RunInput,
+    RunSetting,
+    check_id,
+    checkpoint_id,
+    new_id,
+    now_ms,
+)
+from shared.queue import STEP_TASK, StepTask, cancel_key, serialize, step_job_id
+from shared.store import JobStore
+
+BUSY_STATUSES = ("queued", "running")
+REASONING_WORDS = ("none", "minimal", "low", "medium", "high")
+
+
+class RequestError(ConfigError):
+    """A request perq refuses; nothing was written (exit 2 in the CLI)."""
+
+
+class QueueUnavailable(Exception):
+    """Redis could not be reached; nothing was left behind (exit 1 in the CLI)."""
+
+
+@dataclass
+class RunRequest:
+    expert_key: str
+    query: str
+    config: str | None = None
+    provider: str | None = None
+    model: str | None = None
+    max_steps: int | None = None
+    max_retries: int | None = None
+    timeout: int | None = None
+    reasoning_budget: str | int | None = None
+    job_id: str | None = None
+    workspace: str | None = None
+    continue_latest: bool = False
+    continue_job: str | None = None
+    resume_from: str | None = None
+    interactive: bool = False  # the query answers the pending interactive tool call (-i)
+    cwd: Path = field(default_factory=Path.cwd)
+
+
+def parse_reasoning_budget(value: str | int | None) -> ReasoningBudget | None:
+    if value is None or isinstance(value, int):
+        return value
+    word = value.strip().lower()
+    if word in REASONING_WORDS:
+        return word  # type: ignore[return-value]
+    if word.isdigit():
+        return int(word)
+    raise RequestError(f"invalid reasoning budget {value!r}: use none, minimal, low, medium, high or tokens")
+
+
+def _provider(request: RunRequest, config: PerstackConfig) -> tuple[ProviderConfig, str]:
+    name = request.provider or (config.provider.provider_name if config.provider else None) or DEFAULT_PROVIDER
+    if name not in PROVIDERS:
+        raise RequestError(f"unknown provider {name!r}: use one of {', '.join(PROVIDERS)}")
+    setting: dict[str, Any] = dict(config.provider.setting) if config.provider and not request.provider else {}
+    model = request.model or config.model or DEFAULT_MODEL
+    if name == "script":
+        script = (request.cwd / Path(model).expanduser()).resolve()
+        if not script.is_file():
+            raise RequestError(f"script file not found: {script}")
+        model = str(script)
+    provider = ProviderConfig(
+        provider_name=name,
+        base_url=setting.get("baseUrl"),
+        organization=setting.get("organization"),
+        project=setting.get("project"),
+        headers=setting.get("headers"),
+    )
+    return provider, model
+
+
+def _workspace(request: RunRequest) -> str:
+    path = (request.cwd / Path(request.workspace or ".").expanduser()).resolve()
+    if not path.is_dir():
+        raise RequestError(f"workspace is not a directory: {path}")
+    return str(path)
+
+
+@dataclass
+class Plan:
+    """Everything a submission will write, computed before anything is written."""
+
+    job: Job
+    setting: RunSetting
+    initial: Checkpoint
+    new_job: bool
+
+
+def plan_submission(request: RunRequest, store: JobStore) -> Plan:
+    if request.resume_from and not request.continue_job:
+        raise RequestError("--resume-from requires --continue-job")
+    if request.interactive and not (request.continue_job or request.continue_latest):
+        raise RequestError("-i answers a waiting job: use it with --continue-job JOB (or --continue)")
+    config_path = find_config(request.config, request.cwd)
+    if config_path is None:
+        raise RequestError(f"no perstack.toml found in {request.cwd} or its parents (use --config)")
+    config = load_config(config_path)
+    experts = build_experts(config)
+    if request.expert_key not in experts:
+        known = ", ".join(sorted(experts)) or "none"
+        raise RequestError(f"expert {request.expert_key!r} not found in {config_path} (experts: {known})")
+    provider, model = _provider(request, config)
+    budget = parse_reasoning_budget(request.reasoning_budget)
+    budget = budget if budget is not None else (config.reasoning_budget or "low")
+    for name, value in (("--max-steps", request.max_steps), ("--max-retries", request.max_retries),
+                        ("--timeout", request.timeout)):
+        if value is not None and value < (0 if name == "--max-retries" else 1):
+            raise RequestError(f"{name} must be a positive number, got {value}")
+    workspace = _workspace(request)
+
+    continuing = request.continue_job is not None or request.continue_latest
+    if continuing:
+        if request.job_id:
+            raise RequestError("--job-id names a new job; to continue one use --continue-job alone")
+        job, start = _continuation_start(request, store)
+    else:
+        job_id = check_id(request.job_id, "job id") if request.job_id else new_id()
+        if request.job_id and store.job_exists(job_id):
+            raise RequestError(f"job {job_id} already exists; continue it with --continue-job {job_id}")
+        job = Job(
+            id=job_id,
+            status="queued",
+            coordinator_expert_key=request.expert_key,
+            max_steps=request.max_steps if request.max_steps is not None else config.max_steps,
+            started_at=now_ms(),
+        )
+        start = None
+
+    run_id = new_id()
+    run_input = _run_input(request, start)
+    max_steps = request.max_steps if request.max_steps is not None else config.max_steps
+    setting = RunSetting(
+        model=model,
+        provider_config=provider,
+        job_id=job.id,
+        run_id=run_id,
+        expert_key=request.expert_key,
+        input=run_input,
+        experts=experts,
+        reasoning_budget=budget,
+        max_steps=max_steps if max_steps is not None else 100,
+        max_retries=request.max_retries if request.max_retries is not None else (config.max_retries or 5),
+        timeout=request.timeout if request.timeout is not None else (config.timeout or 300_000),
+        workspace=workspace,
+    )
+    initial = _initial_checkpoint(setting, experts[request.expert_key], start)
+    if continuing:
+        job = job.model_copy(update={"status": "queued", "finished_at": None, "error": None})
+    return Plan(job=job, setting=setting, initial=initial, new_job=not continuing)
+
+
+def _continuation_start(request: RunRequest, store: JobStore) -> tuple[Job, Checkpoint]:
+    if request.continue_job:
+        job_id = check_id(request.continue_job, "job id")
+        job = store.load_job(job_id)
+        if job is None:
+            raise RequestError(f"job {job_id} not found in {store.backend.describe('jobs')}")
+    else:
+        latest = store.latest_job()
+        if latest is None:
+            raise RequestError("no job to continue: the store has no jobs")
+        job = latest
+    if job.status in BUSY_STATUSES:
+        raise RequestError(f"job {job.id} is {job.status}; wait for it to stop before continuing it")
+    if job.coordinator_expert_key != request.expert_key:
+        raise RequestError(
+            f"job {job.id} belongs to expert {job.coordinator_expert_key!r}, not {request.expert_key!r}"
+        )
+    checkpoint_id = check_id(request.resume_from, "checkpoint id") if request.resume_from else job.head_checkpoint_id
+    if checkpoint_id is None:
+        raise RequestError(f"No checkpoint found for job {job.id}")
+    start = store.load_checkpoint(job.id, checkpoint_id)
+    if start is None:
+        raise RequestError(f"checkpoint {checkpoint_id} not found in job {job.id}")
+    if start.delegated_by is not None or start.expert.key != job.coordinator_expert_key:
+        raise RequestError(
+            f"checkpoint {checkpoint_id} belongs to delegate {start.expert.key!r}; "
+            "resume from a checkpoint of the coordinator"
+        )
+    if request.interactive and start.status != "stoppedByInteractiveTool":
+        raise RequestError(f"job {job.id} is not waiting for input (its checkpoint is {start.status})")
+    if not request.interactive and start.status == "stoppedByInteractiveTool":
+        pending = (start.pending_tool_calls or [None])[0]
+        name = pending.tool_name if pending else "a tool call"
+        raise RequestError(f"job {job.id} is waiting for an answer to {name}: answer it with -i")
+    if start.status in ("stoppedByDelegate", "init"):
+        raise RequestError(f"checkpoint {checkpoint_id} ({start.status}) cannot be resumed directly")
+    return job, start
+
+
+def _run_input(request: RunRequest, start: Checkpoint | None) -> RunInput:
+    if request.interactive:
+        assert start is not None and start.pending_tool_calls
+        call = start.pending_tool_calls[0]  # the call perq answers is the first pending one (spec §9 #18)
+        return RunInput(
+            interactive_tool_call_result=InteractiveToolCallResult(
+                tool_call_id=call.id, tool_name=call.tool_name, skill_name=call.skill_name, text=request.query
+            )
+        )
+    return RunInput(text=request.query)
+
+
+def _initial_checkpoint(setting: RunSetting, expert: Expert, start: Checkpoint | None) -> Checkpoint:
+    if start is None:
+        return Checkpoint(
+            id=checkpoint_id(setting.run_id, 1),
+            job_id=setting.job_id,
+            run_id=setting.run_id,
+            status="init",
+            step_number=1,
+            expert=ExpertRef(key=expert.key, name=expert.name, version=expert.version),
+            context_window_usage=0.0,
+        )
+    step = start.step_number + 1
+    return start.model_copy(
+        update={"id": checkpoint_id(setting.run_id, step), "run_id": setting.run_id,
+                "step_number": step}
+    )
+
+
+async def _create_pool_quiet(settings: Settings) -> Any:
+    """arq's create_pool retries 5 times with 1 s sleeps and logs each; a producer wants one fast answer."""
+    import logging
+
+    logging.getLogger("arq.connections").setLevel(logging.ERROR)
+    from arq.connections import RedisSettings, create_pool
+
+    redis_settings = RedisSettings.from_dsn(settings.redis_url)
+    redis_settings.conn_retries = 0
+    redis_settings.conn_timeout = 2
+    try:
+        redis = await create_pool(redis_settings, job_serializer=serialize, default_queue_name=settings.queue)
+        await redis.ping()
+    except Exception as e:
+        raise QueueUnavailable(f"cannot reach Redis at {settings.redis_url}: {e}") from e
+    return redis
+
+
+class Client:
+    """A producer's connection to one store and one Redis; reuse it to submit many jobs."""
+
+    def __init__(self, settings: Settings | None = None, store: JobStore | None = None) -> None:
+        self.settings = settings or Settings()
+        self.store = store or JobStore.open(self.settings.storage)
+        self._redis: Any = None
+
+    async def redis(self) -> Any:
+        if self._redis is None:
+            self._redis = await _create_pool_quiet(self.settings)
+        return self._redis
+
+    async def close(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def submit(self, request: RunRequest) -> Job:
+        """Validate, write the job record (queued) and the run, and enqueue its first step."""
+        plan = plan_submission(request, self.store)
+        redis = await self.redis()
+        lock = f"perq:lock:{plan.job.id}"
+        if not plan.new_job and not await redis.set(lock, "1", nx=True, ex=10):
+            raise RequestError(f"job {plan.job.id} is being continued by another request")
+        try:
+            await self._write_and_enqueue(plan, redis)
+        finally:
+            if not plan.new_job:
+                await redis.delete(lock)
+        return plan.job
+
+    async def _write_and_enqueue(self, plan: Plan, redis: Any) -> None:
+        store = self.store
+        previous = None if plan.new_job else store.load_job(plan.job.id)
+        store.save_run_setting(plan.setting)
+        store.save_initial_checkpoint(plan.initial)
+        store.save_job(plan.job, new=plan.new_job)
+        task = StepTask(job_id=plan.job.id, run_id=plan.setting.run_id, step_number=plan.initial.step_number)
+        try:
+            if not plan.new_job:
+                await redis.delete(cancel_key(plan.job.id))
+            await redis.enqueue_job(STEP_TASK, task.to_dict(), _job_id=step_job_id(task))
+        except Exception as e:
+            if plan.new_job:
+                store.delete_job(plan.job.id)
+            else:
+                store.backend.delete_tree(f"jobs/{plan.job.id}/runs/{plan.setting.run_id}")
+                if previous is not None:
+                    store.save_job(previous)
+            raise QueueUnavailable(f"cannot reach Redis at {self.settings.redis_url}: {e}") from e
+
+    async def cancel(self, job_id: str) -> Job:
+        """Stop a queued or running job (and its delegates) before its next step; status `cancelled`."""
+        job = self.store.load_job(check_id(job_id, "job id"))
+        if job is None:
+            raise RequestError(f"job {job_id} not found")
+        if job.status not in BUSY_STATUSES:
+            raise RequestError(f"job {job_id} is {job.status}; only queued or running jobs can be cancelled")
+        redis = await self.redis()
+        await redis.set(cancel_key(job.id), "1")
+        job.status = "cancelled"
+        job.finished_at = now_ms()
+        self.store.save_job(job)
+        return job
+
+
+def submit_sync(request: RunRequest, settings: Settings | None = None) -> Job:
+    async def go() -> Job:
+        async with Client(settings) as client:
+            return await client.submit(request)
+
+    return asyncio.run(go())
+
+
+def job_status(job_id: str, settings: Settings | None = None) -> Job | None:
+    return JobStore.open((settings or Settings()).storage).load_job(check_id(job_id, "job id"))

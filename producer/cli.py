@@ -1,0 +1,192 @@
+"""The `perq` command line. Imports stay inside the commands, so that `perq --help` starts at once."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(
+    name="perq",
+    help="Run Perstack experts as durable background jobs on arq workers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+EXIT_BAD_INPUT = 2
+
+
+def fail(message: str, code: int) -> None:
+    print(f"perq: {message}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def _print_json(data: Any) -> None:
+    import json
+
+    print(json.dumps(data, indent=2))
+
+
+@app.command()
+def run(
+    expert_key: Annotated[str, typer.Argument(help="Expert to run (a key of perstack.toml)")],
+    query: Annotated[str, typer.Argument(help="The query (or, with -i, the answer to the waiting tool call)")],
+    config: Annotated[str | None, typer.Option(help="Path to perstack.toml (default: search upward)")] = None,
+    provider: Annotated[str | None, typer.Option(help="anthropic, openai, ollama, deepseek, script, ...")] = None,
+    model: Annotated[str | None, typer.Option(help="Model name; for --provider script, the script file")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Job-wide step limit (default 100)")] = None,
+    max_retries: Annotated[int | None, typer.Option(help="Failed generations allowed in a row (default 5)")] = None,
+    timeout: Annotated[int | None, typer.Option(help="Per-generation timeout in ms (default 300000)")] = None,
+    reasoning_budget: Annotated[str | None, typer.Option(help="none, minimal, low, medium, high or tokens")] = None,
+    job_id: Annotated[str | None, typer.Option(help="Id for a new job")] = None,
+    workspace: Annotated[str | None, typer.Option(help="Directory the file tools work in (default .)")] = None,
+    continue_latest: Annotated[bool, typer.Option("--continue", help="Continue the latest job")] = False,
+    continue_job: Annotated[str | None, typer.Option(help="Continue this job from its head checkpoint")] = None,
+    resume_from: Annotated[str | None, typer.Option(help="Branch from this checkpoint (needs --continue-job)")] = None,
+    interactive: Annotated[
+        bool, typer.Option("-i", "--interactive-tool-call-result", help="QUERY answers the waiting tool call")
+    ] = False,
+    wait: Annotated[bool, typer.Option(help="Follow the job until it stops; exit code tells how")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+) -> None:
+    """Enqueue a new job, or a continuation of one. Prints the job id as the last line."""
+    import asyncio
+
+    from producer.api import Client, QueueUnavailable, RunRequest
+    from shared.config import ConfigError
+    from shared.store import StoreError
+
+    request = RunRequest(
+        expert_key=expert_key,
+        query=query,
+        config=config,
+        provider=provider,
+        model=model,
+        max_steps=max_steps,
+        max_retries=max_retries,
+        timeout=timeout,
+        reasoning_budget=reasoning_budget,
+        job_id=job_id,
+        workspace=workspace,
+        continue_latest=continue_latest,
+        continue_job=continue_job,
+        resume_from=resume_from,
+        interactive=interactive,
+    )
+
+    async def go() -> int:
+        async with Client() as client:
+            try:
+                start = await _stream_position(client, request)
+                job = await client.submit(request)
+            except (ConfigError, ValueError, StoreError) as e:
+                fail(str(e), EXIT_BAD_INPUT)
+            except QueueUnavailable as e:
+                fail(str(e), 1)
+            if not wait:
+                if json_output:
+                    _print_json({"jobId": job.id, "status": job.status})
+                else:
+                    print(job.id)
+                return 0
+            from producer.follow import EXIT_CODES
+            from producer.render import follow_with_progress
+
+            status = await follow_with_progress(client, job.id, start, quiet=json_output)
+            final = client.store.load_job(job.id)
+            if json_output:
+                data = final.to_dict() if final else {"id": job.id, "status": status}
+                _print_json({"jobId": job.id, "status": status, "job": data})
+            else:
+                print(job.id)
+            return EXIT_CODES.get(status, 1)
+
+    raise typer.Exit(asyncio.run(go()))
+
+
+async def _stream_position(client: Any, request: Any) -> str:
+    """Where the job's event stream stands before this submission, so --wait shows only what follows."""
+    from shared.queue import events_channel
+
+    job_id = request.continue_job
+    if not job_id:
+        if request.continue_latest:
+            latest = client.store.latest_job()
+            job_id = latest.id if latest else None
+    if not job_id:
+        return "0-0"
+    redis = await client.redis()
+    last = await redis.xrevrange(events_channel(job_id), count=1)
+    return last[0][0].decode() if last else "0-0"
+
+
+@app.command()
+def status(
+    job_id: Annotated[str | None, typer.Argument(help="Show one job and its checkpoints")] = None,
+    limit: Annotated[int, typer.Option(help="How many jobs to list, newest first (0 = all)")] = 50,
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+) -> None:
+    """List jobs newest first, or show one job with its checkpoints."""
+    from producer import render
+    from shared.config import Settings
+    from shared.models import check_id
+    from shared.store import JobStore, StoreError
+
+    store = JobStore.open(Settings().storage)
+    if job_id is None:
+        listing = store.list_jobs(limit=limit or None)
+        render.job_list(listing, json_output=json_output)
+        return
+    try:
+        job = store.load_job(check_id(job_id, "job id"))
+    except (ValueError, StoreError) as e:
+        fail(str(e), EXIT_BAD_INPUT)
+    if job is None:
+        fail(f"job {job_id} not found", EXIT_BAD_INPUT)
+    assert job is not None
+    checkpoints, problems = store.list_checkpoints(job.id)
+    render.job_detail(job, checkpoints, problems, json_output=json_output)
+
+
+@app.command()
+def cancel(
+    job_id: Annotated[str, typer.Argument(help="The job to cancel")],
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+) -> None:
+    """Stop a queued or running job (and its delegates) before its next step."""
+    import asyncio
+
+    from producer.api import Client, QueueUnavailable
+    from shared.config import ConfigError
+
+    async def go() -> None:
+        async with Client() as client:
+            try:
+                job = await client.cancel(job_id)
+            except (ConfigError, ValueError) as e:
+                fail(str(e), EXIT_BAD_INPUT)
+            except QueueUnavailable as e:
+                fail(str(e), 1)
+            if json_output:
+                _print_json({"jobId": job.id, "status": job.status})
+            else:
+                print(f"{job.id} cancelled")
+
+    asyncio.run(go())
+
+
+@app.command()
+def worker(
+    burst: Annotated[bool, typer.Option(help="Exit when the queue is empty")] = False,
+    concurrency: Annotated[int | None, typer.Option(help="Steps run at once (default 200)")] = None,
+) -> None:
+    """Start a worker that runs steps from the queue (PERQ_REDIS_URL, PERQ_STORAGE, PERQ_QUEUE)."""
+    from worker.main import run_worker
+
+    run_worker(burst=burst, concurrency=concurrency)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,147 @@
+"""Terminal output for status and progress (rich), and the JSON forms of the same data."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from datetime import datetime
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from producer.follow import Progress, wait_for_job
+from shared.models import Checkpoint, Event, Job
+from shared.store import Listing
+
+STATUS_STYLE = {
+    "completed": "green",
+    "running": "cyan",
+    "queued": "blue",
+    "stoppedByInteractiveTool": "yellow",
+    "stoppedByMaxSteps": "magenta",
+    "stoppedByError": "red",
+    "cancelled": "red",
+}
+
+
+def _time(ms: int | None) -> str:
+    return datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S") if ms else "-"
+
+
+def job_line(job: Job) -> str:
+    """Perstack's job line: `expertKey - N steps (jobId) (startedAt)`."""
+    return f"{job.coordinator_expert_key} - {job.total_steps} steps ({job.id}) ({_time(job.started_at)})"
+
+
+def checkpoint_line(cp: Checkpoint) -> str:
+    return f"Step {cp.step_number} ({cp.id})"
+
+
+def job_list(listing: Listing, *, json_output: bool) -> None:
+    if json_output:
+        print(json.dumps({"jobs": [j.to_dict() for j in listing.jobs], "total": listing.total,
+                          "problems": listing.problems}, indent=2))
+        return
+    out = Console(highlight=False, soft_wrap=True)
+    if not listing.jobs and not listing.problems:
+        out.print("No jobs found")
+    for job in listing.jobs:
+        style = STATUS_STYLE.get(job.status, "")
+        out.print(f"[{style}]{job.status:<24}[/{style}] {job_line(job)}")
+    if listing.total > len(listing.jobs) + len(listing.problems):
+        out.print(f"... {listing.total - len(listing.jobs)} older jobs not shown (--limit 0 for all)")
+    for problem in listing.problems:
+        print(f"perq: skipped {problem}", file=sys.stderr)
+
+
+def answer_command(job: Job, cp: Checkpoint) -> str | None:
+    """For a job waiting on an interactive tool: the command that answers it."""
+    if cp.status != "stoppedByInteractiveTool" or not cp.pending_tool_calls:
+        return None
+    return f"perq run {shlex.quote(job.coordinator_expert_key)} --continue-job {job.id} -i \"<answer>\""
+
+
+def job_detail(job: Job, checkpoints: list[Checkpoint], problems: list[str], *, json_output: bool) -> None:
+    head = next((c for c in checkpoints if c.id == job.head_checkpoint_id), None)
+    waiting = head.pending_tool_calls[0] if head and head.status == "stoppedByInteractiveTool" and \
+        head.pending_tool_calls else None
+    if json_output:
+        data: dict[str, Any] = {
+            "job": job.to_dict(),
+            "checkpoints": [
+                {"id": c.id, "stepNumber": c.step_number, "status": c.status, "expertKey": c.expert.key,
+                 "runId": c.run_id}
+                for c in checkpoints
+            ],
+            "problems": problems,
+        }
+        if waiting and head:
+            data["waitingFor"] = {"toolCall": waiting.to_dict(), "command": answer_command(job, head)}
+        print(json.dumps(data, indent=2))
+        return
+    out = Console(highlight=False, soft_wrap=True)
+    style = STATUS_STYLE.get(job.status, "")
+    out.print(f"[{style}]{job.status}[/{style}] {job_line(job)}")
+    u = job.usage
+    out.print(f"  usage: input {u.input_tokens}, output {u.output_tokens}, reasoning {u.reasoning_tokens}, "
+              f"cached input {u.cached_input_tokens}")
+    out.print(f"  started {_time(job.started_at)}, finished {_time(job.finished_at)}")
+    if job.error:
+        out.print(f"  [red]error: {job.error.name}: {job.error.message}[/red]")
+    if waiting and head:
+        out.print(f"  waiting for an answer to [bold]{waiting.tool_name}[/bold] {json.dumps(waiting.args)}")
+        out.print(f"  answer with: {answer_command(job, head)}")
+    table = Table(box=None, show_header=True, header_style="bold")
+    table.add_column("checkpoint")
+    table.add_column("status")
+    table.add_column("expert")
+    for cp in checkpoints:
+        table.add_row(checkpoint_line(cp), cp.status, cp.expert.key)
+    out.print(table)
+    for problem in problems:
+        print(f"perq: skipped {problem}", file=sys.stderr)
+
+
+async def follow_with_progress(client: Any, job_id: str, start: str, *, quiet: bool = False) -> str:
+    """Show a live progress line on stderr while the job runs; return its final status."""
+    redis = await client.redis()
+    if quiet:
+        return await wait_for_job(redis, client.store, job_id, lambda e, p: None, start=start)
+    err = Console(stderr=True, highlight=False)
+    with err.status(f"job {job_id} queued") as spinner:
+
+        def on_event(event: Event, progress: Progress) -> None:
+            spinner.update(progress.line())
+            if event.type in SHOWN_EVENTS:
+                err.print(f"[dim]step {event.step_number}[/dim] {event.expert_key}: {event.type}{_detail(event)}")
+
+        status = await wait_for_job(redis, client.store, job_id, on_event, start=start)
+    err.print(f"{status}: {progress_summary(client, job_id)}")
+    return status
+
+
+SHOWN_EVENTS = frozenset({"callTools", "callDelegate", "retry", "completeRun", "stopRunByError",
+                          "stopRunByInteractiveTool", "stopRunByExceededMaxSteps"})
+
+
+def _detail(event: Event) -> str:
+    if event.type == "callTools":
+        names = [c.get("toolName") for c in getattr(event, "toolCalls", [])]
+        return f" {', '.join(str(n) for n in names)}"
+    if event.type == "completeRun":
+        text = str(getattr(event, "text", ""))
+        return f" {text[:80]!r}"
+    if event.type == "stopRunByError":
+        error = getattr(event, "error", {}) or {}
+        return f" {error.get('message', '')}"
+    return ""
+
+
+def progress_summary(client: Any, job_id: str) -> str:
+    job = client.store.load_job(job_id)
+    if job is None:
+        return job_id
+    u = job.usage
+    return f"{job_line(job)} tokens in {u.input_tokens} out {u.output_tokens}"

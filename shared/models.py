@@ -1,0 +1,558 @@
+"""Every schema perq writes or reads: usage, messages, tool calls, checkpoints, jobs, run settings, events.
+
+Field names in JSON are Perstack's camelCase ones (spec §1), so a Perstack checkpoint loads here and a perq
+checkpoint carries every field Perstack requires. Python code uses snake_case attributes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+import string
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+
+class PerqModel(BaseModel):
+    """Base of every schema: camelCase JSON, snake_case Python, unknown keys ignored (lenient loading)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+    def to_json(self) -> str:
+        return self.model_dump_json(by_alias=True, exclude_none=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+# --- ids and time -------------------------------------------------------------------------------------
+
+_ID_ALPHABET = string.ascii_lowercase + string.digits
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+
+
+def new_id() -> str:
+    """A cuid2-shaped id: a letter then 23 lowercase alphanumerics."""
+    return secrets.choice(string.ascii_lowercase) + "".join(secrets.choice(_ID_ALPHABET) for _ in range(23))
+
+
+def derived_id(*parts: str) -> str:
+    """A cuid2-shaped id computed from its parts, so that a re-run of the same work names the same thing."""
+    digest = hashlib.blake2b(":".join(parts).encode(), digest_size=16).digest()
+    n = int.from_bytes(digest, "big")
+    chars = []
+    for _ in range(23):
+        n, r = divmod(n, 36)
+        chars.append(_ID_ALPHABET[r])
+    return "c" + "".join(chars)
+
+
+def checkpoint_id(run_id: str, step_number: int) -> str:
+    """The id of the checkpoint that ends a step of a run: derived, so that a re-run step finds it."""
+    return derived_id("checkpoint", run_id, str(step_number))
+
+
+def is_safe_id(value: str) -> bool:
+    """Ids become path segments and Redis keys: letters, digits, '-' and '_' only, no '..' or separators."""
+    return bool(_ID_RE.match(value))
+
+
+def check_id(value: str, what: str = "id") -> str:
+    if not is_safe_id(value):
+        raise ValueError(f"invalid {what} {value!r}: use letters, digits, '-' and '_' (at most 128)")
+    return value
+
+
+SafeId = Annotated[str, Field(pattern=_ID_RE.pattern)]
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+# --- usage --------------------------------------------------------------------------------------------
+
+
+class Usage(PerqModel):
+    input_tokens: int = 0
+    output_tokens: int = 0
+    reasoning_tokens: int = 0
+    total_tokens: int = 0
+    cached_input_tokens: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            input_tokens=self.input_tokens + other.input_tokens,
+            output_tokens=self.output_tokens + other.output_tokens,
+            reasoning_tokens=self.reasoning_tokens + other.reasoning_tokens,
+            total_tokens=self.total_tokens + other.total_tokens,
+            cached_input_tokens=self.cached_input_tokens + other.cached_input_tokens,
+        )
+
+
+# --- message parts (spec §1.2) ------------------------------------------------------------------------
+
+
+class TextPart(PerqModel):
+    type: Literal["textPart"] = "textPart"
+    id: str = Field(default_factory=new_id)
+    text: str
+
+
+class ImageUrlPart(PerqModel):
+    type: Literal["imageUrlPart"] = "imageUrlPart"
+    id: str = Field(default_factory=new_id)
+    url: str
+    mime_type: str
+
+
+class ImageInlinePart(PerqModel):
+    type: Literal["imageInlinePart"] = "imageInlinePart"
+    id: str = Field(default_factory=new_id)
+    encoded_data: str
+    mime_type: str
+
+
+class ImageBinaryPart(PerqModel):
+    type: Literal["imageBinaryPart"] = "imageBinaryPart"
+    id: str = Field(default_factory=new_id)
+    data: str
+    mime_type: str
+
+
+class FileUrlPart(PerqModel):
+    type: Literal["fileUrlPart"] = "fileUrlPart"
+    id: str = Field(default_factory=new_id)
+    url: str
+    mime_type: str
+
+
+class FileInlinePart(PerqModel):
+    type: Literal["fileInlinePart"] = "fileInlinePart"
+    id: str = Field(default_factory=new_id)
+    encoded_data: str
+    mime_type: str
+
+
+class FileBinaryPart(PerqModel):
+    type: Literal["fileBinaryPart"] = "fileBinaryPart"
+    id: str = Field(default_factory=new_id)
+    data: str
+    mime_type: str
+
+
+class ToolCallPart(PerqModel):
+    type: Literal["toolCallPart"] = "toolCallPart"
+    id: str = Field(default_factory=new_id)
+    tool_call_id: str
+    tool_name: str
+    args: Any = Field(default_factory=dict)
+
+
+class ThinkingPart(PerqModel):
+    type: Literal["thinkingPart"] = "thinkingPart"
+    id: str = Field(default_factory=new_id)
+    thinking: str
+    signature: str | None = None
+
+
+ToolResultContent = Annotated[TextPart | ImageInlinePart | FileInlinePart, Field(discriminator="type")]
+
+
+class ToolResultPart(PerqModel):
+    type: Literal["toolResultPart"] = "toolResultPart"
+    id: str = Field(default_factory=new_id)
+    tool_call_id: str
+    tool_name: str
+    contents: list[ToolResultContent]
+    is_error: bool | None = None
+
+
+MessagePart = Annotated[
+    TextPart
+    | ImageUrlPart
+    | ImageInlinePart
+    | ImageBinaryPart
+    | FileUrlPart
+    | FileInlinePart
+    | FileBinaryPart
+    | ToolCallPart
+    | ThinkingPart
+    | ToolResultPart,
+    Field(discriminator="type"),
+]
+UserContent = Annotated[
+    TextPart | ImageUrlPart | ImageInlinePart | ImageBinaryPart | FileUrlPart | FileInlinePart | FileBinaryPart,
+    Field(discriminator="type"),
+]
+ExpertContent = Annotated[TextPart | ToolCallPart | ThinkingPart, Field(discriminator="type")]
+
+
+# --- messages (spec §1.3) -----------------------------------------------------------------------------
+
+
+class InstructionMessage(PerqModel):
+    type: Literal["instructionMessage"] = "instructionMessage"
+    id: str = Field(default_factory=new_id)
+    contents: list[TextPart]
+    cache: bool | None = None
+
+
+class UserMessage(PerqModel):
+    type: Literal["userMessage"] = "userMessage"
+    id: str = Field(default_factory=new_id)
+    contents: list[UserContent]
+    cache: bool | None = None
+    # perq: marks the note a failed generation leaves behind, so that "answers so far" can be counted
+    # (the script provider's turn index, spec-compatible because Perstack ignores unknown keys)
+    retry: bool | None = None
+
+
+class ExpertMessage(PerqModel):
+    type: Literal["expertMessage"] = "expertMessage"
+    id: str = Field(default_factory=new_id)
+    contents: list[ExpertContent]
+    cache: bool | None = None
+
+    @property
+    def text(self) -> str:
+        """The first text part's text, or "" (what a delegate returns, spec §3.4)."""
+        return next((p.text for p in self.contents if isinstance(p, TextPart)), "")
+
+    @property
+    def tool_calls(self) -> list[ToolCallPart]:
+        return [p for p in self.contents if isinstance(p, ToolCallPart)]
+
+
+class ToolMessage(PerqModel):
+    type: Literal["toolMessage"] = "toolMessage"
+    id: str = Field(default_factory=new_id)
+    contents: list[ToolResultPart]
+    cache: bool | None = None
+
+
+Message = Annotated[
+    InstructionMessage | UserMessage | ExpertMessage | ToolMessage, Field(discriminator="type")
+]
+
+
+# --- tools (spec §1.4) --------------------------------------------------------------------------------
+
+
+class ToolCall(PerqModel):
+    id: str = Field(min_length=1, max_length=255)
+    skill_name: str = Field(max_length=255)
+    tool_name: str = Field(max_length=255)
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class ToolResult(PerqModel):
+    id: str
+    skill_name: str
+    tool_name: str
+    result: list[MessagePart]
+
+
+class ToolDefinition(PerqModel):
+    """A tool as offered to the model: its bare name, description and JSON schema of its arguments."""
+
+    skill_name: str
+    name: str
+    description: str | None = None
+    input_schema: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    kind: Literal["mcp", "delegate", "interactive"] = "mcp"
+
+
+class Todo(PerqModel):
+    id: int
+    title: str
+    completed: bool = False
+
+
+# --- experts and skills (spec §1.9, §1.10) ------------------------------------------------------------
+
+
+class McpStdioSkill(PerqModel):
+    type: Literal["mcpStdioSkill"] = "mcpStdioSkill"
+    name: str
+    description: str | None = None
+    rule: str | None = None
+    pick: list[str] = Field(default_factory=list)
+    omit: list[str] = Field(default_factory=list)
+    command: str
+    package_name: str | None = None
+    args: list[str] | None = None
+    required_env: list[str] = Field(default_factory=list)
+    lazy_init: bool = False
+
+
+class McpSseSkill(PerqModel):
+    type: Literal["mcpSseSkill"] = "mcpSseSkill"
+    name: str
+    description: str | None = None
+    rule: str | None = None
+    pick: list[str] = Field(default_factory=list)
+    omit: list[str] = Field(default_factory=list)
+    endpoint: str
+
+
+class InteractiveTool(PerqModel):
+    description: str | None = None
+    input_json_schema: str = '{"type": "object", "properties": {}}'
+
+
+class InteractiveSkill(PerqModel):
+    type: Literal["interactiveSkill"] = "interactiveSkill"
+    name: str
+    description: str | None = None
+    rule: str | None = None
+    pick: list[str] = Field(default_factory=list)
+    omit: list[str] = Field(default_factory=list)
+    tools: dict[str, InteractiveTool] = Field(default_factory=dict)
+
+
+Skill = Annotated[McpStdioSkill | McpSseSkill | InteractiveSkill, Field(discriminator="type")]
+
+BASE_SKILL_NAME = "@perstack/base"
+
+
+def default_skills() -> dict[str, Skill]:
+    return {BASE_SKILL_NAME: McpStdioSkill(name=BASE_SKILL_NAME, command="npx", package_name=BASE_SKILL_NAME)}
+
+
+class Expert(PerqModel):
+    key: str
+    name: str
+    version: str = "1.0.0"
+    description: str | None = None
+    instruction: str
+    skills: dict[str, Skill] = Field(default_factory=default_skills)
+    delegates: list[str] = Field(default_factory=list)
+    tags: list[str] = Field(default_factory=list)
+
+
+class ExpertRef(PerqModel):
+    key: str
+    name: str
+    version: str = "1.0.0"
+
+
+# --- checkpoints (spec §1.6, §1.7) --------------------------------------------------------------------
+
+CheckpointStatus = Literal[
+    "init",
+    "proceeding",
+    "completed",
+    "stoppedByInteractiveTool",
+    "stoppedByDelegate",
+    "stoppedByExceededMaxSteps",
+    "stoppedByError",
+]
+
+
+class DelegationTarget(PerqModel):
+    expert: ExpertRef
+    tool_call_id: str
+    tool_name: str
+    query: str
+
+
+class DelegatedBy(PerqModel):
+    expert: ExpertRef
+    tool_call_id: str
+    tool_name: str
+    checkpoint_id: str
+    run_id: str
+
+
+class RunError(PerqModel):
+    name: str
+    message: str
+    status_code: int | None = None
+    is_retryable: bool = False
+
+
+class Checkpoint(PerqModel):
+    id: str
+    job_id: str
+    run_id: str
+    status: CheckpointStatus
+    step_number: int
+    messages: list[Message] = Field(default_factory=list)
+    expert: ExpertRef
+    delegate_to: list[DelegationTarget] | None = None
+    delegated_by: DelegatedBy | None = None
+    usage: Usage = Field(default_factory=Usage)
+    context_window: int | None = None
+    context_window_usage: float | None = None
+    pending_tool_calls: list[ToolCall] | None = None
+    partial_tool_results: list[ToolResult] | None = None
+    metadata: dict[str, Any] | None = None
+    error: RunError | None = None
+    retry_count: int | None = None
+    # perq: todos live in the checkpoint (spec §9 #23), so they survive a resume on another worker
+    todos: list[Todo] | None = None
+
+
+# --- jobs (spec §1.8) ---------------------------------------------------------------------------------
+
+JobStatus = Literal[
+    "queued",
+    "running",
+    "completed",
+    "stoppedByInteractiveTool",
+    "stoppedByMaxSteps",
+    "stoppedByError",
+    "cancelled",
+]
+FINAL_JOB_STATUSES: frozenset[str] = frozenset(
+    {"completed", "stoppedByInteractiveTool", "stoppedByMaxSteps", "stoppedByError", "cancelled"}
+)
+
+
+class Job(PerqModel):
+    id: str
+    status: JobStatus
+    coordinator_expert_key: str
+    total_steps: int = 0
+    max_steps: int | None = None
+    usage: Usage = Field(default_factory=Usage)
+    started_at: int
+    finished_at: int | None = None
+    # perq: the coordinator's latest checkpoint, which a continuation resumes (spec §9 #19)
+    head_checkpoint_id: str | None = None
+    # perq: the error that ended the job, for status output
+    error: RunError | None = None
+
+
+# --- run settings (spec §1.12), never holding secrets -------------------------------------------------
+
+ReasoningBudget = Literal["none", "minimal", "low", "medium", "high"] | int
+
+
+class ProviderConfig(PerqModel):
+    """Which provider and its non-secret settings. API keys stay in the worker's environment."""
+
+    provider_name: str
+    base_url: str | None = None
+    organization: str | None = None
+    project: str | None = None
+    headers: dict[str, str] | None = None
+
+
+class InteractiveToolCallResult(PerqModel):
+    tool_call_id: str
+    tool_name: str
+    skill_name: str
+    text: str
+
+
+class RunInput(PerqModel):
+    text: str | None = None
+    interactive_tool_call_result: InteractiveToolCallResult | None = None
+    # perq: results of parallel delegates beyond the first, appended to partialToolResults at Init
+    extra_tool_results: list[ToolResult] | None = None
+
+
+class RunSetting(PerqModel):
+    model: str
+    provider_config: ProviderConfig
+    job_id: str
+    run_id: str
+    expert_key: str
+    input: RunInput
+    experts: dict[str, Expert]
+    reasoning_budget: ReasoningBudget = "low"
+    max_steps: int | None = 100
+    max_retries: int = 5
+    timeout: int = 300_000
+    started_at: int = Field(default_factory=now_ms)
+    updated_at: int = Field(default_factory=now_ms)
+    workspace: str
+    # perq: runs of a parallel branch report deltas and never write the job's totals (spec §9 #22)
+    parallel_branch: bool = False
+
+
+# --- steps and events (spec §1.5, §1.13) --------------------------------------------------------------
+
+
+class Step(PerqModel):
+    step_number: int
+    input_messages: list[Message] | None = None
+    new_messages: list[Message] = Field(default_factory=list)
+    tool_calls: list[ToolCall] | None = None
+    tool_results: list[ToolResult] | None = None
+    pending_tool_calls: list[ToolCall] | None = None
+    partial_tool_results: list[ToolResult] | None = None
+    usage: Usage = Field(default_factory=Usage)
+    started_at: int = Field(default_factory=now_ms)
+    finished_at: int | None = None
+
+
+EventType = Literal[
+    # expert state events
+    "startRun",
+    "startGeneration",
+    "retry",
+    "callTools",
+    "callInteractiveTool",
+    "callDelegate",
+    "resolveToolResults",
+    "attemptCompletion",
+    "finishToolCall",
+    "resumeToolCalls",
+    "finishAllToolCalls",
+    "continueToNextStep",
+    "stopRunByInteractiveTool",
+    "stopRunByDelegate",
+    "stopRunByExceededMaxSteps",
+    "stopRunByError",
+    "completeRun",
+    # streaming events
+    "startStreamingReasoning",
+    "streamReasoning",
+    "completeStreamingReasoning",
+    "startStreamingRunResult",
+    "streamRunResult",
+    "completeStreamingRunResult",
+    # runtime events
+    "initializeRuntime",
+    "skillStarting",
+    "skillConnected",
+    "skillStderr",
+    "skillDisconnected",
+    # perq: job-level events
+    "cancelJob",
+]
+STEP_ENDING_EVENTS: frozenset[str] = frozenset(
+    {
+        "continueToNextStep",
+        "completeRun",
+        "stopRunByInteractiveTool",
+        "stopRunByDelegate",
+        "stopRunByExceededMaxSteps",
+        "stopRunByError",
+    }
+)
+
+
+class Event(PerqModel):
+    """One event of a run. The base fields are Perstack's; the payload keys depend on `type` (spec §1.13).
+
+    One class with an open payload instead of thirty classes: the payload keys are Perstack's names and are
+    written by the loop, which is the only producer of events.
+    """
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
+
+    id: str = Field(default_factory=new_id)
+    type: EventType
+    timestamp: int = Field(default_factory=now_ms)
+    job_id: str
+    run_id: str
+    expert_key: str | None = None
+    step_number: int | None = None

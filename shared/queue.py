@@ -1,0 +1,60 @@
+"""The queue contract between producer and workers: task names, payloads, ids, and the JSON serializer.
+
+One arq job is one step of one run. Its arq id is derived from the run and the step, so enqueuing the
+same continuation twice is a no-op (arq refuses a second job with a live id), and a worker that re-runs
+a step finds the checkpoint the first attempt wrote.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from shared.models import PerqModel, SafeId
+
+STEP_TASK = "perq.step"
+WAKE_CHANNEL_SUFFIX = ":wake"
+
+
+class StepTask(PerqModel):
+    """Run step `step_number` of run `run_id` of job `job_id`."""
+
+    job_id: SafeId
+    run_id: SafeId
+    step_number: int
+
+
+def step_job_id(task: StepTask) -> str:
+    return f"perq:{task.run_id}:{task.step_number}"
+
+
+def cancel_key(job_id: str) -> str:
+    return f"perq:cancel:{job_id}"
+
+
+def fanin_key(checkpoint_id: str) -> str:
+    """The hash where parallel delegates of one parent checkpoint leave their results."""
+    return f"perq:fanin:{checkpoint_id}"
+
+
+def events_channel(job_id: str) -> str:
+    return f"perq:events:{job_id}"
+
+
+class PayloadError(ValueError):
+    """A queue payload that is not perq's JSON: refused before anything runs."""
+
+
+def serialize(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def deserialize(data: bytes) -> dict[str, Any]:
+    """JSON only. A pickled payload (or anything else) raises here, so arq fails the job unexecuted."""
+    try:
+        obj = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PayloadError(f"queue payload is not JSON ({len(data)} bytes, starts {data[:8]!r})") from e
+    if not isinstance(obj, dict):
+        raise PayloadError("queue payload is not a JSON object")
+    return obj

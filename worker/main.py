@@ -1,0 +1,186 @@
+"""The worker process: arq's Worker with three changes perq needs (arq-notes A.6, A.11, D.4).
+
+- a step's lease is short and renewed while it runs, so a worker killed mid-step hands its step to another
+  worker within `PERQ_LEASE_SECONDS`, not after arq's job_timeout + 10 s;
+- the poll loop sleeps until the next poll *or* until this worker enqueued a step, so a job's next step
+  starts at once instead of after arq's poll delay;
+- losing Redis does not kill the worker: it logs, waits and reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from typing import Any
+
+from arq.connections import RedisSettings
+from arq.constants import in_progress_key_prefix
+from arq.worker import Worker, func
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from shared.config import Settings
+from shared.models import Event
+from shared.queue import STEP_TASK, PayloadError, StepTask, cancel_key, deserialize, serialize, step_job_id
+from shared.store import JobStore
+from worker.runtime import Runtime
+
+log = logging.getLogger("perq.worker")
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+# arq's own timeout must never fire first: a step bounds itself and ends its run with an error instead
+ARQ_STEP_TIMEOUT_S = 24 * 3600
+
+
+async def step(ctx: dict[str, Any], payload: Any) -> None:
+    """The arq task: one step of one run. The payload is validated before anything else happens."""
+    try:
+        task = StepTask.model_validate(payload)
+    except Exception as e:
+        log.error("rejected queue payload %r: %s", str(payload)[:200], e)
+        raise PayloadError(f"invalid step payload: {e}") from e
+    runtime: Runtime = ctx["perq"]
+    await runtime.run_step(task, attempt=ctx.get("job_try", 1))
+
+
+class PerqWorker(Worker):
+    def __init__(self, settings: Settings, **kwargs: Any) -> None:
+        self.settings = settings
+        self.wake = asyncio.Event()
+        super().__init__(
+            functions=[func(step, name=STEP_TASK, timeout=ARQ_STEP_TIMEOUT_S, max_tries=1000)],
+            queue_name=settings.queue,
+            redis_settings=RedisSettings.from_dsn(settings.redis_url),
+            job_serializer=serialize,
+            job_deserializer=deserialize,
+            keep_result=0,
+            poll_delay=settings.poll_delay,
+            max_jobs=settings.concurrency,
+            job_completion_wait=int(settings.grace_seconds),
+            health_check_interval=10,
+            on_startup=self._startup,
+            on_shutdown=self._shutdown,
+            **kwargs,
+        )
+        self.in_progress_timeout_s = settings.lease_seconds
+
+    # --- start-up -----------------------------------------------------------------------------------
+
+    async def _startup(self, ctx: dict[str, Any]) -> None:
+        store = JobStore.open(self.settings.storage)
+        redis = ctx["redis"]
+        queue = self.settings.queue
+
+        async def enqueue(task: StepTask) -> None:
+            await redis.enqueue_job(STEP_TASK, task.to_dict(), _job_id=step_job_id(task), _queue_name=queue)
+            self.wake.set()
+
+        async def is_cancelled(job_id: str) -> bool:
+            return bool(await redis.exists(cancel_key(job_id)))
+
+        async def publish(job_id: str, events: list[Event]) -> None:
+            from shared.events import publish_events
+
+            await publish_events(redis, job_id, events)
+
+        ctx["perq"] = Runtime(
+            store=store,
+            enqueue=enqueue,
+            publish=publish,
+            is_cancelled=is_cancelled,
+            pool=_skill_pool(),
+            env=dict(os.environ),
+        )
+
+    async def _shutdown(self, ctx: dict[str, Any]) -> None:
+        runtime: Runtime | None = ctx.get("perq")
+        if runtime is not None and runtime.pool is not None:
+            close = getattr(runtime.pool, "close", None)
+            if close is not None:
+                await close()
+
+    # --- the poll loop ------------------------------------------------------------------------------
+
+    async def main(self) -> None:
+        while True:
+            try:
+                await self._main()
+                return
+            except REDIS_DOWN as e:
+                log.warning("redis unreachable (%s); retrying in 1 s", e)
+                await asyncio.sleep(1)
+
+    async def _main(self) -> None:
+        if self._pool is None:
+            from arq.connections import create_pool
+
+            self._pool = await create_pool(
+                self.redis_settings,
+                job_deserializer=self.job_deserializer,
+                job_serializer=self.job_serializer,
+                default_queue_name=self.queue_name,
+                expires_extra_ms=self.expires_extra_ms,
+            )
+            self.ctx["redis"] = self._pool
+            if self.on_startup:
+                await self.on_startup(self.ctx)
+        lease = asyncio.create_task(self._renew_leases())
+        try:
+            while True:
+                self.wake.clear()
+                try:
+                    await self._poll_iteration()
+                except REDIS_DOWN as e:
+                    log.warning("redis unreachable (%s); retrying", e)
+                    await asyncio.sleep(1)
+                    continue
+                if self.burst and await self._burst_done():
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), self.poll_delay_s)
+        finally:
+            lease.cancel()
+
+    async def _burst_done(self) -> bool:
+        if 0 <= self.max_burst_jobs <= self._jobs_started():
+            await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+            return True
+        if await self.pool.zcard(self.queue_name) == 0:
+            await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+            return await self.pool.zcard(self.queue_name) == 0
+        return False
+
+    async def _renew_leases(self) -> None:
+        """Keep the in-progress key of every running step alive; a dead worker's keys lapse in one lease."""
+        lease_ms = int(self.settings.lease_seconds * 1000)
+        while True:
+            await asyncio.sleep(self.settings.lease_seconds / 3)
+            running = [job_id for job_id, t in self.tasks.items() if not t.done()]
+            if not running:
+                continue
+            try:
+                async with self.pool.pipeline(transaction=False) as pipe:
+                    for job_id in running:
+                        pipe.pexpire(in_progress_key_prefix + job_id, lease_ms)
+                    await pipe.execute()
+            except REDIS_DOWN as e:
+                log.warning("could not renew leases: %s", e)
+
+
+def _skill_pool() -> Any:
+    """The MCP skill pool, when the mcp SDK is installed (it is imported only by workers)."""
+    try:
+        from worker.mcp_pool import McpSkillPool
+    except ImportError:
+        return None
+    return McpSkillPool()
+
+
+def run_worker(*, burst: bool = False, concurrency: int | None = None) -> None:
+    settings = Settings()
+    if concurrency is not None:
+        settings.concurrency = concurrency
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    worker = PerqWorker(settings, burst=burst)
+    worker.run()

@@ -1,0 +1,393 @@
+"""What a worker does with one step task: load, run the step, persist, then hand the job on.
+
+Order inside a step, and why:
+  1. a checkpoint that already exists for (run, step) means an earlier attempt finished the step: skip to 4;
+  2. run the step in memory (model answers with tool calls are journaled before the tools run);
+  3. append the step's events, then write its checkpoint (the commit point), then the job record;
+  4. hand on: enqueue the next step, start delegates, resume a parent, or finish the job.
+Every action in 4 is idempotent (derived run ids, derived arq job ids, "skip if that checkpoint exists"),
+so an attempt that dies anywhere can simply be run again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.models import (
+    Checkpoint,
+    DelegatedBy,
+    Event,
+    ExpertMessage,
+    InteractiveToolCallResult,
+    RunError,
+    RunInput,
+    RunSetting,
+    TextPart,
+    ThinkingPart,
+    ToolResult,
+    Usage,
+    checkpoint_id,
+    derived_id,
+    now_ms,
+)
+from shared.queue import StepTask
+from shared.store import JobStore
+from worker.llm import GeneratedToolCall, GenerationResult, ModelClient, get_model_client
+from worker.loop import AnswerJournal, StepRunner
+from worker.skills import SkillPool, build_skill_set
+from worker.tools.base import ToolContext
+
+log = logging.getLogger("perq.worker")
+
+JOB_STATUS_OF = {
+    "completed": "completed",
+    "stoppedByInteractiveTool": "stoppedByInteractiveTool",
+    "stoppedByExceededMaxSteps": "stoppedByMaxSteps",
+    "stoppedByError": "stoppedByError",
+}
+
+Enqueue = Callable[[StepTask], Awaitable[None]]
+Publish = Callable[[str, list[Event]], Awaitable[None]]
+
+
+class StoreAnswerJournal(AnswerJournal):
+    def __init__(self, store: JobStore, job_id: str, run_id: str, step_number: int) -> None:
+        self.store, self.job_id, self.run_id, self.step_number = store, job_id, run_id, step_number
+
+    def load(self, n: int) -> GenerationResult | None:
+        data = self.store.load_answer(self.job_id, self.run_id, self.step_number, n)
+        if data is None:
+            return None
+        raw = json.loads(data)
+        result = GenerationResult(
+            text=raw.get("text"),
+            tool_calls=[GeneratedToolCall(**c) for c in raw["toolCalls"]],
+            finish_reason=raw["finishReason"],
+            usage=Usage.model_validate(raw["usage"]),
+        )
+        result.thinking = [ThinkingPart.model_validate(t) for t in raw.get("thinking", [])]
+        return result
+
+    def save(self, n: int, result: GenerationResult) -> None:
+        raw = {
+            "text": result.text,
+            "thinking": [t.to_dict() for t in result.thinking],
+            "toolCalls": [{"id": c.id, "tool_name": c.tool_name, "args": c.args} for c in result.tool_calls],
+            "finishReason": result.finish_reason,
+            "usage": result.usage.to_dict(),
+        }
+        self.store.save_answer(self.job_id, self.run_id, self.step_number, n, json.dumps(raw).encode())
+
+
+def last_text(checkpoint: Checkpoint) -> str:
+    """What a finished delegate returns: the first text of its last expert message, or "" (spec §3.4)."""
+    for message in reversed(checkpoint.messages):
+        if isinstance(message, ExpertMessage):
+            return message.text
+    return ""
+
+
+def delegate_result_text(end: Checkpoint) -> str:
+    if end.status == "completed":
+        return last_text(end)
+    message = end.error.message if end.error else end.status
+    return f"Delegation failed: {message}"
+
+
+@dataclass
+class Runtime:
+    """A worker's state: the store, caches, and how to reach the queue."""
+
+    store: JobStore
+    enqueue: Enqueue
+    publish: Publish | None = None
+    pool: SkillPool | None = None
+    is_cancelled: Callable[[str], Awaitable[bool]] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    _settings: OrderedDict[str, RunSetting] = field(default_factory=OrderedDict)
+    _models: dict[tuple[str, str], ModelClient] = field(default_factory=dict)
+
+    # --- caches -------------------------------------------------------------------------------------
+
+    def run_setting(self, job_id: str, run_id: str) -> RunSetting:
+        setting = self._settings.get(run_id)
+        if setting is None:
+            setting = self.store.load_run_setting(job_id, run_id)
+            if setting is None:
+                raise LookupError(f"run {run_id} of job {job_id} has no run setting")
+            self._settings[run_id] = setting
+            if len(self._settings) > 2048:
+                self._settings.popitem(last=False)
+        return setting
+
+    def model(self, setting: RunSetting) -> ModelClient:
+        key = (setting.provider_config.to_json(), setting.model)
+        client = self._models.get(key)
+        if client is None:
+            client = self._models[key] = get_model_client(setting.provider_config, setting.model)
+        return client
+
+    # --- one step -----------------------------------------------------------------------------------
+
+    async def run_step(self, task: StepTask, *, attempt: int = 1) -> Checkpoint | None:
+        store = self.store
+        setting = self.run_setting(task.job_id, task.run_id)
+        done = store.load_checkpoint(task.job_id, checkpoint_id(task.run_id, task.step_number))
+        if done is not None:
+            log.info("step %s of run %s already done; handing on", task.step_number, task.run_id)
+            await self.hand_on(setting, done)
+            return done
+        if self.is_cancelled is not None and await self.is_cancelled(task.job_id):
+            log.info("job %s is cancelled; step %s not run", task.job_id, task.step_number)
+            return None
+
+        start, begins_run = self._starting_point(task)
+        if attempt > 1:
+            store.drop_events_from_step(task.job_id, task.run_id, task.step_number)
+        expert = setting.experts[setting.expert_key]
+        tool_context = ToolContext(
+            workspace=Path(setting.workspace),
+            store_root=store.local_root,
+            todos=list(start.todos or []),
+            env=self.env,
+        )
+        runner = StepRunner(
+            setting=setting,
+            expert=expert,
+            journal=StoreAnswerJournal(store, task.job_id, task.run_id, task.step_number),
+        )
+        try:
+            runner.skills = await build_skill_set(
+                expert,
+                setting.experts,
+                coordinator=start.delegated_by is None,
+                tool_context=tool_context,
+                pool=self.pool,
+            )
+            runner.model = self.model(setting)
+        except Exception as e:  # skills or provider could not be set up: the run stops, saying which
+            end = runner.fail(start, RunError(name=type(e).__name__, message=str(e)))
+        else:
+            end = await runner.run(start, begins_run=begins_run)
+        end.todos = tool_context.todos or None
+        store.append_events(task.job_id, task.run_id, runner.events)
+        store.save_checkpoint(end)
+        if self.publish is not None:
+            await self.publish(task.job_id, runner.events)
+        await self.hand_on(setting, end)
+        return end
+
+    def _starting_point(self, task: StepTask) -> tuple[Checkpoint, bool]:
+        """The previous step's checkpoint turned into this step's, or the run's initial checkpoint."""
+        previous = self.store.load_checkpoint(task.job_id, checkpoint_id(task.run_id, task.step_number - 1))
+        if previous is not None:
+            start = previous.model_copy(
+                update={"id": checkpoint_id(task.run_id, task.step_number), "step_number": task.step_number}
+            )
+            return start, False
+        initial = self.store.load_initial_checkpoint(task.job_id, task.run_id)
+        if initial is None or initial.step_number != task.step_number:
+            raise LookupError(f"run {task.run_id} has no checkpoint to start step {task.step_number} from")
+        return initial, True
+
+    # --- handing on ---------------------------------------------------------------------------------
+
+    async def hand_on(self, setting: RunSetting, end: Checkpoint) -> None:
+        if not setting.parallel_branch:
+            self._record(setting, end)
+        status = end.status
+        if status == "proceeding":
+            await self.enqueue_step(end.job_id, end.run_id, end.step_number + 1)
+        elif status == "stoppedByDelegate":
+            await self._start_delegates(setting, end)
+        elif end.delegated_by is not None and status in ("completed", "stoppedByError"):
+            if setting.parallel_branch:
+                await self._fan_in(setting, end)
+            else:
+                await self._return_to_parent(setting, end)
+
+    async def enqueue_step(self, job_id: str, run_id: str, step_number: int) -> None:
+        """Queue a step unless an attempt already finished it (arq itself drops a live duplicate id)."""
+        if self.store.checkpoint_exists(job_id, checkpoint_id(run_id, step_number)):
+            return
+        if self.is_cancelled is not None and await self.is_cancelled(job_id):
+            return
+        await self.enqueue(StepTask(job_id=job_id, run_id=run_id, step_number=step_number))
+
+    def _record(self, setting: RunSetting, end: Checkpoint) -> None:
+        """The job record follows the main chain: totals are assigned from its latest checkpoint (PR #83)."""
+        job = self.store.load_job(end.job_id)
+        if job is None:
+            raise LookupError(f"job {end.job_id} has no job record")
+        if job.status == "cancelled":
+            return
+        job.total_steps = end.step_number
+        job.usage = end.usage
+        if end.delegated_by is None and setting.expert_key == job.coordinator_expert_key:
+            job.head_checkpoint_id = end.id
+        final = JOB_STATUS_OF.get(end.status)
+        if end.delegated_by is not None and end.status in ("completed", "stoppedByError"):
+            final = None  # a delegate's end goes back to its parent, not to the job
+        if final is None:
+            job.status = "running"
+            job.finished_at = None
+            job.error = None
+        else:
+            job.status = final  # type: ignore[assignment]
+            job.error = end.error if final == "stoppedByError" else None
+            if final != "stoppedByInteractiveTool":
+                job.finished_at = now_ms()
+        self.store.save_job(job)
+
+    async def _begin_run(self, setting: RunSetting, initial: Checkpoint) -> None:
+        """Write a run's setting and initial checkpoint, then queue its first step (all idempotent)."""
+        if not self.store.checkpoint_exists(initial.job_id, initial.id):
+            self.store.save_run_setting(setting)
+            self.store.save_initial_checkpoint(initial)
+        await self.enqueue_step(initial.job_id, initial.run_id, initial.step_number)
+
+    async def _start_delegates(self, setting: RunSetting, end: Checkpoint) -> None:
+        targets = end.delegate_to or []
+        parallel = len(targets) > 1
+        for target in targets:
+            run_id = derived_id("delegate", end.id, target.tool_call_id)
+            step = end.step_number + 1
+            child_setting = setting.model_copy(
+                update={
+                    "run_id": run_id,
+                    "expert_key": target.expert.key,
+                    "input": RunInput(text=target.query),
+                    "parallel_branch": setting.parallel_branch or parallel,
+                    "started_at": now_ms(),
+                }
+            )
+            initial = Checkpoint(
+                id=checkpoint_id(run_id, step),
+                job_id=end.job_id,
+                run_id=run_id,
+                status="init",
+                step_number=step,
+                expert=target.expert,
+                usage=Usage() if parallel else end.usage,  # parallel children report deltas (PR #84)
+                context_window=end.context_window,
+                delegated_by=DelegatedBy(
+                    expert=end.expert,
+                    tool_call_id=target.tool_call_id,
+                    tool_name=target.tool_name,
+                    checkpoint_id=end.id,
+                    run_id=end.run_id,
+                ),
+            )
+            await self._begin_run(child_setting, initial)
+
+    async def _resume_parent(
+        self,
+        setting: RunSetting,
+        parent: Checkpoint,
+        run_id: str,
+        step_number: int,
+        usage: Usage,
+        run_input: RunInput,
+        parallel_branch: bool,
+    ) -> None:
+        parent_setting = self.run_setting(parent.job_id, parent.run_id)
+        resumed_setting = parent_setting.model_copy(
+            update={"run_id": run_id, "input": run_input, "parallel_branch": parallel_branch,
+                    "started_at": now_ms()}
+        )
+        initial = parent.model_copy(
+            update={
+                "id": checkpoint_id(run_id, step_number),
+                "run_id": run_id,
+                "step_number": step_number,
+                "usage": usage,
+                "delegate_to": None,
+            }
+        )
+        await self._begin_run(resumed_setting, initial)
+
+    def _parent_of(self, end: Checkpoint) -> Checkpoint:
+        assert end.delegated_by is not None
+        parent = self.store.load_checkpoint(end.job_id, end.delegated_by.checkpoint_id)
+        if parent is None:
+            raise LookupError(f"parent checkpoint {end.delegated_by.checkpoint_id} not found")
+        return parent
+
+    async def _return_to_parent(self, setting: RunSetting, end: Checkpoint) -> None:
+        """A sequential delegate finished (or failed): its parent resumes with the result (spec §3.5)."""
+        by = end.delegated_by
+        assert by is not None
+        parent = self._parent_of(end)
+        answer = InteractiveToolCallResult(
+            tool_call_id=by.tool_call_id,
+            tool_name=by.tool_name,
+            skill_name=f"delegate/{end.expert.key}",
+            text=delegate_result_text(end),
+        )
+        parent_setting = self.run_setting(parent.job_id, parent.run_id)
+        await self._resume_parent(
+            setting,
+            parent,
+            derived_id("return", end.run_id),
+            end.step_number + 1,
+            end.usage,
+            RunInput(interactive_tool_call_result=answer),
+            parent_setting.parallel_branch,
+        )
+
+    async def _fan_in(self, setting: RunSetting, end: Checkpoint) -> None:
+        """A parallel delegate finished: leave its result; whoever completes the set resumes the parent.
+
+        Each child writes its own result file before it counts the others, so the last of them to finish
+        always sees the whole set; two that finish together both resume, and the derived run id makes that
+        one resumption.
+        """
+        by = end.delegated_by
+        assert by is not None
+        parent = self._parent_of(end)
+        result = {
+            "toolCallId": by.tool_call_id,
+            "toolName": by.tool_name,
+            "skillName": f"delegate/{end.expert.key}",
+            "text": delegate_result_text(end),
+            "stepNumber": end.step_number,
+            "usage": end.usage.to_dict(),
+        }
+        self.store.save_fan_in_result(parent.job_id, parent.id, by.tool_call_id, json.dumps(result).encode())
+        targets = parent.delegate_to or []
+        results = self.store.load_fan_in_results(parent.job_id, parent.id)
+        if len(results) < len(targets):
+            return
+        by_call = {json.loads(r)["toolCallId"]: json.loads(r) for r in results}
+        ordered = [by_call[t.tool_call_id] for t in targets]
+        usage = parent.usage
+        for r in ordered:
+            usage = usage + Usage.model_validate(r["usage"])
+        first, rest = ordered[0], ordered[1:]
+        parent_setting = self.run_setting(parent.job_id, parent.run_id)
+        run_input = RunInput(
+            interactive_tool_call_result=InteractiveToolCallResult(
+                tool_call_id=first["toolCallId"], tool_name=first["toolName"], skill_name=first["skillName"],
+                text=first["text"],
+            ),
+            extra_tool_results=[
+                ToolResult(id=r["toolCallId"], skill_name=r["skillName"], tool_name=r["toolName"],
+                           result=[TextPart(text=r["text"])])
+                for r in rest
+            ]
+            or None,
+        )
+        await self._resume_parent(
+            setting,
+            parent,
+            derived_id("fan-in", parent.id),
+            max(r["stepNumber"] for r in ordered) + 1,
+            usage,
+            run_input,
+            parent_setting.parallel_branch,
+        )

@@ -1,0 +1,172 @@
+"""The tools one step offers the model, and who answers each call (spec §6.1, §6.2).
+
+Four kinds of tool, in Perstack's lookup order: the in-process base tools, MCP servers (through the
+worker's skill pool), interactive tools (coordinator only), and delegates (one tool per delegate expert).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from shared.models import (
+    BASE_SKILL_NAME,
+    Expert,
+    InteractiveSkill,
+    McpSseSkill,
+    McpStdioSkill,
+    TextPart,
+    ToolCall,
+    ToolDefinition,
+    ToolResult,
+    ToolResultContent,
+)
+from worker.instruction import delegate_tool_name
+from worker.tools.base import BASE_TOOL_DEFINITIONS, ToolContext, call_base_tool
+
+McpSkill = McpStdioSkill | McpSseSkill
+
+
+class SkillPool(Protocol):
+    """Connected MCP skills, kept by the worker across steps (issue: MCP skills)."""
+
+    async def list_tools(self, skill: McpSkill) -> list[ToolDefinition]: ...
+    async def call_tool(self, skill: McpSkill, tool_name: str, args: dict[str, Any]) -> list[ToolResultContent]: ...
+
+
+class SkillError(Exception):
+    """A skill that cannot be set up; the run stops with this message (it names the skill)."""
+
+
+def is_base_skill(skill: McpSkill) -> bool:
+    """`@perstack/base`, whatever command or version the file names, means perq's in-process tools."""
+    if skill.name == BASE_SKILL_NAME:
+        return True
+    if isinstance(skill, McpStdioSkill):
+        words = [skill.package_name or "", *(skill.args or [])]
+        return any(w == BASE_SKILL_NAME or w.startswith(BASE_SKILL_NAME + "@") for w in words)
+    return False
+
+
+def filter_tools(tools: list[ToolDefinition], pick: list[str], omit: list[str]) -> list[ToolDefinition]:
+    """omit first, then pick; picking a tool that does not exist is ignored (spec §1.10)."""
+    if omit:
+        tools = [t for t in tools if t.name not in omit]
+    if pick:
+        tools = [t for t in tools if t.name in pick]
+    return tools
+
+
+def text_result(call: ToolCall, text: str) -> ToolResult:
+    return ToolResult(id=call.id, skill_name=call.skill_name, tool_name=call.tool_name,
+                      result=[TextPart(text=text)])
+
+
+def error_result(call: ToolCall, name: str, message: str) -> ToolResult:
+    return text_result(call, json.dumps({"error": name, "message": message}))
+
+
+@dataclass
+class SkillSet:
+    tools: list[ToolDefinition]
+    tool_context: ToolContext
+    pool: SkillPool | None = None
+    mcp_skills: dict[str, McpSkill] = field(default_factory=dict)
+    by_name: dict[str, ToolDefinition] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.by_name = {}
+        for tool in self.tools:
+            self.by_name.setdefault(tool.name, tool)  # the first manager listing a name owns it
+
+    @classmethod
+    def empty(cls) -> SkillSet:
+        return cls(tools=[], tool_context=ToolContext(workspace=Path("."), store_root=None, todos=[]))
+
+    def classify(self, tool_name: str) -> ToolDefinition | None:
+        return self.by_name.get(tool_name)
+
+    async def call(self, call: ToolCall) -> ToolResult:
+        """Answer an MCP or base tool call. Failures become results the model can read, never exceptions."""
+        tool = self.by_name.get(call.tool_name)
+        if tool is None:
+            return error_result(call, "ToolNotFound", f"Tool {call.tool_name} not found")
+        try:
+            if tool.skill_name == BASE_SKILL_NAME:
+                parts = await call_base_tool(call.tool_name, call.args, self.tool_context)
+            else:
+                skill = self.mcp_skills[tool.skill_name]
+                if self.pool is None:
+                    raise SkillError(f'skill "{skill.name}" needs the MCP skill pool')
+                parts = await self.pool.call_tool(skill, call.tool_name, call.args)
+        except Exception as e:  # a broken tool must not kill the job: the model is told what failed
+            return text_result(call, f"Error calling tool {call.tool_name}: {type(e).__name__}: {e}")
+        return ToolResult(id=call.id, skill_name=tool.skill_name, tool_name=call.tool_name, result=list(parts))
+
+    async def call_all(self, calls: list[ToolCall]) -> list[ToolResult]:
+        """MCP and base calls of one response run concurrently (spec §2.3)."""
+        if len(calls) == 1:
+            return [await self.call(calls[0])]
+        return list(await asyncio.gather(*(self.call(c) for c in calls)))
+
+
+async def build_skill_set(
+    expert: Expert,
+    experts: dict[str, Expert],
+    *,
+    coordinator: bool,
+    tool_context: ToolContext,
+    pool: SkillPool | None,
+) -> SkillSet:
+    """The tools of one expert for one step, in Perstack's order: base, MCP, interactive, delegates."""
+    tools: list[ToolDefinition] = []
+    mcp_skills: dict[str, McpSkill] = {}
+    external: list[McpSkill] = []
+    for skill in expert.skills.values():
+        if isinstance(skill, InteractiveSkill):
+            continue
+        if is_base_skill(skill):
+            base = [t.model_copy(update={"skill_name": BASE_SKILL_NAME}) for t in BASE_TOOL_DEFINITIONS]
+            tools.extend(filter_tools(base, skill.pick, skill.omit))
+        else:
+            external.append(skill)
+    if external:
+        if pool is None:
+            raise SkillError(f'skill "{external[0].name}" is an MCP server and this worker has no skill pool')
+        listed = await asyncio.gather(*(pool.list_tools(s) for s in external))
+        for skill, skill_tools in zip(external, listed, strict=True):
+            mcp_skills[skill.name] = skill
+            tools.extend(filter_tools(skill_tools, skill.pick, skill.omit))
+    if coordinator:  # interactive skills are for the coordinator only (spec §6.1)
+        for skill in expert.skills.values():
+            if isinstance(skill, InteractiveSkill):
+                defs = [
+                    ToolDefinition(
+                        skill_name=skill.name,
+                        name=name,
+                        description=tool.description,
+                        input_schema=json.loads(tool.input_json_schema),
+                        kind="interactive",
+                    )
+                    for name, tool in skill.tools.items()
+                ]
+                tools.extend(filter_tools(defs, skill.pick, skill.omit))
+    for key in expert.delegates:
+        delegate = experts[key]
+        tools.append(
+            ToolDefinition(
+                skill_name=delegate.name,
+                name=delegate_tool_name(delegate.name),
+                description=delegate.description,
+                input_schema={
+                    "type": "object",
+                    "properties": {"query": {"type": "string"}},
+                    "required": ["query"],
+                },
+                kind="delegate",
+            )
+        )
+    return SkillSet(tools=tools, tool_context=tool_context, pool=pool, mcp_skills=mcp_skills)
