@@ -39,8 +39,13 @@ def main() -> int:
     try:
         args = provider_args()
         print(f"$ perq run hello 'Say hello' {' '.join(args)} --wait", file=sys.stderr)
-        run = subprocess.run([*PERQ, "run", "hello", "Say hello", *args, "--wait"], env=env, cwd=HERE,
-                             stdout=subprocess.PIPE, text=True)
+        run = subprocess.run(
+            [*PERQ, "run", "hello", "Say hello", *args, "--wait"],
+            env=env,
+            cwd=HERE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         job_id = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else ""
         if job_id:
             print(f"$ perq status {job_id}", file=sys.stderr)

@@ -4,7 +4,7 @@ Everything that can be checked locally is checked before anything is written: a 
 no job behind. Async functions are the API; `*_sync` wrappers serve scripts and the CLI.
 
     from producer.api import RunRequest, submit_sync
-    job = submit_sync(RunRequest(expert_key="hello", query="Say hello", provider="script", model="script.toml"))
+    job = submit_sync(RunRequest(expert_key="hello", query="Hi", provider="script", model="script.toml"))
 """
 
 from __future__ import annotations
@@ -87,10 +87,14 @@ def parse_reasoning_budget(value: str | int | None) -> ReasoningBudget | None:
 
 
 def _provider(request: RunRequest, config: PerstackConfig) -> tuple[ProviderConfig, str]:
-    name = request.provider or (config.provider.provider_name if config.provider else None) or DEFAULT_PROVIDER
+    name = (
+        request.provider or (config.provider.provider_name if config.provider else None) or DEFAULT_PROVIDER
+    )
     if name not in PROVIDERS:
         raise RequestError(f"unknown provider {name!r}: use one of {', '.join(PROVIDERS)}")
-    setting: dict[str, Any] = dict(config.provider.setting) if config.provider and not request.provider else {}
+    setting: dict[str, Any] = (
+        dict(config.provider.setting) if config.provider and not request.provider else {}
+    )
     model = request.model or config.model or DEFAULT_MODEL
     if name == "script":
         script = (request.cwd / Path(model).expanduser()).resolve()
@@ -140,8 +144,11 @@ def plan_submission(request: RunRequest, store: JobStore) -> Plan:
     provider, model = _provider(request, config)
     budget = parse_reasoning_budget(request.reasoning_budget)
     budget = budget if budget is not None else (config.reasoning_budget or "low")
-    for name, value in (("--max-steps", request.max_steps), ("--max-retries", request.max_retries),
-                        ("--timeout", request.timeout)):
+    for name, value in (
+        ("--max-steps", request.max_steps),
+        ("--max-retries", request.max_retries),
+        ("--timeout", request.timeout),
+    ):
         if value is not None and value < (0 if name == "--max-retries" else 1):
             raise RequestError(f"{name} must be a positive number, got {value}")
     workspace = _workspace(request)
@@ -204,7 +211,9 @@ def _continuation_start(request: RunRequest, store: JobStore) -> tuple[Job, Chec
         raise RequestError(
             f"job {job.id} belongs to expert {job.coordinator_expert_key!r}, not {request.expert_key!r}"
         )
-    checkpoint_id = check_id(request.resume_from, "checkpoint id") if request.resume_from else job.head_checkpoint_id
+    checkpoint_id = (
+        check_id(request.resume_from, "checkpoint id") if request.resume_from else job.head_checkpoint_id
+    )
     if checkpoint_id is None:
         raise RequestError(f"No checkpoint found for job {job.id}")
     start = store.load_checkpoint(job.id, checkpoint_id)
@@ -218,8 +227,8 @@ def _continuation_start(request: RunRequest, store: JobStore) -> tuple[Job, Chec
     if request.interactive and start.status != "stoppedByInteractiveTool":
         raise RequestError(f"job {job.id} is not waiting for input (its checkpoint is {start.status})")
     if not request.interactive and start.status == "stoppedByInteractiveTool":
-        pending = (start.pending_tool_calls or [None])[0]
-        name = pending.tool_name if pending else "a tool call"
+        pending = start.pending_tool_calls or []
+        name = pending[0].tool_name if pending else "a tool call"
         raise RequestError(f"job {job.id} is waiting for an answer to {name}: answer it with -i")
     if start.status in ("stoppedByDelegate", "init"):
         raise RequestError(f"checkpoint {checkpoint_id} ({start.status}) cannot be resumed directly")
@@ -251,8 +260,7 @@ def _initial_checkpoint(setting: RunSetting, expert: Expert, start: Checkpoint |
         )
     step = start.step_number + 1
     return start.model_copy(
-        update={"id": checkpoint_id(setting.run_id, step), "run_id": setting.run_id,
-                "step_number": step}
+        update={"id": checkpoint_id(setting.run_id, step), "run_id": setting.run_id, "step_number": step}
     )
 
 

@@ -32,19 +32,35 @@ def _print_json(data: Any) -> None:
 @app.command()
 def run(
     expert_key: Annotated[str, typer.Argument(help="Expert to run (a key of perstack.toml)")],
-    query: Annotated[str, typer.Argument(help="The query (or, with -i, the answer to the waiting tool call)")],
+    query: Annotated[
+        str, typer.Argument(help="The query (or, with -i, the answer to the waiting tool call)")
+    ],
     config: Annotated[str | None, typer.Option(help="Path to perstack.toml (default: search upward)")] = None,
-    provider: Annotated[str | None, typer.Option(help="anthropic, openai, ollama, deepseek, script, ...")] = None,
-    model: Annotated[str | None, typer.Option(help="Model name; for --provider script, the script file")] = None,
+    provider: Annotated[
+        str | None, typer.Option(help="anthropic, openai, ollama, deepseek, script, ...")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Model name; for --provider script, the script file")
+    ] = None,
     max_steps: Annotated[int | None, typer.Option(help="Job-wide step limit (default 100)")] = None,
-    max_retries: Annotated[int | None, typer.Option(help="Failed generations allowed in a row (default 5)")] = None,
+    max_retries: Annotated[
+        int | None, typer.Option(help="Failed generations allowed in a row (default 5)")
+    ] = None,
     timeout: Annotated[int | None, typer.Option(help="Per-generation timeout in ms (default 300000)")] = None,
-    reasoning_budget: Annotated[str | None, typer.Option(help="none, minimal, low, medium, high or tokens")] = None,
+    reasoning_budget: Annotated[
+        str | None, typer.Option(help="none, minimal, low, medium, high or tokens")
+    ] = None,
     job_id: Annotated[str | None, typer.Option(help="Id for a new job")] = None,
-    workspace: Annotated[str | None, typer.Option(help="Directory the file tools work in (default .)")] = None,
+    workspace: Annotated[
+        str | None, typer.Option(help="Directory the file tools work in (default .)")
+    ] = None,
     continue_latest: Annotated[bool, typer.Option("--continue", help="Continue the latest job")] = False,
-    continue_job: Annotated[str | None, typer.Option(help="Continue this job from its head checkpoint")] = None,
-    resume_from: Annotated[str | None, typer.Option(help="Branch from this checkpoint (needs --continue-job)")] = None,
+    continue_job: Annotated[
+        str | None, typer.Option(help="Continue this job from its head checkpoint")
+    ] = None,
+    resume_from: Annotated[
+        str | None, typer.Option(help="Branch from this checkpoint (needs --continue-job)")
+    ] = None,
     interactive: Annotated[
         bool, typer.Option("-i", "--interactive-tool-call-result", help="QUERY answers the waiting tool call")
     ] = False,
@@ -111,10 +127,9 @@ async def _stream_position(client: Any, request: Any) -> str:
     from shared.queue import events_channel
 
     job_id = request.continue_job
-    if not job_id:
-        if request.continue_latest:
-            latest = client.store.latest_job()
-            job_id = latest.id if latest else None
+    if not job_id and request.continue_latest:
+        latest = client.store.latest_job()
+        job_id = latest.id if latest else None
     if not job_id:
         return "0-0"
     redis = await client.redis()

@@ -61,8 +61,10 @@ class Progress:
 
     def line(self) -> str:
         u = self.usage
-        return (f"{self.expert or '-'}  step {self.step}  tool calls {self.tool_calls}  "
-                f"tokens in {u.input_tokens} out {u.output_tokens}")
+        return (
+            f"{self.expert or '-'}  step {self.step}  tool calls {self.tool_calls}  "
+            f"tokens in {u.input_tokens} out {u.output_tokens}"
+        )
 
 
 async def wait_for_job(

@@ -41,8 +41,16 @@ def checkpoint_line(cp: Checkpoint) -> str:
 
 def job_list(listing: Listing, *, json_output: bool) -> None:
     if json_output:
-        print(json.dumps({"jobs": [j.to_dict() for j in listing.jobs], "total": listing.total,
-                          "problems": listing.problems}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "jobs": [j.to_dict() for j in listing.jobs],
+                    "total": listing.total,
+                    "problems": listing.problems,
+                },
+                indent=2,
+            )
+        )
         return
     out = Console(highlight=False, soft_wrap=True)
     if not listing.jobs and not listing.problems:
@@ -60,19 +68,27 @@ def answer_command(job: Job, cp: Checkpoint) -> str | None:
     """For a job waiting on an interactive tool: the command that answers it."""
     if cp.status != "stoppedByInteractiveTool" or not cp.pending_tool_calls:
         return None
-    return f"perq run {shlex.quote(job.coordinator_expert_key)} --continue-job {job.id} -i \"<answer>\""
+    return f'perq run {shlex.quote(job.coordinator_expert_key)} --continue-job {job.id} -i "<answer>"'
 
 
 def job_detail(job: Job, checkpoints: list[Checkpoint], problems: list[str], *, json_output: bool) -> None:
     head = next((c for c in checkpoints if c.id == job.head_checkpoint_id), None)
-    waiting = head.pending_tool_calls[0] if head and head.status == "stoppedByInteractiveTool" and \
-        head.pending_tool_calls else None
+    waiting = (
+        head.pending_tool_calls[0]
+        if head and head.status == "stoppedByInteractiveTool" and head.pending_tool_calls
+        else None
+    )
     if json_output:
         data: dict[str, Any] = {
             "job": job.to_dict(),
             "checkpoints": [
-                {"id": c.id, "stepNumber": c.step_number, "status": c.status, "expertKey": c.expert.key,
-                 "runId": c.run_id}
+                {
+                    "id": c.id,
+                    "stepNumber": c.step_number,
+                    "status": c.status,
+                    "expertKey": c.expert.key,
+                    "runId": c.run_id,
+                }
                 for c in checkpoints
             ],
             "problems": problems,
@@ -85,8 +101,10 @@ def job_detail(job: Job, checkpoints: list[Checkpoint], problems: list[str], *, 
     style = STATUS_STYLE.get(job.status, "")
     out.print(f"[{style}]{job.status}[/{style}] {job_line(job)}")
     u = job.usage
-    out.print(f"  usage: input {u.input_tokens}, output {u.output_tokens}, reasoning {u.reasoning_tokens}, "
-              f"cached input {u.cached_input_tokens}")
+    out.print(
+        f"  usage: input {u.input_tokens}, output {u.output_tokens}, reasoning {u.reasoning_tokens}, "
+        f"cached input {u.cached_input_tokens}"
+    )
     out.print(f"  started {_time(job.started_at)}, finished {_time(job.finished_at)}")
     if job.error:
         out.print(f"  [red]error: {job.error.name}: {job.error.message}[/red]")
@@ -115,15 +133,26 @@ async def follow_with_progress(client: Any, job_id: str, start: str, *, quiet: b
         def on_event(event: Event, progress: Progress) -> None:
             spinner.update(progress.line())
             if event.type in SHOWN_EVENTS:
-                err.print(f"[dim]step {event.step_number}[/dim] {event.expert_key}: {event.type}{_detail(event)}")
+                err.print(
+                    f"[dim]step {event.step_number}[/dim] {event.expert_key}: {event.type}{_detail(event)}"
+                )
 
         status = await wait_for_job(redis, client.store, job_id, on_event, start=start)
     err.print(f"{status}: {progress_summary(client, job_id)}")
     return status
 
 
-SHOWN_EVENTS = frozenset({"callTools", "callDelegate", "retry", "completeRun", "stopRunByError",
-                          "stopRunByInteractiveTool", "stopRunByExceededMaxSteps"})
+SHOWN_EVENTS = frozenset(
+    {
+        "callTools",
+        "callDelegate",
+        "retry",
+        "completeRun",
+        "stopRunByError",
+        "stopRunByInteractiveTool",
+        "stopRunByExceededMaxSteps",
+    }
+)
 
 
 def _detail(event: Event) -> str:

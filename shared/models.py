@@ -186,7 +186,13 @@ MessagePart = Annotated[
     Field(discriminator="type"),
 ]
 UserContent = Annotated[
-    TextPart | ImageUrlPart | ImageInlinePart | ImageBinaryPart | FileUrlPart | FileInlinePart | FileBinaryPart,
+    TextPart
+    | ImageUrlPart
+    | ImageInlinePart
+    | ImageBinaryPart
+    | FileUrlPart
+    | FileInlinePart
+    | FileBinaryPart,
     Field(discriminator="type"),
 ]
 ExpertContent = Annotated[TextPart | ToolCallPart | ThinkingPart, Field(discriminator="type")]

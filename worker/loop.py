@@ -241,8 +241,9 @@ class StepRunner:
         reason = json.dumps({"error": e.name, "message": e.message})
         return self._retry(reason, [*new_messages, retry_note(reason)], Usage())
 
-    def _expert_message(self, result: GenerationResult, *, with_calls: list[ToolCall] | None = None,
-                        always_text: bool = False) -> ExpertMessage:
+    def _expert_message(
+        self, result: GenerationResult, *, with_calls: list[ToolCall] | None = None, always_text: bool = False
+    ) -> ExpertMessage:
         contents: list[Any] = list(result.thinking)
         if result.text or always_text:
             contents.append(TextPart(text=result.text or ""))
@@ -281,12 +282,22 @@ class StepRunner:
             if self._retries_exhausted():
                 return self._stop_by_error(RunError(name="MaxRetriesExceeded", message=reason))
             synthetic = self._expert_message(GenerationResult(), with_calls=[first])
-            answer = tool_message([ToolResult(id=first.id, skill_name=first.skill_name,
-                                              tool_name=first.tool_name, result=[TextPart(text=reason)])])
+            answer = tool_message(
+                [
+                    ToolResult(
+                        id=first.id,
+                        skill_name=first.skill_name,
+                        tool_name=first.tool_name,
+                        result=[TextPart(text=reason)],
+                    )
+                ]
+            )
             return self._retry(reason, [synthetic, answer], result.usage)
         if result.finish_reason not in ("tool-calls", "stop"):
             return self._stop_by_error(
-                RunError(name="UnexpectedFinishReason", message=f"unexpected finish reason {result.finish_reason}")
+                RunError(
+                    name="UnexpectedFinishReason", message=f"unexpected finish reason {result.finish_reason}"
+                )
             )
         message = self._expert_message(result, with_calls=calls)
         self._add_usage(result.usage)
@@ -324,14 +335,19 @@ class StepRunner:
         if delegates:
             self.step.partial_tool_results = results
             self.step.pending_tool_calls = delegates + interactive
-            self._event("callDelegate", newMessage=self.cp.messages[-1], toolCalls=delegates,
-                        usage=self.step.usage)
+            self._event(
+                "callDelegate", newMessage=self.cp.messages[-1], toolCalls=delegates, usage=self.step.usage
+            )
             return self._calling_delegate(delegates, interactive, results)
         if interactive:
             self.step.partial_tool_results = results
             self.step.pending_tool_calls = interactive
-            self._event("callInteractiveTool", newMessage=self.cp.messages[-1], toolCall=interactive[0],
-                        usage=self.step.usage)
+            self._event(
+                "callInteractiveTool",
+                newMessage=self.cp.messages[-1],
+                toolCall=interactive[0],
+                usage=self.step.usage,
+            )
             return self._finish(
                 "stopRunByInteractiveTool",
                 self._stopped("stoppedByInteractiveTool", pending=interactive, partial=results),
@@ -344,9 +360,21 @@ class StepRunner:
     def _skipped(self, calls: list[ToolCall]) -> list[ToolResult]:
         """Perstack leaves calls beside attemptCompletion unanswered (spec §9 #17); perq answers them."""
         return [
-            ToolResult(id=c.id, skill_name=c.skill_name, tool_name=c.tool_name,
-                       result=[TextPart(text=json.dumps({"error": "Skipped", "message":
-                               "not run: attemptCompletion was called in the same response"}))])
+            ToolResult(
+                id=c.id,
+                skill_name=c.skill_name,
+                tool_name=c.tool_name,
+                result=[
+                    TextPart(
+                        text=json.dumps(
+                            {
+                                "error": "Skipped",
+                                "message": "not run: attemptCompletion was called in the same response",
+                            }
+                        )
+                    )
+                ],
+            )
             for c in calls
         ]
 
@@ -385,15 +413,22 @@ class StepRunner:
             result = await self._generate(with_tools=False, extra=[answer])
         except GenerationError as e:
             return self._generation_failed(e, [answer])
-        final = self._expert_message(GenerationResult(text=result.text, thinking=result.thinking),
-                                     always_text=True)
+        final = self._expert_message(
+            GenerationResult(text=result.text, thinking=result.thinking), always_text=True
+        )
         self._add_usage(result.usage)
         return self._complete(result.text or "", [answer, final], result.usage)
 
     # --- stops --------------------------------------------------------------------------------------
 
-    def _stopped(self, status: Any, *, pending: list[ToolCall] | None, partial: list[ToolResult] | None,
-                 delegate_to: list[DelegationTarget] | None = None) -> Checkpoint:
+    def _stopped(
+        self,
+        status: Any,
+        *,
+        pending: list[ToolCall] | None,
+        partial: list[ToolResult] | None,
+        delegate_to: list[DelegationTarget] | None = None,
+    ) -> Checkpoint:
         cp = self.cp.model_copy(deep=True)
         cp.status = status
         cp.pending_tool_calls = pending or None
@@ -449,8 +484,9 @@ class StepRunner:
         following = cp.model_copy(
             update={"id": checkpoint_id(cp.run_id, cp.step_number + 1), "step_number": cp.step_number + 1}
         )
-        return self._finish("continueToNextStep", cp, nextCheckpoint={"id": following.id,
-                                                                      "stepNumber": following.step_number})
+        return self._finish(
+            "continueToNextStep", cp, nextCheckpoint={"id": following.id, "stepNumber": following.step_number}
+        )
 
 
 def _jsonable(value: Any) -> Any:

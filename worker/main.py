@@ -181,6 +181,9 @@ def run_worker(*, burst: bool = False, concurrency: int | None = None) -> None:
     settings = Settings()
     if concurrency is not None:
         settings.concurrency = concurrency
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("PERQ_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
     worker = PerqWorker(settings, burst=burst)
     worker.run()

@@ -297,8 +297,12 @@ class Runtime:
     ) -> None:
         parent_setting = self.run_setting(parent.job_id, parent.run_id)
         resumed_setting = parent_setting.model_copy(
-            update={"run_id": run_id, "input": run_input, "parallel_branch": parallel_branch,
-                    "started_at": now_ms()}
+            update={
+                "run_id": run_id,
+                "input": run_input,
+                "parallel_branch": parallel_branch,
+                "started_at": now_ms(),
+            }
         )
         initial = parent.model_copy(
             update={
@@ -372,12 +376,18 @@ class Runtime:
         parent_setting = self.run_setting(parent.job_id, parent.run_id)
         run_input = RunInput(
             interactive_tool_call_result=InteractiveToolCallResult(
-                tool_call_id=first["toolCallId"], tool_name=first["toolName"], skill_name=first["skillName"],
+                tool_call_id=first["toolCallId"],
+                tool_name=first["toolName"],
+                skill_name=first["skillName"],
                 text=first["text"],
             ),
             extra_tool_results=[
-                ToolResult(id=r["toolCallId"], skill_name=r["skillName"], tool_name=r["toolName"],
-                           result=[TextPart(text=r["text"])])
+                ToolResult(
+                    id=r["toolCallId"],
+                    skill_name=r["skillName"],
+                    tool_name=r["toolName"],
+                    result=[TextPart(text=r["text"])],
+                )
                 for r in rest
             ]
             or None,

@@ -34,7 +34,9 @@ class SkillPool(Protocol):
     """Connected MCP skills, kept by the worker across steps (issue: MCP skills)."""
 
     async def list_tools(self, skill: McpSkill) -> list[ToolDefinition]: ...
-    async def call_tool(self, skill: McpSkill, tool_name: str, args: dict[str, Any]) -> list[ToolResultContent]: ...
+    async def call_tool(
+        self, skill: McpSkill, tool_name: str, args: dict[str, Any]
+    ) -> list[ToolResultContent]: ...
 
 
 class SkillError(Exception):
@@ -61,8 +63,9 @@ def filter_tools(tools: list[ToolDefinition], pick: list[str], omit: list[str]) 
 
 
 def text_result(call: ToolCall, text: str) -> ToolResult:
-    return ToolResult(id=call.id, skill_name=call.skill_name, tool_name=call.tool_name,
-                      result=[TextPart(text=text)])
+    return ToolResult(
+        id=call.id, skill_name=call.skill_name, tool_name=call.tool_name, result=[TextPart(text=text)]
+    )
 
 
 def error_result(call: ToolCall, name: str, message: str) -> ToolResult:
@@ -104,7 +107,9 @@ class SkillSet:
                 parts = await self.pool.call_tool(skill, call.tool_name, call.args)
         except Exception as e:  # a broken tool must not kill the job: the model is told what failed
             return text_result(call, f"Error calling tool {call.tool_name}: {type(e).__name__}: {e}")
-        return ToolResult(id=call.id, skill_name=tool.skill_name, tool_name=call.tool_name, result=list(parts))
+        return ToolResult(
+            id=call.id, skill_name=tool.skill_name, tool_name=call.tool_name, result=list(parts)
+        )
 
     async def call_all(self, calls: list[ToolCall]) -> list[ToolResult]:
         """MCP and base calls of one response run concurrently (spec §2.3)."""

@@ -1,0 +1,654 @@
+"""Model calls through pydantic-ai's direct request API: one request in, one classified answer out.
+
+perq keeps Perstack-shaped messages (spec §1.2-1.3); this module converts them to pydantic-ai messages at the
+boundary, sends exactly one request (no agent loop, no tool execution) and converts the response back. It is
+imported only by `worker.llm.get_model_client`, so the CLI never pays for pydantic-ai or the provider SDKs,
+and each SDK (openai, anthropic) is imported only when a provider that needs it is first used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import os
+import re
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, cast
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic_ai import messages as pai
+from pydantic_ai.direct import model_request
+from pydantic_ai.exceptions import (
+    ModelAPIError,
+    ModelConnectionError,
+    ModelHTTPError,
+    ModelRateLimitError,
+    ModelRequestTimeout,
+    ModelServerError,
+    ModelTimeoutError,
+    ModelUnavailableError,
+)
+from pydantic_ai.models import Model, ModelRequestParameters
+from pydantic_ai.settings import ModelSettings
+from pydantic_ai.tools import ToolDefinition as PaiToolDefinition
+
+from shared.models import (
+    ExpertMessage,
+    FileBinaryPart,
+    FileInlinePart,
+    FileUrlPart,
+    ImageBinaryPart,
+    ImageInlinePart,
+    ImageUrlPart,
+    InstructionMessage,
+    Message,
+    ProviderConfig,
+    ReasoningBudget,
+    TextPart,
+    ThinkingPart,
+    ToolCallPart,
+    ToolDefinition,
+    ToolMessage,
+    Usage,
+    UserMessage,
+    new_id,
+)
+from worker.llm import (
+    FinishReason,
+    GeneratedToolCall,
+    GenerationError,
+    GenerationRequest,
+    GenerationResult,
+    is_retryable,
+)
+
+# --- provider settings (spec §7.1) --------------------------------------------------------------------
+
+SUPPORTED_PROVIDERS = ("anthropic", "openai", "ollama", "deepseek")
+
+# Perstack providers perq may add later; each needs another pydantic-ai extra (and some wiring here).
+_LATER_PROVIDERS: dict[str, str] = {
+    "google": "pydantic-ai-slim[google]",
+    "google-vertex": "pydantic-ai-slim[google]",
+    "amazon-bedrock": "pydantic-ai-slim[bedrock]",
+    # AzureProvider ships with the openai extra that perq already installs, but is not wired up yet
+    "azure-openai": "pydantic-ai-slim[openai] (AzureProvider)",
+}
+
+OLLAMA_DEFAULT_BASE_URL = "http://localhost:11434/v1"
+DEEPSEEK_DEFAULT_BASE_URL = "https://api.deepseek.com"
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """Everything a built client depends on; hashable, so it is also the client cache key."""
+
+    provider_name: str
+    model: str
+    api_key: str | None
+    base_url: str | None
+    organization: str | None = None
+    project: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def _env(env: Mapping[str, str], name: str) -> str | None:
+    # an empty variable (e.g. `FOO=` in a dotenv file) means "not set", as in Perstack
+    return env.get(name) or None
+
+
+def _ollama_base_url(url: str) -> str:
+    """Ollama's OpenAI-compatible API lives under /v1; a bare host URL (as for Ollama's own API) gets it."""
+    parts = urlsplit(url)
+    if parts.path in ("", "/"):
+        return urlunsplit(parts._replace(path="/v1"))
+    return url
+
+
+def resolve_client_settings(
+    provider: ProviderConfig, model: str, env: Mapping[str, str] | None = None
+) -> ClientSettings:
+    """Settings for a provider from its config and the worker's environment; config values win over env.
+
+    Raises GenerationError (never retryable) for a missing key or a provider perq cannot serve, so that the
+    run stops with a readable error instead of looping on retries.
+    """
+    env = os.environ if env is None else env
+    name = provider.provider_name
+    headers = tuple(sorted((provider.headers or {}).items()))
+    if name == "anthropic":
+        key = _env(env, "ANTHROPIC_API_KEY")
+        if key is None:
+            raise GenerationError("ANTHROPIC_API_KEY is not set", is_retryable=False)
+        base_url = provider.base_url or _env(env, "ANTHROPIC_BASE_URL")
+        return ClientSettings(name, model, key, base_url, headers=headers)
+    if name == "openai":
+        key = _env(env, "OPENAI_API_KEY")
+        if key is None:
+            raise GenerationError("OPENAI_API_KEY is not set", is_retryable=False)
+        return ClientSettings(
+            name,
+            model,
+            key,
+            provider.base_url or _env(env, "OPENAI_BASE_URL"),
+            organization=provider.organization or _env(env, "OPENAI_ORGANIZATION"),
+            project=provider.project or _env(env, "OPENAI_PROJECT"),
+            headers=headers,
+        )
+    if name == "ollama":
+        base_url = provider.base_url or _env(env, "OLLAMA_BASE_URL") or OLLAMA_DEFAULT_BASE_URL
+        # a local Ollama needs no key, but the OpenAI SDK refuses an empty one; Ollama Cloud takes a real one
+        key = _env(env, "OLLAMA_API_KEY") or "ollama"
+        return ClientSettings(name, model, key, _ollama_base_url(base_url), headers=headers)
+    if name == "deepseek":
+        key = _env(env, "DEEPSEEK_API_KEY")
+        if key is None:
+            raise GenerationError("DEEPSEEK_API_KEY is not set", is_retryable=False)
+        base_url = provider.base_url or _env(env, "DEEPSEEK_BASE_URL") or DEEPSEEK_DEFAULT_BASE_URL
+        return ClientSettings(name, model, key, base_url, headers=headers)
+    if name in _LATER_PROVIDERS:
+        raise GenerationError(
+            f"provider {name!r} is not supported by perq yet: it needs {_LATER_PROVIDERS[name]}",
+            name="UnsupportedProviderError",
+            is_retryable=False,
+        )
+    raise GenerationError(
+        f"unknown provider {name!r} (supported: {', '.join(SUPPORTED_PROVIDERS)})",
+        name="UnsupportedProviderError",
+        is_retryable=False,
+    )
+
+
+# --- building and caching clients ---------------------------------------------------------------------
+
+
+def build_model(settings: ClientSettings) -> Model:
+    """A pydantic-ai model over an SDK client we build ourselves.
+
+    We build the SDK client rather than letting pydantic-ai's providers do it because only the SDK
+    constructors take organization, project and default headers. The HTTP client is pydantic-ai's (same
+    pool limits and connect-timeout cap as its own providers). SDK retries are not fixed here:
+    pydantic-ai applies ModelSettings["max_retries"] per request through a copy sharing this HTTP client.
+    """
+    from pydantic_ai.models import create_async_httpx2_client
+
+    headers = dict(settings.headers) or None
+    if settings.provider_name == "anthropic":
+        from anthropic import AsyncAnthropic
+        from pydantic_ai.models.anthropic import AnthropicModel
+        from pydantic_ai.providers.anthropic import AnthropicProvider
+
+        anthropic_client = AsyncAnthropic(
+            api_key=settings.api_key,
+            base_url=settings.base_url,
+            default_headers=headers,
+            http_client=create_async_httpx2_client(),
+        )
+        return AnthropicModel(settings.model, provider=AnthropicProvider(anthropic_client=anthropic_client))
+
+    from openai import AsyncOpenAI
+    from pydantic_ai.models.openai import OpenAIChatModel
+
+    openai_client = AsyncOpenAI(
+        api_key=settings.api_key,
+        base_url=settings.base_url,
+        organization=settings.organization,
+        project=settings.project,
+        default_headers=headers,
+        http_client=create_async_httpx2_client(),
+    )
+    if settings.provider_name == "ollama":
+        from pydantic_ai.models.ollama import OllamaModel
+        from pydantic_ai.providers.ollama import OllamaProvider
+
+        return OllamaModel(settings.model, provider=OllamaProvider(openai_client=openai_client))
+    if settings.provider_name == "deepseek":
+        # DeepSeekProvider carries DeepSeek's model profiles (reasoning_content sent back, thinking defaults)
+        from pydantic_ai.providers.deepseek import DeepSeekProvider
+
+        return OpenAIChatModel(settings.model, provider=DeepSeekProvider(openai_client=openai_client))
+    from pydantic_ai.providers.openai import OpenAIProvider
+
+    # Chat Completions rather than Responses: it is what every OpenAI-compatible base_url speaks
+    return OpenAIChatModel(settings.model, provider=OpenAIProvider(openai_client=openai_client))
+
+
+# One cache per event loop: an HTTP connection pool is bound to the loop that opened it, and a process may run
+# more than one loop over its life (tests, a CLI calling asyncio.run twice). A worker has one loop, so in
+# practice this is one client per (provider config, model) for the worker's lifetime.
+_MODEL_CACHE: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[ClientSettings, Model]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def get_cached_model(settings: ClientSettings) -> Model:
+    per_loop = _MODEL_CACHE.setdefault(asyncio.get_running_loop(), {})
+    model = per_loop.get(settings)
+    if model is None:
+        model = per_loop[settings] = build_model(settings)
+    return model
+
+
+def clear_model_cache() -> None:
+    _MODEL_CACHE.clear()
+
+
+# --- reasoning budget (spec §7.2) ---------------------------------------------------------------------
+
+ANTHROPIC_BUDGET_TOKENS: dict[str, int] = {"minimal": 1024, "low": 2048, "medium": 5000, "high": 10000}
+ANTHROPIC_MIN_BUDGET_TOKENS = 1024  # the API rejects a smaller budget_tokens
+
+OpenAIEffort = Literal["low", "medium", "high"]
+ThinkingEffort = Literal["minimal", "low", "medium", "high"]
+
+_OPENAI_REASONING_MODEL = re.compile(r"^(o\d|gpt-5)")
+
+
+def _reasoning_disabled(budget: ReasoningBudget) -> bool:
+    return budget == "none" or (isinstance(budget, int) and budget <= 0)
+
+
+def anthropic_budget_tokens(budget: ReasoningBudget) -> int | None:
+    """Anthropic thinking.budget_tokens for a reasoning budget, or None when thinking is off."""
+    if _reasoning_disabled(budget):
+        return None
+    if isinstance(budget, int):
+        return max(budget, ANTHROPIC_MIN_BUDGET_TOKENS)
+    return ANTHROPIC_BUDGET_TOKENS[budget]
+
+
+def thinking_effort(budget: ReasoningBudget) -> ThinkingEffort | None:
+    """The effort level a token budget corresponds to, on the same scale as the Anthropic budgets."""
+    if _reasoning_disabled(budget):
+        return None
+    if isinstance(budget, int):
+        if budget <= 1024:
+            return "minimal"
+        if budget <= 2048:
+            return "low"
+        return "medium" if budget <= 5000 else "high"
+    return cast(ThinkingEffort, budget)
+
+
+def openai_reasoning_effort(budget: ReasoningBudget) -> OpenAIEffort | None:
+    """OpenAI reasoning_effort for a budget: minimal→low; ints ≤2048 low, ≤5000 medium, else high."""
+    if _reasoning_disabled(budget):
+        return None
+    if isinstance(budget, int):
+        if budget <= 2048:
+            return "low"
+        return "medium" if budget <= 5000 else "high"
+    return "low" if budget == "minimal" else cast(OpenAIEffort, budget)
+
+
+def is_openai_reasoning_model(model: str) -> bool:
+    """o-series and gpt-5*: the OpenAI models that accept reasoning_effort (others reject it with a 400)."""
+    return bool(_OPENAI_REASONING_MODEL.match(model.lower().removeprefix("openai/")))
+
+
+def reasoning_settings(
+    provider_name: str, model: str, budget: ReasoningBudget, *, budget_thinking_allowed: bool = True
+) -> dict[str, Any]:
+    """Model settings for a reasoning budget; empty where the provider takes no reasoning options.
+
+    `budget_thinking_allowed` is False for the Claude models that reject budget_tokens and only take adaptive
+    thinking; for those (and for turning thinking off, which some Claude models do differently) the unified
+    `thinking` setting is used, and pydantic-ai picks the form the model accepts.
+    """
+    if provider_name == "anthropic":
+        if _reasoning_disabled(budget):
+            return {"thinking": False}
+        if not budget_thinking_allowed:
+            return {"thinking": thinking_effort(budget)}
+        return {"anthropic_thinking": {"type": "enabled", "budget_tokens": anthropic_budget_tokens(budget)}}
+    if provider_name == "openai" and is_openai_reasoning_model(model):
+        effort = openai_reasoning_effort(budget)
+        return {} if effort is None else {"openai_reasoning_effort": effort}
+    return {}
+
+
+# --- perq messages → pydantic-ai messages -------------------------------------------------------------
+
+# Anthropic redacted thinking has no text, only encrypted data. perq's thinkingPart has no field to say so, so
+# the part's id carries the mark: a converted response gives it this prefix, and a replay restores the
+# redacted block from it. Any other thinking part with a signature is replayed as ordinary signed thinking.
+REDACTED_THINKING_ID_PREFIX = "redacted-"
+
+
+def _decode_base64(data: str) -> bytes | None:
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _media_content(data: str, mime_type: str, *, image: bool) -> pai.UserContent:
+    """Inline media as BinaryContent. A binary part's `data` is a string that is usually base64, but may be a
+    data: URI or a URL (the AI SDK accepts all three), so those are handled too."""
+    if data.startswith("data:"):
+        return pai.BinaryContent.from_data_uri(data)
+    if data.startswith(("http://", "https://")):
+        return (
+            pai.ImageUrl(data, media_type=mime_type) if image else pai.DocumentUrl(data, media_type=mime_type)
+        )
+    raw = _decode_base64(data)
+    if raw is None:
+        # not base64 after all: the text itself is the content (e.g. a text/plain file part)
+        raw = data.encode()
+    return pai.BinaryContent(raw, media_type=mime_type)
+
+
+def _url_content(url: str, mime_type: str, *, image: bool) -> pai.UserContent:
+    if image or mime_type.startswith("image/"):
+        return pai.ImageUrl(url, media_type=mime_type)
+    if mime_type.startswith("audio/"):
+        return pai.AudioUrl(url, media_type=mime_type)
+    if mime_type.startswith("video/"):
+        return pai.VideoUrl(url, media_type=mime_type)
+    return pai.DocumentUrl(url, media_type=mime_type)
+
+
+def _user_prompt(message: UserMessage, *, cache_point: bool) -> pai.UserPromptPart:
+    items: list[pai.UserContent] = []
+    for part in message.contents:
+        if isinstance(part, TextPart):
+            items.append(part.text)
+        elif isinstance(part, ImageUrlPart):
+            items.append(_url_content(part.url, part.mime_type, image=True))
+        elif isinstance(part, FileUrlPart):
+            items.append(_url_content(part.url, part.mime_type, image=False))
+        elif isinstance(part, ImageInlinePart):
+            items.append(_media_content(part.encoded_data, part.mime_type, image=True))
+        elif isinstance(part, FileInlinePart):
+            items.append(_media_content(part.encoded_data, part.mime_type, image=False))
+        elif isinstance(part, ImageBinaryPart):
+            items.append(_media_content(part.data, part.mime_type, image=True))
+        elif isinstance(part, FileBinaryPart):
+            items.append(_media_content(part.data, part.mime_type, image=False))
+    if cache_point:
+        items.append(pai.CachePoint())
+    if len(items) == 1 and isinstance(items[0], str):
+        return pai.UserPromptPart(items[0])
+    return pai.UserPromptPart(items)
+
+
+def _tool_returns(message: ToolMessage, *, native_error_channel: bool) -> list[pai.ToolReturnPart]:
+    parts: list[pai.ToolReturnPart] = []
+    for result in message.contents:
+        texts = [c.text for c in result.contents if isinstance(c, TextPart)]
+        files = [
+            _media_content(c.encoded_data, c.mime_type, image=isinstance(c, ImageInlinePart))
+            for c in result.contents
+            if isinstance(c, ImageInlinePart | FileInlinePart)
+        ]
+        text = "\n".join(texts)
+        content: Any = [text, *files] if files else text
+        # Only where the API has an error flag (Anthropic's is_error) is a failed result marked as such;
+        # elsewhere pydantic-ai would wrap the text in {"error": ...}, changing what the model reads.
+        failed = bool(result.is_error) and native_error_channel
+        parts.append(
+            pai.ToolReturnPart(
+                tool_name=result.tool_name,
+                content=content,
+                tool_call_id=result.tool_call_id,
+                outcome="failed" if failed else "success",
+            )
+        )
+    return parts
+
+
+def _response_parts(message: ExpertMessage, system: str) -> list[pai.ModelResponsePart]:
+    thinking: list[pai.ModelResponsePart] = []
+    texts: list[pai.ModelResponsePart] = []
+    calls: list[pai.ModelResponsePart] = []
+    for part in message.contents:
+        if isinstance(part, ThinkingPart):
+            if part.id.startswith(REDACTED_THINKING_ID_PREFIX) and part.signature:
+                thinking.append(
+                    pai.ThinkingPart(
+                        "", id="redacted_thinking", signature=part.signature, provider_name=system
+                    )
+                )
+            else:
+                # a signature is only sent back to the provider that signed it; pydantic-ai decides that by
+                # provider_name, which perq does not store, so the history is attributed to this provider
+                thinking.append(
+                    pai.ThinkingPart(
+                        part.thinking,
+                        signature=part.signature,
+                        provider_name=system if part.signature else None,
+                    )
+                )
+        elif isinstance(part, TextPart):
+            texts.append(pai.TextPart(part.text))
+        elif isinstance(part, ToolCallPart):
+            args = part.args
+            if args is not None and not isinstance(args, dict | str):
+                args = json.dumps(args)
+            calls.append(pai.ToolCallPart(part.tool_name, args, part.tool_call_id))
+    # thinking → text → tool calls, whatever order the stored message has (Anthropic requires it, spec §1.3)
+    return [*thinking, *texts, *calls]
+
+
+def to_model_messages(
+    messages: Sequence[Message], *, provider_name: str, system: str | None = None
+) -> list[pai.ModelMessage]:
+    """perq history → pydantic-ai history.
+
+    Consecutive instruction/user/tool messages become one ModelRequest (pydantic-ai's shape: a request holds
+    every part sent between two responses); each expert message becomes one ModelResponse.
+    `system` is the pydantic-ai model's system name (`Model.system`), which signed thinking is attributed to.
+    """
+    system = system or provider_name
+    anthropic = provider_name == "anthropic"
+    out: list[pai.ModelMessage] = []
+    pending: list[pai.ModelRequestPart] = []
+
+    def flush() -> None:
+        if pending:
+            out.append(pai.ModelRequest(parts=list(pending)))
+            pending.clear()
+
+    for message in messages:
+        if isinstance(message, InstructionMessage):
+            pending.append(pai.SystemPromptPart("\n".join(p.text for p in message.contents)))
+        elif isinstance(message, UserMessage):
+            pending.append(_user_prompt(message, cache_point=anthropic and bool(message.cache)))
+        elif isinstance(message, ToolMessage):
+            pending.extend(_tool_returns(message, native_error_channel=anthropic))
+        elif isinstance(message, ExpertMessage):
+            flush()
+            out.append(pai.ModelResponse(parts=_response_parts(message, system), provider_name=system))
+    flush()
+    return out
+
+
+def to_tool_definitions(tools: Sequence[ToolDefinition]) -> list[PaiToolDefinition]:
+    return [
+        PaiToolDefinition(name=t.name, description=t.description, parameters_json_schema=t.input_schema)
+        for t in tools
+    ]
+
+
+def request_parameters(tools: Sequence[ToolDefinition]) -> ModelRequestParameters:
+    # tool choice stays "auto" (Perstack's toolChoice); text output is always allowed, and no tools at all is
+    # the tool-less run-result generation
+    return ModelRequestParameters(function_tools=to_tool_definitions(tools), allow_text_output=True)
+
+
+# --- pydantic-ai response → GenerationResult ----------------------------------------------------------
+
+
+def _tool_call_args(part: pai.ToolCallPart) -> dict[str, Any]:
+    args = part.args
+    if args is None or args == "":
+        return {}
+    if isinstance(args, dict):
+        return args
+    try:
+        parsed = json.loads(args)
+    except json.JSONDecodeError as exc:
+        parsed = exc
+    if not isinstance(parsed, dict):
+        # a malformed call is the model's slip, not a broken request: another attempt usually fixes it
+        raise GenerationError(
+            f"Invalid JSON arguments for tool {part.tool_name!r}: {args[:200]}",
+            name="InvalidToolArgumentsError",
+            is_retryable=True,
+        )
+    return parsed
+
+
+def _finish_reason(reason: str | None, has_tool_calls: bool) -> FinishReason:
+    if reason == "length":
+        return "length"
+    if reason in ("content_filter", "error"):
+        return "other"
+    if has_tool_calls:
+        return "tool-calls"
+    return "stop"
+
+
+def to_usage(usage: Any) -> Usage:
+    """pydantic-ai RequestUsage → perq Usage. Reasoning tokens are a subset of output tokens (not added)."""
+    details = getattr(usage, "details", None) or {}
+    input_tokens = int(getattr(usage, "input_tokens", 0) or 0)
+    output_tokens = int(getattr(usage, "output_tokens", 0) or 0)
+    reasoning = int(getattr(usage, "output_reasoning_tokens", 0) or 0) or int(
+        details.get("reasoning_tokens", 0)
+    )
+    return Usage(
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        reasoning_tokens=reasoning,
+        total_tokens=input_tokens + output_tokens,
+        cached_input_tokens=int(getattr(usage, "cache_read_tokens", 0) or 0),
+    )
+
+
+def to_generation_result(response: pai.ModelResponse) -> GenerationResult:
+    texts: list[str] = []
+    thinking: list[ThinkingPart] = []
+    tool_calls: list[GeneratedToolCall] = []
+    for part in response.parts:
+        if isinstance(part, pai.TextPart):
+            texts.append(part.content)
+        elif isinstance(part, pai.ThinkingPart):
+            if part.id in ("redacted_thinking", "redacted_content"):
+                thinking.append(
+                    ThinkingPart(
+                        id=REDACTED_THINKING_ID_PREFIX + new_id(), thinking="", signature=part.signature
+                    )
+                )
+            else:
+                thinking.append(ThinkingPart(thinking=part.content, signature=part.signature))
+        elif isinstance(part, pai.ToolCallPart):
+            tool_calls.append(GeneratedToolCall(part.tool_call_id, part.tool_name, _tool_call_args(part)))
+        # provider-side (native) tools, files and the like are never requested by perq, so are ignored
+    return GenerationResult(
+        text="".join(texts) or None,
+        thinking=thinking,
+        tool_calls=tool_calls,
+        finish_reason=_finish_reason(response.finish_reason, bool(tool_calls)),
+        usage=to_usage(response.usage),
+    )
+
+
+# --- errors (spec §2.6) -------------------------------------------------------------------------------
+
+
+def _is_transport_error(exc: BaseException) -> bool:
+    """A connection-level failure that escaped pydantic-ai's own mapping (SDK or HTTP library exception)."""
+    import httpx2
+
+    if isinstance(exc, httpx2.TransportError | ConnectionError):
+        return True
+    # openai.APIConnectionError / anthropic.APIConnectionError, matched by name to avoid importing both SDKs
+    return any(cls.__name__ in ("APIConnectionError", "APITimeoutError") for cls in type(exc).__mro__)
+
+
+def to_generation_error(exc: BaseException) -> GenerationError:
+    """Classify any failure of a generation the way spec §2.6 does."""
+    if isinstance(exc, GenerationError):
+        return exc
+    message = str(exc) or type(exc).__name__
+    if isinstance(exc, ModelHTTPError):
+        return GenerationError(
+            message, status_code=exc.status_code, is_retryable=is_retryable(exc.status_code, message)
+        )
+    if isinstance(exc, ModelRequestTimeout | ModelTimeoutError):
+        return GenerationError(f"Request timeout: {message}", name="TimeoutError", is_retryable=True)
+    if isinstance(exc, ModelConnectionError | ModelRateLimitError | ModelUnavailableError | ModelServerError):
+        # transient by category even without an HTTP status (e.g. an overload reported inside a stream)
+        return GenerationError(message, is_retryable=True)
+    if isinstance(exc, ModelAPIError):
+        return GenerationError(message, is_retryable=is_retryable(None, message))
+    if isinstance(exc, TimeoutError):
+        return GenerationError(f"Request timeout: {message}", name="TimeoutError", is_retryable=True)
+    if _is_transport_error(exc):
+        return GenerationError(message, is_retryable=True)
+    return GenerationError(message, name=type(exc).__name__, is_retryable=is_retryable(None, message))
+
+
+# --- the client ---------------------------------------------------------------------------------------
+
+
+class PydanticAIModel:
+    """A ModelClient (worker.llm) for the anthropic, openai, ollama and deepseek providers."""
+
+    def __init__(self, provider: ProviderConfig, model: str) -> None:
+        self.provider = provider
+        self.model = model
+
+    def model_settings(self, request: GenerationRequest, model: Model) -> ModelSettings:
+        settings: dict[str, Any] = {
+            "max_retries": request.max_retries,
+            # the SDK's per-attempt timeout (default 600 s) capped at the whole budget wait_for enforces
+            "timeout": request.timeout_ms / 1000,
+        }
+        name = self.provider.provider_name
+        profile = cast(Mapping[str, Any], model.profile)
+        allowed = not profile.get("anthropic_disallows_budget_thinking", False)
+        settings.update(
+            reasoning_settings(name, self.model, request.reasoning_budget, budget_thinking_allowed=allowed)
+        )
+        if name == "anthropic" and any(
+            isinstance(m, InstructionMessage) and m.cache for m in request.messages
+        ):
+            settings["anthropic_cache_instructions"] = True
+        return cast(ModelSettings, settings)
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        timeout_s = request.timeout_ms / 1000
+        try:
+            settings = resolve_client_settings(self.provider, self.model)
+            model = get_cached_model(settings)
+            messages = to_model_messages(
+                request.messages, provider_name=self.provider.provider_name, system=model.system
+            )
+            response = await asyncio.wait_for(
+                model_request(
+                    model,
+                    messages,
+                    model_settings=self.model_settings(request, model),
+                    model_request_parameters=request_parameters(request.tools),
+                    instrument=False,
+                ),
+                timeout=timeout_s,
+            )
+            return to_generation_result(response)
+        except GenerationError:
+            raise
+        except TimeoutError as exc:
+            # wait_for's own timeout (the SDK's per-attempt timeouts arrive as ModelTimeoutError)
+            raise GenerationError(
+                f"Generation timeout: no answer within {request.timeout_ms} ms",
+                name="TimeoutError",
+                is_retryable=True,
+            ) from exc
+        except Exception as exc:
+            raise to_generation_error(exc) from exc
