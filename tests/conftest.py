@@ -138,15 +138,16 @@ class Perq:
         return checkpoints
 
     def events(self, job_id: str) -> list[Event]:
-        """All events of a job, in the order they happened."""
+        """All events of a job: each run's events in the order written, runs in the order they started."""
         store = self.store
-        events: list[Event] = []
+        runs: list[list[Event]] = []
         for run_id in store.list_runs(job_id):
             run_events, problems = store.read_events(job_id, run_id)
             assert not problems
-            events.extend(run_events)
-        events.sort(key=lambda e: (e.timestamp, e.step_number or 0))
-        return events
+            if run_events:
+                runs.append(run_events)
+        runs.sort(key=lambda r: (r[0].timestamp, r[0].step_number or 0))
+        return [e for run in runs for e in run]
 
 
 @pytest.fixture
