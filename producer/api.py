@@ -35,6 +35,8 @@ from shared.models import (
     ReasoningBudget,
     RunInput,
     RunSetting,
+    TextPart,
+    ToolResult,
     check_id,
     checkpoint_id,
     new_id,
@@ -230,8 +232,8 @@ def _continuation_start(request: RunRequest, store: JobStore) -> tuple[Job, Chec
         pending = start.pending_tool_calls or []
         name = pending[0].tool_name if pending else "a tool call"
         raise RequestError(f"job {job.id} is waiting for an answer to {name}: answer it with -i")
-    if start.status in ("stoppedByDelegate", "init"):
-        raise RequestError(f"checkpoint {checkpoint_id} ({start.status}) cannot be resumed directly")
+    if start.status == "init":
+        raise RequestError(f"checkpoint {checkpoint_id} is a run's starting point; it cannot be resumed")
     return job, start
 
 
@@ -244,7 +246,34 @@ def _run_input(request: RunRequest, start: Checkpoint | None) -> RunInput:
                 tool_call_id=call.id, tool_name=call.tool_name, skill_name=call.skill_name, text=request.query
             )
         )
+    if start is not None and start.status == "stoppedByDelegate":
+        # the job stopped (cancelled, or a delegate hit max steps) while delegates ran: their calls are
+        # answered as interrupted, then the new query follows
+        results = [
+            ToolResult(
+                id=t.tool_call_id,
+                skill_name=f"delegate/{t.expert.key}",
+                tool_name=t.tool_name,
+                result=[TextPart(text=INTERRUPTED_DELEGATE)],
+            )
+            for t in start.delegate_to or []
+        ]
+        if results:
+            first = results[0]
+            return RunInput(
+                text=request.query,
+                interactive_tool_call_result=InteractiveToolCallResult(
+                    tool_call_id=first.id,
+                    tool_name=first.tool_name,
+                    skill_name=first.skill_name,
+                    text=INTERRUPTED_DELEGATE,
+                ),
+                extra_tool_results=results[1:] or None,
+            )
     return RunInput(text=request.query)
+
+
+INTERRUPTED_DELEGATE = "Delegation interrupted: the job stopped before this delegate finished."
 
 
 def _initial_checkpoint(setting: RunSetting, expert: Expert, start: Checkpoint | None) -> Checkpoint:

@@ -392,7 +392,10 @@ def test_delegate_hitting_max_steps_stops_the_job(perq: Perq) -> None:
         "script.toml",
         script_toml(
             {
-                "chain": [{"toolCalls": [{"toolName": "level1", "args": {"query": "loop"}}]}],
+                "chain": [
+                    {"toolCalls": [{"toolName": "level1", "args": {"query": "loop"}}]},
+                    {"text": "gave up"},
+                ],
                 "level1": [{"toolCalls": [{"toolName": "healthCheck", "args": {}}]}] * 10,
             }
         ),
@@ -407,6 +410,18 @@ def test_delegate_hitting_max_steps_stops_the_job(perq: Perq) -> None:
     # the job's head stays the coordinator's own checkpoint, so the job can be continued (spec §9 #19)
     head = perq.store.load_checkpoint(job_id, job.head_checkpoint_id or "")
     assert head is not None and head.expert.key == "chain" and head.status == "stoppedByDelegate"
+
+    # continuing answers the interrupted delegate call, then asks the new query
+    again = perq.run("run", "chain", "stop looping", "--continue-job", job_id, "--max-steps", "10", *SCRIPT)
+    assert again.returncode == 0, again.stderr
+    perq.burst()
+    job = perq.job(job_id)
+    assert job.status == "completed"
+    final = perq.store.load_checkpoint(job_id, job.head_checkpoint_id or "")
+    assert final is not None and final.status == "completed"
+    assert final.expert.key == "chain" and final.messages[-1].contents[0].text == "gave up"  # type: ignore[union-attr]
+    kinds = [m.type for m in final.messages]
+    assert kinds[-3:] == ["toolMessage", "userMessage", "expertMessage"]
 
 
 def test_continuation_rules(perq: Perq) -> None:

@@ -88,6 +88,8 @@ class StepRunner:
     cp: Checkpoint = field(init=False)
     step: Step = field(init=False)
     generations: int = field(init=False, default=0)
+    # a new query given with the answers of a paused step: it follows their tool message
+    followup: UserMessage | None = field(init=False, default=None)
 
     # --- events -------------------------------------------------------------------------------------
 
@@ -158,6 +160,8 @@ class StepRunner:
             self.cp.partial_tool_results = partial
             self.cp.pending_tool_calls = pending or None
             input_messages = []
+            if given.text is not None:
+                self.followup = UserMessage(contents=[TextPart(text=given.text)])
         else:
             if given.text is None:
                 raise ValueError("Input message is undefined")
@@ -182,13 +186,15 @@ class StepRunner:
             self.step.pending_tool_calls = list(pending)
             return await self._calling_tool()
         if partial:
-            message = tool_message(partial)
-            self._event("finishAllToolCalls", newMessages=[message])
-            self.cp.messages = [*self.cp.messages, message]
+            new_messages: list[Message] = [tool_message(partial)]
+            if self.followup is not None:
+                new_messages.append(self.followup)
+            self._event("finishAllToolCalls", newMessages=new_messages)
+            self.cp.messages = [*self.cp.messages, *new_messages]
             self.cp.pending_tool_calls = None
             self.cp.partial_tool_results = None
             self.step.tool_results = list(partial)
-            self.step.new_messages.append(message)
+            self.step.new_messages.extend(new_messages)
             return self._finishing_step()
         self._event("startGeneration", messages=self.cp.messages)
         return await self._generating_tool_call()
