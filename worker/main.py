@@ -17,7 +17,7 @@ from typing import Any
 
 from arq.connections import RedisSettings
 from arq.constants import in_progress_key_prefix
-from arq.worker import Worker, func
+from arq.worker import Retry, Worker, func
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -28,7 +28,8 @@ from shared.store import JobStore
 from worker.runtime import Runtime
 
 log = logging.getLogger("perq.worker")
-REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError)
+REDIS_DOWN = (*REDIS_ERRORS, OSError)  # in the poll loop, socket errors mean the same
 # arq's own timeout must never fire first: a step bounds itself and ends its run with an error instead
 ARQ_STEP_TIMEOUT_S = 24 * 3600
 
@@ -41,7 +42,14 @@ async def step(ctx: dict[str, Any], payload: Any) -> None:
         log.error("rejected queue payload %r: %s", str(payload)[:200], e)
         raise PayloadError(f"invalid step payload: {e}") from e
     runtime: Runtime = ctx["perq"]
-    await runtime.run_step(task, attempt=ctx.get("job_try", 1))
+    try:
+        await runtime.run_step(task, attempt=ctx.get("job_try", 1))
+    except REDIS_ERRORS as e:
+        # the step's checkpoint may be written already; running it again is safe and hands the job on
+        log.warning(
+            "redis failed during step %s of run %s (%s); it will run again", task.step_number, task.run_id, e
+        )
+        raise Retry(defer=1) from e
 
 
 class PerqWorker(Worker):

@@ -39,6 +39,7 @@ from shared.queue import StepTask
 from shared.store import JobStore
 from worker.llm import GeneratedToolCall, GenerationResult, ModelClient, get_model_client
 from worker.loop import AnswerJournal, StepRunner
+from worker.skill_scope import SkillScope, set_skill_scope
 from worker.skills import SkillPool, build_skill_set
 from worker.tools.base import ToolContext
 
@@ -161,6 +162,12 @@ class Runtime:
             expert=expert,
             journal=StoreAnswerJournal(store, task.job_id, task.run_id, task.step_number),
         )
+        # skill servers started or heard from during this step report into its events (worker/skill_scope.py)
+        set_skill_scope(
+            SkillScope(
+                runner.events, task.job_id, task.run_id, expert.key, task.step_number, setting.workspace
+            )
+        )
         try:
             runner.skills = await build_skill_set(
                 expert,
@@ -224,12 +231,13 @@ class Runtime:
         job = self.store.load_job(end.job_id)
         if job is None:
             raise LookupError(f"job {end.job_id} has no job record")
-        if job.status == "cancelled":
-            return
         job.total_steps = end.step_number
         job.usage = end.usage
         if end.delegated_by is None and setting.expert_key == job.coordinator_expert_key:
             job.head_checkpoint_id = end.id
+        if job.status == "cancelled":  # the step in flight when the job was cancelled still counts
+            self.store.save_job(job)
+            return
         final = JOB_STATUS_OF.get(end.status)
         if end.delegated_by is not None and end.status in ("completed", "stoppedByError"):
             final = None  # a delegate's end goes back to its parent, not to the job

@@ -12,11 +12,14 @@ A turn may hold `text`, `thinking`, `toolCalls` (`{toolName, args, id?}`), `erro
 (`{message, retryable = true, statusCode?}`), `delayMs` and `usage`. Turn k answers a request whose
 conversation already holds k model answers (expert messages plus retry notes), so an answer depends only
 on the conversation: a step re-run after a crash gets the same answer.
+
+With PERQ_SCRIPT_TRACE=FILE, each answered request appends one JSON line (expert, turn, pid) to FILE.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import tomllib
 from typing import Any
@@ -111,6 +114,11 @@ class ScriptModel:
                 name="ScriptExhausted",
                 is_retryable=False,
             )
+        trace = os.environ.get("PERQ_SCRIPT_TRACE")
+        if trace:  # one line per model request answered, for checking that nothing is asked twice
+            line = json.dumps({"expert": request.expert_key, "turn": k, "pid": os.getpid()}) + "\n"
+            with open(trace, "a") as f:  # noqa: ASYNC230 - a debugging aid; one short line
+                f.write(line)
         turn = expert.turns[k]
         if turn.delay_ms:
             await asyncio.sleep(turn.delay_ms / 1000)
