@@ -13,6 +13,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # click's plain help and errors: typer's rich formatter imports ~70 ms of rich modules (markdown, syntax,
+    # traceback) into every `perq --help` and every bad-usage error (bench: CLI start)
+    rich_markup_mode=None,
 )
 
 EXIT_BAD_INPUT = 2
@@ -142,8 +145,16 @@ def status(
     job_id: Annotated[str | None, typer.Argument(help="Show one job and its checkpoints")] = None,
     limit: Annotated[int, typer.Option(help="How many jobs to list, newest first (0 = all)")] = 50,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+    watch: Annotated[bool, typer.Option("--watch", help="Keep the view current (Ctrl-C ends)")] = False,
+    queue: Annotated[
+        bool, typer.Option("--queue", help="The queue: waiting and running steps, workers alive (Redis)")
+    ] = False,
 ) -> None:
     """List jobs newest first, or show one job with its checkpoints."""
+    if watch or queue:  # live views, in producer/watch.py
+        from producer.watch import status_view
+
+        raise typer.Exit(status_view(job_id, limit=limit, queue=queue, watch=watch, json_output=json_output))
     from producer import render
     from shared.config import Settings
     from shared.models import check_id
@@ -201,6 +212,12 @@ def worker(
     from worker.main import run_worker
 
     run_worker(burst=burst, concurrency=concurrency)
+
+
+# `perq log` lives in producer/logcli.py (its options are many); that module imports only typer at load
+from producer.logcli import log as _log  # noqa: E402
+
+app.command(name="log")(_log)
 
 
 def main() -> None:

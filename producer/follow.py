@@ -7,7 +7,8 @@ from collections.abc import Callable
 from typing import Any
 
 from shared.events import follow_events
-from shared.models import FINAL_JOB_STATUSES, Event, Usage
+from shared.models import FINAL_JOB_STATUSES, Event, Job, Usage
+from shared.queue import cancel_key, events_channel
 from shared.store import JobStore, StoreError
 
 EXIT_CODES = {
@@ -75,17 +76,25 @@ async def wait_for_job(
     *,
     start: str = "0-0",
     timeout_s: float | None = None,
+    progress: Progress | None = None,
 ) -> str:
-    """Follow a job until it stops; return its final status."""
-    progress = Progress()
+    """Follow a job until it stops; return its final status.
 
-    def stored_status() -> str | None:
+    The events alone are enough: a follower whose store does not hold the job (another machine, a store
+    not shared) learns the outcome from the job's last event, or from its cancel mark in Redis.
+    """
+    progress = progress if progress is not None else Progress()
+
+    def stored_job() -> Job | None:
         if store is None:
             return None
         try:
-            job = store.load_job(job_id)
+            return store.load_job(job_id)
         except StoreError:
             return None
+
+    def stored_status() -> str | None:
+        job = stored_job()
         return job.status if job and job.status in FINAL_JOB_STATUSES else None
 
     async def follow() -> str:
@@ -94,15 +103,54 @@ async def wait_for_job(
                 progress.update(event)
                 on_event(event, progress)
                 if progress.status:
-                    # the job record is written after the events: let it settle before returning
-                    for _ in range(20):
-                        if stored_status() or store is None:
-                            break
-                        await asyncio.sleep(0.05)
+                    # the job record is written after the events: when this store has the job, let it settle
+                    if stored_job() is not None:
+                        for _ in range(20):
+                            if stored_status():
+                                break
+                            await asyncio.sleep(0.05)
                     return stored_status() or progress.status
+                continue
+            # a quiet moment: the stream may have nothing more to say (cancelled, or expired) — ask the store
             status = stored_status()
             if status:
                 return status
+            if await redis.exists(cancel_key(job_id)):
+                return "cancelled"  # a cancelled job publishes no last event
         raise AssertionError("unreachable")
 
     return await asyncio.wait_for(follow(), timeout_s)
+
+
+async def segment_start(redis: Any, job_id: str, *, running: bool | None) -> str:
+    """Where to start reading a job's stream to see its current segment (a continuation starts a new one).
+
+    A running job's segment starts after the last event that stopped the job; a stopped job's segment is
+    the one that ended with that event. `running=None` (the store does not know the job) takes a stream
+    that ends with a stopping event as a stopped job.
+    """
+    key = events_channel(job_id)
+    stops: list[str] = []  # ids of job-stopping events, newest first
+    newest: str | None = None
+    upper = "+"
+    while len(stops) < 2:
+        entries = await redis.xrevrange(key, max=upper, min="-", count=200)
+        if not entries:
+            break
+        for entry_id, fields in entries:
+            entry = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+            raw = fields.get(b"e") or fields.get("e")
+            if raw is None:
+                continue
+            event = Event.model_validate_json(raw)
+            if newest is None:
+                newest = entry
+            if job_status_after(event) is not None:
+                stops.append(entry)
+                if len(stops) == 2:
+                    break
+        upper = "(" + (entries[-1][0].decode() if isinstance(entries[-1][0], bytes) else str(entries[-1][0]))
+    if running is None:
+        running = not stops or stops[0] != newest
+    skip = 0 if running else 1  # a stopped job: its segment began after the stop before the last
+    return stops[skip] if len(stops) > skip else "0-0"

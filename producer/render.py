@@ -9,7 +9,9 @@ from datetime import datetime
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from producer.follow import Progress, wait_for_job
 from shared.models import Checkpoint, Event, Job
@@ -28,6 +30,10 @@ STATUS_STYLE = {
 
 def _time(ms: int | None) -> str:
     return datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S") if ms else "-"
+
+
+def _clock(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000).strftime("%H:%M:%S")
 
 
 def job_line(job: Job) -> str:
@@ -128,17 +134,20 @@ async def follow_with_progress(client: Any, job_id: str, start: str, *, quiet: b
     if quiet:
         return await wait_for_job(redis, client.store, job_id, lambda e, p: None, start=start)
     err = Console(stderr=True, highlight=False)
+    progress = Progress()
     with err.status(f"job {job_id} queued") as spinner:
 
         def on_event(event: Event, progress: Progress) -> None:
             spinner.update(progress.line())
             if event.type in SHOWN_EVENTS:
                 err.print(
-                    f"[dim]step {event.step_number}[/dim] {event.expert_key}: {event.type}{_detail(event)}"
+                    f"[dim]{_clock(event.timestamp)} step {event.step_number}[/dim] "
+                    f"{event.expert_key}: {event.type}{escape(_detail(event))}"
                 )
 
-        status = await wait_for_job(redis, client.store, job_id, on_event, start=start)
-    err.print(f"{status}: {progress_summary(client, job_id)}")
+        status = await wait_for_job(redis, client.store, job_id, on_event, start=start, progress=progress)
+    summary = progress_summary(client, job_id, progress)
+    err.print(Text.assemble((status, STATUS_STYLE.get(status, "")), ": ", summary))
     return status
 
 
@@ -168,9 +177,16 @@ def _detail(event: Event) -> str:
     return ""
 
 
-def progress_summary(client: Any, job_id: str) -> str:
+def progress_summary(client: Any, job_id: str, progress: Progress | None = None) -> str:
+    """The job's line and tokens: from the store's record, else from what its events said."""
     job = client.store.load_job(job_id)
     if job is None:
-        return job_id
+        if progress is None:
+            return job_id
+        u = progress.usage
+        return (
+            f"{progress.expert or '-'} - {progress.step} steps ({job_id}) "
+            f"tokens in {u.input_tokens} out {u.output_tokens}"
+        )
     u = job.usage
     return f"{job_line(job)} tokens in {u.input_tokens} out {u.output_tokens}"

@@ -41,6 +41,14 @@ def events_channel(job_id: str) -> str:
     return f"perq:events:{job_id}"
 
 
+WORKER_KEY_PREFIX = "perq:worker:"
+
+
+def worker_key(worker_id: str) -> str:
+    """A live worker's heartbeat: JSON about it, expiring unless the worker renews it."""
+    return f"{WORKER_KEY_PREFIX}{worker_id}"
+
+
 class PayloadError(ValueError):
     """A queue payload that is not perq's JSON: refused before anything runs."""
 

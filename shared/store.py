@@ -101,7 +101,11 @@ class LocalBackend:
 
 
 def open_backend(location: str) -> Backend:
-    """A store location: a local path (default ./perstack)."""
+    """A store location: a local path (default ./perstack), or s3://bucket/prefix (shared/s3store.py)."""
+    if location.startswith("s3://"):
+        from shared.s3store import S3Backend  # s3fs is an optional extra, imported only when used
+
+        return S3Backend.from_url(location)
     return LocalBackend(Path(location).expanduser().resolve())
 
 

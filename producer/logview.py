@@ -1,0 +1,204 @@
+"""How `perq log` looks: Perstack's terminal layout in colour (rich), or its JSON form.
+
+One event is a `[Step n] type  HH:MM:SS` line followed by indented details; `perq log --follow` prints
+events the same way as they happen.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+from rich.console import Console
+from rich.text import Text
+
+from producer.log import DELEGATION_TYPES, ERROR_TYPES, TOOL_TYPES, LogOutput
+from producer.render import STATUS_STYLE
+from shared.models import Checkpoint, Event, Job
+
+RULE = "─" * 50
+TYPE_WIDTH = 24
+
+
+def console(*, stderr: bool = False) -> Console:
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+
+
+def render_json(output: LogOutput, *, pretty: bool) -> str:
+    return json.dumps(output.to_dict(), indent=2 if pretty else None, ensure_ascii=False)
+
+
+def print_log(
+    out: Console, output: LogOutput, *, verbose: bool = False, messages: bool = False, summary: bool = False
+) -> None:
+    if output.is_latest_job:
+        out.print("(showing latest job)\n")
+    out.print(Text(f"Storage: {output.storage_path}\n"))
+    for line in job_header(output.job):
+        out.print(line)
+    out.print()
+    if output.checkpoint is not None:
+        for line in checkpoint_header(output.checkpoint, messages=messages):
+            out.print(line)
+        out.print()
+    if summary:
+        for line in summary_lines(output.summary):
+            out.print(line)
+        out.print()
+    if output.events:
+        out.print("Events:")
+        out.print(RULE)
+        for event in output.events:
+            print_event(out, event, verbose=verbose)
+        out.print(RULE)
+        total, shown = output.total_before_pagination, output.matched_after_pagination
+        if total > shown:
+            extra = len(output.events) - shown
+            context = f" (+{extra} context)" if extra > 0 else ""
+            out.print(f"(showing {shown} of {total} matched events{context})")
+            out.print("Use --take and --offset to paginate, or --take 0 for all")
+    elif output.total_before_pagination > 0:
+        out.print(f"({output.total_before_pagination} events available, use --offset to view)")
+
+
+def job_header(job: Job) -> list[Text]:
+    lines = [
+        Text.assemble("Job: ", (job.id, "bold"), " (", (job.status, status_style(job.status)), ")"),
+        Text(f"Expert: {job.coordinator_expert_key}"),
+        Text(f"Started: {timestamp(job.started_at)}"),
+        Text(f"Steps: {job.total_steps}"),
+    ]
+    if job.finished_at:
+        lines.append(Text(f"Finished: {timestamp(job.finished_at)}"))
+    return lines
+
+
+def checkpoint_header(cp: Checkpoint, *, messages: bool) -> list[Text]:
+    lines = [
+        Text.assemble("Checkpoint: ", (cp.id, "bold")),
+        Text(f"Status: {cp.status}"),
+        Text(f"Step: {cp.step_number}"),
+        Text(f"Expert: {cp.expert.key}"),
+    ]
+    if messages:
+        lines += [Text(""), Text("Messages:")]
+        for message in cp.to_dict()["messages"]:
+            lines.append(Text(f"  [{message['type']}] {preview(first_text(message.get('contents')), 100)}"))
+    return lines
+
+
+def summary_lines(summary: dict[str, Any]) -> list[Text]:
+    lines = [
+        Text("Summary:"),
+        Text(f"  Total Events: {summary['totalEvents']}"),
+        Text(f"  Errors: {summary['errorCount']}"),
+        Text(f"  Tool Calls: {summary['toolCallCount']}"),
+        Text(f"  Delegations: {summary['delegationCount']}"),
+    ]
+    if "stepRange" in summary:
+        lines.append(Text(f"  Step Range: {summary['stepRange']['min']} - {summary['stepRange']['max']}"))
+    return lines
+
+
+# --- one event ------------------------------------------------------------------------------------
+
+
+def print_event(out: Console, event: Event, *, verbose: bool = False) -> None:
+    for line in event_lines(event, verbose=verbose):
+        out.print(line)
+
+
+def event_lines(event: Event, *, verbose: bool = False) -> list[Text]:
+    step = "-" if event.step_number is None else str(event.step_number)
+    header = Text.assemble(
+        (f"[Step {step}] ", "dim"),
+        (event.type.ljust(TYPE_WIDTH), _type_style(event.type)),
+        (clock(event.timestamp), "dim"),
+        (f"  {event.expert_key}" if event.expert_key else "", "blue"),  # perq: whose run, with delegates
+    )
+    return [header, *(Text("  " + d) for d in event_details(event, verbose=verbose)), Text("")]
+
+
+def event_details(event: Event, *, verbose: bool = False) -> list[str]:
+    """The lines under an event's header: what a person wants to know about it."""
+    data = event.to_dict()
+    kind = event.type
+    lines: list[str] = []
+    if kind == "startRun":
+        user = next((m for m in data.get("inputMessages") or [] if m.get("type") == "userMessage"), None)
+        if user is not None:
+            lines.append(f'Query: "{preview(first_text(user.get("contents")), 60)}"')
+    elif kind == "callTools":
+        calls = data.get("toolCalls") or []
+        if verbose:
+            for call in calls:
+                lines.append(f"[{call.get('skillName')}] {call.get('toolName')}")
+                lines.append(f"  Args: {json.dumps(call.get('args', {}), ensure_ascii=False)}")
+        else:
+            lines.append("Tools: " + ", ".join(str(c.get("toolName")) for c in calls))
+    elif kind == "resolveToolResults":
+        for result in data.get("toolResults") or []:
+            parts = result.get("result") or []
+            text = first_text(parts)
+            failed = text.lower().startswith("error") or any(
+                isinstance(p, dict) and p.get("isError") for p in parts
+            )
+            lines.append(f"{'✗' if failed else '✓'} {result.get('toolName')}: {preview(text, 40)}")
+    elif kind == "callInteractiveTool":
+        call = data.get("toolCall") or {}
+        lines.append(f"Waiting for: {call.get('toolName')} {json.dumps(call.get('args', {}))}")
+    elif kind == "stopRunByError":
+        error = data.get("error") or {}
+        lines.append(f"Error: {error.get('name')}")
+        lines.append(f"Message: {error.get('message')}")
+        lines.append(f"Retryable: {str(bool(error.get('isRetryable'))).lower()}")
+    elif kind == "callDelegate":
+        for call in data.get("toolCalls") or []:
+            args = call.get("args") or {}
+            target = args.get("expertKey") or args.get("expert") or call.get("toolName")
+            lines.append(f"Delegate to: {target}")
+    elif kind == "completeRun":
+        lines.append(f"Result: {preview(str(data.get('text', '')), 80)}")
+    elif kind == "retry":
+        lines.append(f"Reason: {data.get('reason')}")
+    return lines
+
+
+# --- small helpers --------------------------------------------------------------------------------
+
+
+def first_text(contents: Any) -> str:
+    if isinstance(contents, list):
+        for part in contents:
+            if isinstance(part, dict) and part.get("type") == "textPart" and "text" in part:
+                return str(part["text"])
+    return ""
+
+
+def preview(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:width] + "..."
+
+
+def timestamp(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def clock(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000).strftime("%H:%M:%S")
+
+
+def status_style(status: str) -> str:
+    return STATUS_STYLE.get(status, "")
+
+
+def _type_style(kind: str) -> str:
+    if kind in ERROR_TYPES:
+        return "bold red"
+    if kind in TOOL_TYPES:
+        return "cyan"
+    if kind in DELEGATION_TYPES:
+        return "magenta"
+    if kind == "completeRun":
+        return "bold green"
+    return "bold"

@@ -1,0 +1,183 @@
+"""The job store on S3-compatible object storage (`PERQ_STORAGE=s3://bucket/prefix`), through s3fs.
+
+Same keys as the local store under an optional prefix, so workers on many machines share one store without
+a shared disk. Every file is one object written with a single PUT, which S3 makes visible whole or not at
+all: the store's atomic-write rule holds without temporary names.
+
+Logs (keys ending in `.jsonl`, i.e. a run's events.jsonl) cannot be appended to on S3. Rewriting the whole
+object on each step would cost O(size of the log) per step, and a run's events grow with its history. So a
+log is a folder of segments, `{key}.parts/{seq}-{a|w}-{token}.jsonl`, read back in order:
+
+- `append` PUTs one new segment (`a`) numbered after the last one. Only one task at a time advances a run
+  (the single-writer rule), so numbers do not collide; if that rule were ever broken, the random token still
+  keeps both writers' segments, in an arbitrary but stable order — nothing is lost.
+- `write` (rewriting a log, done when a crashed step's events are dropped) PUTs a segment marked `w` that
+  replaces everything before it, then deletes the older segments. Readers start from the last `w` segment.
+  A reader that listed a segment just deleted by such a rewrite finds it missing and reads again.
+- A plain object at the log's own key (a local store copied to S3 as is) is read as the log's start when
+  no `w` segment supersedes it.
+
+The endpoint comes from `PERQ_S3_ENDPOINT_URL`, else `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`, else AWS;
+credentials and region come from the standard AWS variables and files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from typing import Any
+
+LOG_SUFFIX = ".jsonl"
+PARTS_SUFFIX = ".parts"
+_READ_TRIES = 5
+GLOB_CHARS = ("*", "?", "[", "]")
+
+
+class S3Backend:
+    """A `Backend` on an S3 bucket: keys are object names under `prefix`."""
+
+    def __init__(self, bucket: str, prefix: str = "", fs: Any = None) -> None:
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.fs = fs if fs is not None else _filesystem()
+
+    @classmethod
+    def from_url(cls, url: str) -> S3Backend:
+        rest = url.removeprefix("s3://")
+        bucket, _, prefix = rest.partition("/")
+        if not bucket:
+            raise ValueError(f"invalid store location {url!r}: use s3://bucket/prefix")
+        if any(c in rest for c in GLOB_CHARS):
+            # s3fs reads these as patterns in rm/cat; the store's own ids never hold them
+            raise ValueError(f"invalid store location {url!r}: no {' '.join(GLOB_CHARS)} in bucket or prefix")
+        return cls(bucket, prefix)
+
+    # --- names --------------------------------------------------------------------------------------
+
+    def _path(self, key: str) -> str:
+        key = key.strip("/")
+        base = f"{self.bucket}/{self.prefix}" if self.prefix else self.bucket
+        return f"{base}/{key}" if key else base
+
+    def describe(self, key: str) -> str:
+        return f"s3://{self._path(key)}"
+
+    @staticmethod
+    def _is_log(key: str) -> bool:
+        return key.endswith(LOG_SUFFIX)
+
+    def _parts(self, key: str) -> list[str]:
+        """The log's segment names, in order."""
+        return sorted(self._names(self._path(key + PARTS_SUFFIX)))
+
+    def _names(self, path: str) -> list[str]:
+        try:
+            entries = self.fs.ls(path, detail=False, refresh=True)
+        except FileNotFoundError:
+            return []
+        names = []
+        for entry in entries:
+            entry = entry.rstrip("/")
+            if entry != path:  # ls of an object's own name lists the object itself
+                names.append(entry.rsplit("/", 1)[-1])
+        return names
+
+    # --- Backend ------------------------------------------------------------------------------------
+
+    def read(self, key: str) -> bytes | None:
+        if self._is_log(key):
+            return self._read_log(key)
+        try:
+            data: bytes = self.fs.cat_file(self._path(key))
+        except FileNotFoundError:
+            return None
+        return data
+
+    def write(self, key: str, data: bytes) -> None:
+        if not self._is_log(key):
+            self.fs.pipe_file(self._path(key), data)
+            return
+        parts = self._parts(key)
+        name = _segment_name(_next_seq(parts), "w")
+        self.fs.pipe_file(f"{self._path(key + PARTS_SUFFIX)}/{name}", data)
+        stale = [f"{self._path(key + PARTS_SUFFIX)}/{p}" for p in parts]
+        if stale:
+            self.fs.rm(stale)
+
+    def append(self, key: str, data: bytes) -> None:
+        if not self._is_log(key):
+            raise ValueError(f"cannot append to {self.describe(key)}: only {LOG_SUFFIX} logs take appends")
+        name = _segment_name(_next_seq(self._parts(key)), "a")
+        self.fs.pipe_file(f"{self._path(key + PARTS_SUFFIX)}/{name}", data)
+
+    def list(self, prefix: str) -> list[str]:
+        names: list[str] = []
+        for name in self._names(self._path(prefix)):
+            if name.startswith("."):
+                continue
+            if name.endswith(LOG_SUFFIX + PARTS_SUFFIX):
+                name = name.removesuffix(PARTS_SUFFIX)  # a log's segments are one file to the store
+            if name not in names:
+                names.append(name)
+        return names
+
+    def delete_tree(self, prefix: str) -> None:
+        paths = [self._path(prefix)]
+        if self._is_log(prefix):
+            paths.append(self._path(prefix + PARTS_SUFFIX))
+        for path in paths:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(path, recursive=True)
+
+    # --- logs ---------------------------------------------------------------------------------------
+
+    def _read_log(self, key: str) -> bytes | None:
+        folder = self._path(key + PARTS_SUFFIX)
+        for _ in range(_READ_TRIES):
+            parts = self._parts(key)
+            start = max((i for i, p in enumerate(parts) if _kind(p) == "w"), default=None)
+            chunks: list[bytes] = []
+            if start is None:
+                try:
+                    chunks.append(self.fs.cat_file(self._path(key)))
+                except FileNotFoundError:
+                    if not parts:
+                        return None
+                start = 0
+            paths = [f"{folder}/{p}" for p in parts[start:]]
+            found: dict[str, Any] = self.fs.cat(paths, on_error="return") if paths else {}
+            if any(not isinstance(found.get(p), bytes) for p in paths):
+                continue  # a rewrite deleted a segment we listed: read the log again
+            chunks.extend(found[p] for p in paths)
+            return b"".join(chunks)
+        raise OSError(f"{self.describe(key)} kept changing while it was read")
+
+
+def _segment_name(seq: int, kind: str) -> str:
+    return f"{seq:012d}-{kind}-{secrets.token_hex(4)}{LOG_SUFFIX}"
+
+
+def _next_seq(parts: list[str]) -> int:
+    seqs = [int(p.split("-", 1)[0]) for p in parts if p.split("-", 1)[0].isdigit()]
+    return max(seqs, default=0) + 1
+
+
+def _kind(name: str) -> str:
+    bits = name.split("-", 2)
+    return bits[1] if len(bits) == 3 else ""
+
+
+def _filesystem() -> Any:
+    try:
+        import s3fs
+    except ImportError as e:  # the s3 extra is optional: say how to get it
+        raise ValueError("PERQ_STORAGE is an s3:// URL but s3fs is missing: pip install 'perq[s3]'") from e
+    endpoint = (
+        os.environ.get("PERQ_S3_ENDPOINT_URL")
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+        or None
+    )
+    # listings must never come from a cache: other machines write the same store
+    return s3fs.S3FileSystem(endpoint_url=endpoint, use_listings_cache=False, skip_instance_cache=True)
