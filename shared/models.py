@@ -36,8 +36,18 @@ _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 
 
 def new_id() -> str:
-    """A cuid2-shaped id: a letter then 23 lowercase alphanumerics."""
-    return secrets.choice(string.ascii_lowercase) + "".join(secrets.choice(_ID_ALPHABET) for _ in range(23))
+    """A cuid2-shaped id: a letter then 23 lowercase alphanumerics.
+
+    One read of 160 random bits, spelled in base 36: a step makes several ids (one per event), and a
+    `secrets.choice` per character cost one system call each, 10x the time (bench: job throughput).
+    """
+    n = int.from_bytes(secrets.token_bytes(20), "big")
+    n, first = divmod(n, 26)
+    chars = [string.ascii_lowercase[first]]
+    for _ in range(23):
+        n, r = divmod(n, 36)
+        chars.append(_ID_ALPHABET[r])
+    return "".join(chars)
 
 
 def derived_id(*parts: str) -> str:

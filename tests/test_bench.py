@@ -1,0 +1,69 @@
+"""The benchmark suite's own logic: how figures read events, and that `python -m bench` runs end to end.
+
+No timing is asserted here: figures are judged by the suite itself, never by a unit test.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.common import BenchError
+from bench.figures import delegation_phase, steps_per_second
+from shared.models import Event
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def event(type_: str, step: int, ms: int, expert: str = "e") -> Event:
+    return Event.model_validate(
+        {"type": type_, "jobId": "j", "runId": "r", "expertKey": expert, "stepNumber": step, "timestamp": ms}
+    )
+
+
+def test_steps_per_second_counts_from_the_end_of_step_one() -> None:
+    events = [event("startRun", 1, 0), event("continueToNextStep", 1, 1000)]
+    events += [event("continueToNextStep", s, 1000 + 10 * (s - 1)) for s in range(2, 4)]
+    events.append(event("completeRun", 4, 1030))
+    assert steps_per_second(events, 4) == pytest.approx(3 / 0.030)
+
+
+def test_steps_per_second_refuses_a_job_that_did_not_finish() -> None:
+    with pytest.raises(BenchError, match="did not run through"):
+        steps_per_second([event("startRun", 1, 0), event("continueToNextStep", 1, 5)], 100)
+
+
+def test_delegation_phase_runs_from_the_stop_to_the_resumed_start() -> None:
+    events = [
+        event("startRun", 1, 0, "coord"),
+        event("stopRunByDelegate", 1, 100, "coord"),
+        event("startRun", 2, 120, "c1"),
+        event("completeRun", 2, 1120, "c1"),
+        event("startRun", 3, 1150, "coord"),
+    ]
+    assert delegation_phase(events) == pytest.approx(1.05)
+
+
+def test_delegation_phase_says_when_the_parent_never_resumed() -> None:
+    events = [event("stopRunByDelegate", 1, 100, "coord"), event("startRun", 2, 120, "c1")]
+    with pytest.raises(BenchError, match="never resumed"):
+        delegation_phase(events)
+
+
+def test_bench_entry_point_prints_json_rows() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--only", "cli", "--json"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    out = json.loads(result.stdout)
+    (row,) = out["rows"]
+    assert row["figure"] == "CLI start" and row["goal"] == "<= 1.5"
+    assert isinstance(row["value"], float) and row["holds"] in (True, False)
+    assert result.returncode == (0 if row["holds"] else 1)
