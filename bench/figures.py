@@ -7,7 +7,6 @@ import os
 import statistics
 import sys
 import time
-from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -208,7 +207,7 @@ def _handoff_queue(bench: Bench) -> float:
 
 def _handoff_in_process(bench: Bench) -> float:
     """The same job driven by the worker's Runtime in this process: next step runs at once, no Redis."""
-    from worker.runtime import Runtime
+    from worker.runtime import LocalQueue, Runtime
 
     area = bench.area("handoff-inprocess")
     request = one_expert(area, tool_steps(HANDOFF_STEPS))
@@ -218,17 +217,13 @@ def _handoff_in_process(bench: Bench) -> float:
     store.save_run_setting(plan.setting)
     store.save_initial_checkpoint(plan.initial)
     store.save_job(plan.job, new=True)
-    pending: deque[StepTask] = deque()
-
-    async def enqueue(task: StepTask) -> None:
-        pending.append(task)
-
-    runtime = Runtime(store=store, enqueue=enqueue, env=dict(os.environ))
+    queue = LocalQueue()
+    runtime = Runtime(store=store, queue=queue, env=dict(os.environ))
 
     async def drive() -> None:
-        pending.append(StepTask(job_id=plan.job.id, run_id=plan.setting.run_id, step_number=1))
-        while pending:
-            await runtime.run_step(pending.popleft())
+        queue.pending.append(StepTask(job_id=plan.job.id, run_id=plan.setting.run_id, step_number=1))
+        while queue.pending:
+            await runtime.run_step(queue.pending.popleft())
 
     run_async(drive())
     job = store.load_job(plan.job.id)

@@ -22,7 +22,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +78,7 @@ class Harness:
     def __init__(self, root: Path) -> None:
         from shared.store import JobStore
         from worker.mcp_pool import McpSkillPool
-        from worker.runtime import Runtime
+        from worker.runtime import LocalQueue, Runtime
 
         self.root = root
         (root / "perstack.toml").write_text(CONFIG.format(python=json.dumps(sys.executable)))
@@ -87,12 +86,9 @@ class Harness:
         (root / "note.txt").write_text("note")
         self.store = JobStore.open(str(root / "store"))
         self.pool = McpSkillPool()
-        self.pending: deque[Any] = deque()
-
-        async def enqueue(task: Any) -> None:
-            self.pending.append(task)
-
-        self.runtime = Runtime(store=self.store, enqueue=enqueue, pool=self.pool, env=dict(os.environ))
+        self.queue = LocalQueue()
+        self.pending = self.queue.pending
+        self.runtime = Runtime(store=self.store, queue=self.queue, pool=self.pool, env=dict(os.environ))
 
     def pad_note(self, extra: int) -> None:
         note = self.root / "note.txt"

@@ -5,7 +5,6 @@
     jobs/{jobId}/runs/{runId}/run-setting.json
     jobs/{jobId}/runs/{runId}/initial-checkpoint.json   perq: where a run segment starts (startRun's)
     jobs/{jobId}/runs/{runId}/events.jsonl              perq: one line per event (spec §9 #24)
-    jobs/{jobId}/runs/{runId}/journal/{step}-{n}.json   perq: model answers recorded before tools run
     index/{inverted startedAt}-{jobId}                  perq: empty markers, newest job first by name
 
 The store is the truth about jobs; Redis only carries the work. Paths are built only from ids checked by
@@ -261,8 +260,12 @@ class JobStore:
     # --- events -------------------------------------------------------------------------------------
 
     def append_events(self, job_id: str, run_id: str, events: list[Event]) -> None:
-        if events:
-            data = "".join(e.to_json() + "\n" for e in events).encode()
+        self.append_event_lines(job_id, run_id, [e.to_json() for e in events])
+
+    def append_event_lines(self, job_id: str, run_id: str, lines: list[str]) -> None:
+        """Append events already serialized (a worker serializes each once, for the store and Redis)."""
+        if lines:
+            data = "".join(line + "\n" for line in lines).encode()
             self.backend.append(f"{self._run(job_id, run_id)}/events.jsonl", data)
 
     def read_events(self, job_id: str, run_id: str) -> tuple[list[Event], list[str]]:
@@ -287,14 +290,6 @@ class JobStore:
         if len(kept) != len(events):
             data = "".join(e.to_json() + "\n" for e in kept).encode()
             self.backend.write(f"{self._run(job_id, run_id)}/events.jsonl", data)
-
-    # --- journal: model answers recorded before their tools run ------------------------------------
-
-    def save_answer(self, job_id: str, run_id: str, step_number: int, n: int, data: bytes) -> None:
-        self.backend.write(f"{self._run(job_id, run_id)}/journal/{step_number}-{n}.json", data)
-
-    def load_answer(self, job_id: str, run_id: str, step_number: int, n: int) -> bytes | None:
-        return self.backend.read(f"{self._run(job_id, run_id)}/journal/{step_number}-{n}.json")
 
     # --- fan-in: results of parallel delegates, one file each -------------------------------------
 

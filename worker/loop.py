@@ -2,7 +2,8 @@
 
 A step starts from the checkpoint that ended the previous one (or a run's initial checkpoint) and ends at
 exactly one step-ending event, whose checkpoint the caller persists. The states are methods; each emits
-Perstack's events in Perstack's order, so the event log reads the same as Perstack's.
+Perstack's events in Perstack's order, so the event log reads the same as Perstack's. Checkpoints are
+copied shallowly: the loop never changes a list or model inside one, it only assigns a copy's fields.
 """
 
 from __future__ import annotations
@@ -65,13 +66,19 @@ def retry_note(reason: str) -> UserMessage:
     return UserMessage(contents=[TextPart(text=reason)], retry=True)
 
 
-class AnswerJournal:
-    """Where model answers are recorded before their tool calls run, so a re-run step does not pay twice."""
+class StepInterrupted(Exception):
+    """The step cannot go on here (the queue is unreachable): it must run again, not fail its run."""
 
-    def load(self, n: int) -> GenerationResult | None:
+
+class AnswerJournal:
+    """Where model answers are recorded before their tool calls run, so a re-run step does not pay twice.
+
+    This one records nothing (the loop run in-process, in tests and benchmarks)."""
+
+    async def load(self, n: int) -> GenerationResult | None:
         return None
 
-    def save(self, n: int, result: GenerationResult) -> None:
+    async def save(self, n: int, result: GenerationResult) -> None:
         return None
 
 
@@ -116,25 +123,27 @@ class StepRunner:
 
     async def run(self, start: Checkpoint, *, begins_run: bool) -> Checkpoint:
         """Execute one step from `start` (already carrying this step's id and number); return its end."""
-        self.cp = start.model_copy(deep=True)
+        self.cp = start.model_copy()
         self.step = Step(step_number=self.cp.step_number)
         try:
             if begins_run:
                 self._init()
             return await self._preparing_for_step()
+        except StepInterrupted:
+            raise
         except Exception as e:  # every failure ends the run with a checkpoint (spec §9 #16)
             return self._stop_by_error(RunError(name=type(e).__name__, message=str(e) or repr(e)))
 
     def fail(self, start: Checkpoint, error: RunError) -> Checkpoint:
         """End the step at once because its set-up (skills, provider) failed before anything ran."""
-        self.cp = start.model_copy(deep=True)
+        self.cp = start.model_copy()
         self.step = Step(step_number=self.cp.step_number)
         return self._stop_by_error(error)
 
     # --- Init (spec §2.3) ---------------------------------------------------------------------------
 
     def _init(self) -> None:
-        initial = self.cp.model_copy(deep=True)
+        initial = self.cp.model_copy()
         given = self.setting.input
         input_messages: list[Message]
         if self.cp.status == "init":
@@ -204,7 +213,7 @@ class StepRunner:
     async def _generate(self, with_tools: bool, extra: list[Message] | None = None) -> GenerationResult:
         n = self.generations
         self.generations += 1
-        recorded = self.journal.load(n)
+        recorded = await self.journal.load(n)
         if recorded is not None:
             return recorded
         assert self.model is not None, "a step that generates needs a model"
@@ -223,7 +232,7 @@ class StepRunner:
                 f"generation timeout after {self.setting.timeout} ms", name="TimeoutError", is_retryable=True
             ) from e
         if result.tool_calls:
-            self.journal.save(n, result)
+            await self.journal.save(n, result)
         return result
 
     def _retries_exhausted(self) -> bool:
@@ -435,7 +444,7 @@ class StepRunner:
         partial: list[ToolResult] | None,
         delegate_to: list[DelegationTarget] | None = None,
     ) -> Checkpoint:
-        cp = self.cp.model_copy(deep=True)
+        cp = self.cp.model_copy()
         cp.status = status
         cp.pending_tool_calls = pending or None
         cp.partial_tool_results = partial
@@ -464,7 +473,7 @@ class StepRunner:
     def _complete(self, text: str, new_messages: list[Message], usage: Usage) -> Checkpoint:
         self.cp.messages = [*self.cp.messages, *new_messages]
         self.step.new_messages.extend(new_messages)
-        cp = self.cp.model_copy(deep=True)
+        cp = self.cp.model_copy()
         cp.status = "completed"
         cp.retry_count = 0
         cp.pending_tool_calls = None
@@ -472,7 +481,7 @@ class StepRunner:
         return self._finish("completeRun", cp, text=text, usage=usage)
 
     def _stop_by_error(self, error: RunError) -> Checkpoint:
-        cp = self.cp.model_copy(deep=True)
+        cp = self.cp.model_copy()
         cp.status = "stoppedByError"
         cp.error = error
         return self._finish("stopRunByError", cp, error=error)
@@ -482,10 +491,10 @@ class StepRunner:
     def _finishing_step(self) -> Checkpoint:
         max_steps = self.setting.max_steps
         if max_steps is not None and self.cp.step_number >= max_steps:
-            cp = self.cp.model_copy(deep=True)
+            cp = self.cp.model_copy()
             cp.status = "stoppedByExceededMaxSteps"
             return self._finish("stopRunByExceededMaxSteps", cp)
-        cp = self.cp.model_copy(deep=True)
+        cp = self.cp.model_copy()
         cp.status = "proceeding"
         following = cp.model_copy(
             update={"id": checkpoint_id(cp.run_id, cp.step_number + 1), "step_number": cp.step_number + 1}

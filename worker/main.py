@@ -23,10 +23,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.config import Settings
-from shared.models import Event
-from shared.queue import STEP_TASK, PayloadError, StepTask, cancel_key, deserialize, serialize, step_job_id
+from shared.queue import STEP_TASK, PayloadError, StepTask, deserialize, serialize
 from shared.store import JobStore
 from worker.heartbeat import heartbeat
+from worker.loop import StepInterrupted
+from worker.redis_queue import RedisStepQueue
 from worker.runtime import Runtime
 
 log = logging.getLogger("perq.worker")
@@ -46,7 +47,7 @@ async def step(ctx: dict[str, Any], payload: Any) -> None:
     runtime: Runtime = ctx["perq"]
     try:
         await runtime.run_step(task, attempt=ctx.get("job_try", 1))
-    except REDIS_ERRORS as e:
+    except (*REDIS_ERRORS, StepInterrupted) as e:
         # the step's checkpoint may be written already; running it again is safe and hands the job on
         log.warning(
             "redis failed during step %s of run %s (%s); it will run again", task.step_number, task.run_id, e
@@ -78,27 +79,9 @@ class PerqWorker(Worker):
     # --- start-up -----------------------------------------------------------------------------------
 
     async def _startup(self, ctx: dict[str, Any]) -> None:
-        store = JobStore.open(self.settings.storage)
-        redis = ctx["redis"]
-        queue = self.settings.queue
-
-        async def enqueue(task: StepTask) -> None:
-            await redis.enqueue_job(STEP_TASK, task.to_dict(), _job_id=step_job_id(task), _queue_name=queue)
-            self.wake.set()
-
-        async def is_cancelled(job_id: str) -> bool:
-            return bool(await redis.exists(cancel_key(job_id)))
-
-        async def publish(job_id: str, events: list[Event]) -> None:
-            from shared.events import publish_events
-
-            await publish_events(redis, job_id, events)
-
         ctx["perq"] = Runtime(
-            store=store,
-            enqueue=enqueue,
-            publish=publish,
-            is_cancelled=is_cancelled,
+            store=JobStore.open(self.settings.storage),
+            queue=RedisStepQueue(ctx["redis"], self.settings.queue, self.wake),
             pool=_skill_pool(),
             env=dict(os.environ),
         )

@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+import time
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from shared.models import (
     Checkpoint,
     DelegatedBy,
-    Event,
     ExpertMessage,
     InteractiveToolCallResult,
     RunError,
@@ -38,7 +38,7 @@ from shared.models import (
 from shared.queue import StepTask
 from shared.store import JobStore
 from worker.llm import GeneratedToolCall, GenerationResult, ModelClient, get_model_client
-from worker.loop import AnswerJournal, StepRunner
+from worker.loop import AnswerJournal, StepInterrupted, StepRunner
 from worker.skill_scope import SkillScope, set_skill_scope
 from worker.skills import SkillPool, build_skill_set
 from worker.tools.base import ToolContext
@@ -52,29 +52,81 @@ JOB_STATUS_OF = {
     "stoppedByError": "stoppedByError",
 }
 
-Enqueue = Callable[[StepTask], Awaitable[None]]
-Publish = Callable[[str, list[Event]], Awaitable[None]]
+
+class StepQueue(Protocol):
+    """What a step needs of the queue: one round trip to start (is the job cancelled?), one to hand over."""
+
+    async def is_cancelled(self, job_id: str) -> bool: ...
+
+    async def hand_over(
+        self, job_id: str, event_lines: list[str], tasks: list[StepTask], answered: list[str]
+    ) -> None:
+        """Publish the step's events, enqueue what follows (unless the job is cancelled, or the task is
+        live already), and forget the step's journaled answers, all at once."""
+
+    async def save_answer(self, key: str, data: bytes) -> None: ...
+
+    async def load_answer(self, key: str) -> bytes | None: ...
 
 
-class StoreAnswerJournal(AnswerJournal):
-    def __init__(self, store: JobStore, job_id: str, run_id: str, step_number: int) -> None:
-        self.store, self.job_id, self.run_id, self.step_number = store, job_id, run_id, step_number
+class LocalQueue:
+    """Steps handed over in-process, without Redis: the loop driven directly (benchmarks, tests)."""
 
-    def load(self, n: int) -> GenerationResult | None:
-        data = self.store.load_answer(self.job_id, self.run_id, self.step_number, n)
+    def __init__(self) -> None:
+        self.pending: deque[StepTask] = deque()
+        self.answers: dict[str, bytes] = {}
+        self.cancelled: set[str] = set()
+
+    async def is_cancelled(self, job_id: str) -> bool:
+        return job_id in self.cancelled
+
+    async def hand_over(
+        self, job_id: str, event_lines: list[str], tasks: list[StepTask], answered: list[str]
+    ) -> None:
+        if job_id not in self.cancelled:
+            self.pending.extend(tasks)
+        for key in answered:
+            self.answers.pop(key, None)
+
+    async def save_answer(self, key: str, data: bytes) -> None:
+        self.answers[key] = data
+
+    async def load_answer(self, key: str) -> bytes | None:
+        return self.answers.get(key)
+
+
+def answer_key(run_id: str, step_number: int, n: int) -> str:
+    return f"perq:answer:{run_id}:{step_number}:{n}"
+
+
+class QueueAnswerJournal(AnswerJournal):
+    """Answers journaled beside the queue: as durable as the step's arq job, and no file per answer."""
+
+    def __init__(self, queue: StepQueue, run_id: str, step_number: int, first_attempt: bool) -> None:
+        self.queue, self.run_id, self.step_number = queue, run_id, step_number
+        self.first_attempt = first_attempt
+        self.keys: list[str] = []
+
+    async def load(self, n: int) -> GenerationResult | None:
+        if self.first_attempt:  # nothing can have been recorded before the first attempt
+            return None
+        try:
+            data = await self.queue.load_answer(answer_key(self.run_id, self.step_number, n))
+        except Exception as e:
+            raise StepInterrupted(f"cannot read the journal: {e}") from e
         if data is None:
             return None
         raw = json.loads(data)
-        result = GenerationResult(
+        self.keys.append(answer_key(self.run_id, self.step_number, n))
+        return GenerationResult(
             text=raw.get("text"),
+            thinking=[ThinkingPart.model_validate(t) for t in raw.get("thinking", [])],
             tool_calls=[GeneratedToolCall(**c) for c in raw["toolCalls"]],
             finish_reason=raw["finishReason"],
             usage=Usage.model_validate(raw["usage"]),
         )
-        result.thinking = [ThinkingPart.model_validate(t) for t in raw.get("thinking", [])]
-        return result
 
-    def save(self, n: int, result: GenerationResult) -> None:
+    async def save(self, n: int, result: GenerationResult) -> None:
         raw = {
             "text": result.text,
             "thinking": [t.to_dict() for t in result.thinking],
@@ -82,7 +134,12 @@ class StoreAnswerJournal(AnswerJournal):
             "finishReason": result.finish_reason,
             "usage": result.usage.to_dict(),
         }
-        self.store.save_answer(self.job_id, self.run_id, self.step_number, n, json.dumps(raw).encode())
+        key = answer_key(self.run_id, self.step_number, n)
+        try:
+            await self.queue.save_answer(key, json.dumps(raw).encode())
+        except Exception as e:  # without the record, the tools must not run: the step runs again later
+            raise StepInterrupted(f"cannot journal the answer: {e}") from e
+        self.keys.append(key)
 
 
 def last_text(checkpoint: Checkpoint) -> str:
@@ -105,12 +162,15 @@ class Runtime:
     """A worker's state: the store, caches, and how to reach the queue."""
 
     store: JobStore
-    enqueue: Enqueue
-    publish: Publish | None = None
+    queue: StepQueue
     pool: SkillPool | None = None
-    is_cancelled: Callable[[str], Awaitable[bool]] | None = None
     env: dict[str, str] = field(default_factory=dict)
+    # how often a worker rewrites a running job's record just to refresh its totals (status changes and
+    # the ends of runs are always written at once)
+    record_interval_s: float = 1.0
     _settings: OrderedDict[str, RunSetting] = field(default_factory=OrderedDict)
+    _checkpoints: OrderedDict[str, Checkpoint] = field(default_factory=OrderedDict)
+    _recorded_at: dict[str, float] = field(default_factory=dict)
     _models: dict[tuple[str, str], ModelClient] = field(default_factory=dict)
 
     # --- caches -------------------------------------------------------------------------------------
@@ -125,6 +185,16 @@ class Runtime:
             if len(self._settings) > 2048:
                 self._settings.popitem(last=False)
         return setting
+
+    def remember(self, checkpoint: Checkpoint) -> None:
+        """Keep a checkpoint this worker wrote: its run's next step most often runs here too."""
+        self._checkpoints[checkpoint.id] = checkpoint
+        if len(self._checkpoints) > 1024:
+            self._checkpoints.popitem(last=False)
+
+    def checkpoint(self, job_id: str, checkpoint_id: str) -> Checkpoint | None:
+        # a checkpoint id names one immutable state, so a kept copy is as good as the file
+        return self._checkpoints.get(checkpoint_id) or self.store.load_checkpoint(job_id, checkpoint_id)
 
     def model(self, setting: RunSetting) -> ModelClient:
         key = (setting.provider_config.to_json(), setting.model)
@@ -141,9 +211,9 @@ class Runtime:
         done = store.load_checkpoint(task.job_id, checkpoint_id(task.run_id, task.step_number))
         if done is not None:
             log.info("step %s of run %s already done; handing on", task.step_number, task.run_id)
-            await self.hand_on(setting, done)
+            await self.queue.hand_over(task.job_id, [], self.hand_on(setting, done), [])
             return done
-        if self.is_cancelled is not None and await self.is_cancelled(task.job_id):
+        if await self.queue.is_cancelled(task.job_id):
             log.info("job %s is cancelled; step %s not run", task.job_id, task.step_number)
             return None
 
@@ -157,11 +227,8 @@ class Runtime:
             todos=list(start.todos or []),
             env=self.env,
         )
-        runner = StepRunner(
-            setting=setting,
-            expert=expert,
-            journal=StoreAnswerJournal(store, task.job_id, task.run_id, task.step_number),
-        )
+        journal = QueueAnswerJournal(self.queue, task.run_id, task.step_number, first_attempt=attempt == 1)
+        runner = StepRunner(setting=setting, expert=expert, journal=journal)
         # skill servers started or heard from during this step report into its events (worker/skill_scope.py)
         set_skill_scope(
             SkillScope(
@@ -182,16 +249,16 @@ class Runtime:
         else:
             end = await runner.run(start, begins_run=begins_run)
         end.todos = tool_context.todos or None
-        store.append_events(task.job_id, task.run_id, runner.events)
+        lines = [e.to_json() for e in runner.events]
+        store.append_event_lines(task.job_id, task.run_id, lines)
         store.save_checkpoint(end)
-        if self.publish is not None:
-            await self.publish(task.job_id, runner.events)
-        await self.hand_on(setting, end)
+        self.remember(end)
+        await self.queue.hand_over(task.job_id, lines, self.hand_on(setting, end), journal.keys)
         return end
 
     def _starting_point(self, task: StepTask) -> tuple[Checkpoint, bool]:
         """The previous step's checkpoint turned into this step's, or the run's initial checkpoint."""
-        previous = self.store.load_checkpoint(task.job_id, checkpoint_id(task.run_id, task.step_number - 1))
+        previous = self.checkpoint(task.job_id, checkpoint_id(task.run_id, task.step_number - 1))
         if previous is not None:
             start = previous.model_copy(
                 update={"id": checkpoint_id(task.run_id, task.step_number), "step_number": task.step_number}
@@ -204,33 +271,44 @@ class Runtime:
 
     # --- handing on ---------------------------------------------------------------------------------
 
-    async def hand_on(self, setting: RunSetting, end: Checkpoint) -> None:
-        if not setting.parallel_branch:
-            self._record(setting, end)
+    def hand_on(self, setting: RunSetting, end: Checkpoint) -> list[StepTask]:
+        """Record the step's end and prepare what follows it; return the steps to enqueue."""
+        self._record(setting, end)
         status = end.status
         if status == "proceeding":
-            await self.enqueue_step(end.job_id, end.run_id, end.step_number + 1)
-        elif status == "stoppedByDelegate":
-            await self._start_delegates(setting, end)
-        elif end.delegated_by is not None and status in ("completed", "stoppedByError"):
+            return self.next_step(end.job_id, end.run_id, end.step_number + 1)
+        if status == "stoppedByDelegate":
+            return self._start_delegates(setting, end)
+        if end.delegated_by is not None and status in ("completed", "stoppedByError"):
             if setting.parallel_branch:
-                await self._fan_in(setting, end)
-            else:
-                await self._return_to_parent(setting, end)
+                return self._fan_in(setting, end)
+            return self._return_to_parent(setting, end)
+        return []
 
-    async def enqueue_step(self, job_id: str, run_id: str, step_number: int) -> None:
-        """Queue a step unless an attempt already finished it (arq itself drops a live duplicate id)."""
+    def next_step(self, job_id: str, run_id: str, step_number: int) -> list[StepTask]:
+        """A step to enqueue, unless an attempt already finished it (arq itself drops a live duplicate id)."""
         if self.store.checkpoint_exists(job_id, checkpoint_id(run_id, step_number)):
-            return
-        if self.is_cancelled is not None and await self.is_cancelled(job_id):
-            return
-        await self.enqueue(StepTask(job_id=job_id, run_id=run_id, step_number=step_number))
+            return []
+        return [StepTask(job_id=job_id, run_id=run_id, step_number=step_number)]
 
     def _record(self, setting: RunSetting, end: Checkpoint) -> None:
-        """The job record follows the main chain: totals are assigned from its latest checkpoint (PR #83)."""
+        """The job record follows the main chain: totals are assigned from its latest checkpoint (PR #83).
+
+        Runs of a parallel branch hold deltas and never write it (spec §9 #22). A step that only moves a
+        running job on rewrites the record at most every `record_interval_s`; every other step writes it.
+        """
+        if setting.parallel_branch:
+            return
         job = self.store.load_job(end.job_id)
         if job is None:
             raise LookupError(f"job {end.job_id} has no job record")
+        progress_only = job.status == "running" and end.status == "proceeding"
+        now = time.monotonic()
+        if progress_only and now - self._recorded_at.get(job.id, 0.0) < self.record_interval_s:
+            return
+        self._recorded_at[job.id] = now
+        if len(self._recorded_at) > 4096:
+            self._recorded_at.clear()
         job.total_steps = end.step_number
         job.usage = end.usage
         if end.delegated_by is None and setting.expert_key == job.coordinator_expert_key:
@@ -252,15 +330,16 @@ class Runtime:
                 job.finished_at = now_ms()
         self.store.save_job(job)
 
-    async def _begin_run(self, setting: RunSetting, initial: Checkpoint) -> None:
-        """Write a run's setting and initial checkpoint, then queue its first step (all idempotent)."""
+    def _begin_run(self, setting: RunSetting, initial: Checkpoint) -> list[StepTask]:
+        """Write a run's setting and initial checkpoint; its first step is to be queued (all idempotent)."""
         if not self.store.checkpoint_exists(initial.job_id, initial.id):
             self.store.save_run_setting(setting)
             self.store.save_initial_checkpoint(initial)
-        await self.enqueue_step(initial.job_id, initial.run_id, initial.step_number)
+        return self.next_step(initial.job_id, initial.run_id, initial.step_number)
 
-    async def _start_delegates(self, setting: RunSetting, end: Checkpoint) -> None:
+    def _start_delegates(self, setting: RunSetting, end: Checkpoint) -> list[StepTask]:
         targets = end.delegate_to or []
+        tasks: list[StepTask] = []
         parallel = len(targets) > 1
         for target in targets:
             run_id = derived_id("delegate", end.id, target.tool_call_id)
@@ -291,9 +370,10 @@ class Runtime:
                     run_id=end.run_id,
                 ),
             )
-            await self._begin_run(child_setting, initial)
+            tasks += self._begin_run(child_setting, initial)
+        return tasks
 
-    async def _resume_parent(
+    def _resume_parent(
         self,
         setting: RunSetting,
         parent: Checkpoint,
@@ -302,7 +382,7 @@ class Runtime:
         usage: Usage,
         run_input: RunInput,
         parallel_branch: bool,
-    ) -> None:
+    ) -> list[StepTask]:
         parent_setting = self.run_setting(parent.job_id, parent.run_id)
         resumed_setting = parent_setting.model_copy(
             update={
@@ -321,7 +401,7 @@ class Runtime:
                 "delegate_to": None,
             }
         )
-        await self._begin_run(resumed_setting, initial)
+        return self._begin_run(resumed_setting, initial)
 
     def _parent_of(self, end: Checkpoint) -> Checkpoint:
         assert end.delegated_by is not None
@@ -330,7 +410,7 @@ class Runtime:
             raise LookupError(f"parent checkpoint {end.delegated_by.checkpoint_id} not found")
         return parent
 
-    async def _return_to_parent(self, setting: RunSetting, end: Checkpoint) -> None:
+    def _return_to_parent(self, setting: RunSetting, end: Checkpoint) -> list[StepTask]:
         """A sequential delegate finished (or failed): its parent resumes with the result (spec §3.5)."""
         by = end.delegated_by
         assert by is not None
@@ -342,7 +422,7 @@ class Runtime:
             text=delegate_result_text(end),
         )
         parent_setting = self.run_setting(parent.job_id, parent.run_id)
-        await self._resume_parent(
+        return self._resume_parent(
             setting,
             parent,
             derived_id("return", end.run_id),
@@ -352,7 +432,7 @@ class Runtime:
             parent_setting.parallel_branch,
         )
 
-    async def _fan_in(self, setting: RunSetting, end: Checkpoint) -> None:
+    def _fan_in(self, setting: RunSetting, end: Checkpoint) -> list[StepTask]:
         """A parallel delegate finished: leave its result; whoever completes the set resumes the parent.
 
         Each child writes its own result file before it counts the others, so the last of them to finish
@@ -374,7 +454,7 @@ class Runtime:
         targets = parent.delegate_to or []
         results = self.store.load_fan_in_results(parent.job_id, parent.id)
         if len(results) < len(targets):
-            return
+            return []
         by_call = {json.loads(r)["toolCallId"]: json.loads(r) for r in results}
         ordered = [by_call[t.tool_call_id] for t in targets]
         usage = parent.usage
@@ -400,7 +480,7 @@ class Runtime:
             ]
             or None,
         )
-        await self._resume_parent(
+        return self._resume_parent(
             setting,
             parent,
             derived_id("fan-in", parent.id),

@@ -7,6 +7,7 @@ worker's skill pool), interactive tools (coordinator only), and delegates (one t
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,6 +119,12 @@ class SkillSet:
         return list(await asyncio.gather(*(self.call(c) for c in calls)))
 
 
+@functools.cache
+def base_tools(pick: tuple[str, ...], omit: tuple[str, ...]) -> list[ToolDefinition]:
+    """The base tools an expert is offered; the same few filters recur on every step, so keep them."""
+    return filter_tools(BASE_TOOL_DEFINITIONS, list(pick), list(omit))
+
+
 async def build_skill_set(
     expert: Expert,
     experts: dict[str, Expert],
@@ -134,8 +141,7 @@ async def build_skill_set(
         if isinstance(skill, InteractiveSkill):
             continue
         if is_base_skill(skill):
-            base = [t.model_copy(update={"skill_name": BASE_SKILL_NAME}) for t in BASE_TOOL_DEFINITIONS]
-            tools.extend(filter_tools(base, skill.pick, skill.omit))
+            tools.extend(base_tools(tuple(skill.pick), tuple(skill.omit)))
         else:
             external.append(skill)
     if external:

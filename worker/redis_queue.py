@@ -1,0 +1,71 @@
+"""How a worker's steps talk to Redis: the cancel check, journaled answers, and the hand-over.
+
+The hand-over is one round trip: the step's events go onto the job's stream and every step that follows is
+enqueued by a small script that does what arq's `enqueue_job` does (refuse a live duplicate id, write the
+job, add it to the queue) without arq's WATCH round trips, and refuses to enqueue for a cancelled job.
+arq workers cannot tell these jobs from the ones `enqueue_job` writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from arq.constants import expires_extra_ms, job_key_prefix, result_key_prefix
+from arq.jobs import serialize_job
+
+from shared.events import STREAM_MAXLEN, STREAM_TTL_S
+from shared.models import now_ms
+from shared.queue import STEP_TASK, StepTask, cancel_key, events_channel, serialize, step_job_id
+
+ANSWER_TTL_S = 24 * 3600
+
+ENQUEUE = """
+if redis.call('exists', KEYS[4]) == 1 then return -1 end
+if redis.call('exists', KEYS[1], KEYS[2]) > 0 then return 0 end
+redis.call('psetex', KEYS[1], ARGV[3], ARGV[1])
+redis.call('zadd', KEYS[3], ARGV[2], ARGV[4])
+return 1
+"""
+
+
+class RedisStepQueue:
+    def __init__(self, redis: Any, queue_name: str, wake: asyncio.Event) -> None:
+        self.redis = redis
+        self.queue_name = queue_name
+        self.wake = wake  # this worker's poll loop: it takes the next step at once
+        self._enqueue = redis.register_script(ENQUEUE)
+
+    async def is_cancelled(self, job_id: str) -> bool:
+        return bool(await self.redis.exists(cancel_key(job_id)))
+
+    async def hand_over(
+        self, job_id: str, event_lines: list[str], tasks: list[StepTask], answered: list[str]
+    ) -> None:
+        if not (event_lines or tasks or answered):
+            return
+        now = now_ms()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            if event_lines:
+                stream = events_channel(job_id)
+                for line in event_lines:
+                    pipe.xadd(stream, {"e": line}, maxlen=STREAM_MAXLEN, approximate=True)
+                pipe.expire(stream, STREAM_TTL_S)
+            for task in tasks:
+                arq_id = step_job_id(task)
+                payload = serialize_job(STEP_TASK, (task.to_dict(),), {}, None, now, serializer=serialize)
+                keys = [job_key_prefix + arq_id, result_key_prefix + arq_id, self.queue_name]
+                args = [payload, now, expires_extra_ms, arq_id]
+                await self._enqueue(keys=[*keys, cancel_key(job_id)], args=args, client=pipe)
+            if answered:
+                pipe.delete(*answered)
+            await pipe.execute()
+        if tasks:
+            self.wake.set()
+
+    async def save_answer(self, key: str, data: bytes) -> None:
+        await self.redis.set(key, data, ex=ANSWER_TTL_S)
+
+    async def load_answer(self, key: str) -> bytes | None:
+        value = await self.redis.get(key)
+        return bytes(value) if value is not None else None
