@@ -107,65 +107,63 @@ class Usage(PerqModel):
 # --- message parts (spec §1.2) ------------------------------------------------------------------------
 
 
-class TextPart(PerqModel):
-    type: Literal["textPart"] = "textPart"
+class _Part(PerqModel):
     id: str = Field(default_factory=new_id)
+
+
+class _UrlPart(_Part):
+    url: str
+    mime_type: str
+
+
+class _InlinePart(_Part):
+    encoded_data: str  # base64
+    mime_type: str
+
+
+class _BinaryPart(_Part):
+    data: str
+    mime_type: str
+
+
+class TextPart(_Part):
+    type: Literal["textPart"] = "textPart"
     text: str
 
 
-class ImageUrlPart(PerqModel):
+class ImageUrlPart(_UrlPart):
     type: Literal["imageUrlPart"] = "imageUrlPart"
-    id: str = Field(default_factory=new_id)
-    url: str
-    mime_type: str
 
 
-class ImageInlinePart(PerqModel):
+class ImageInlinePart(_InlinePart):
     type: Literal["imageInlinePart"] = "imageInlinePart"
-    id: str = Field(default_factory=new_id)
-    encoded_data: str
-    mime_type: str
 
 
-class ImageBinaryPart(PerqModel):
+class ImageBinaryPart(_BinaryPart):
     type: Literal["imageBinaryPart"] = "imageBinaryPart"
-    id: str = Field(default_factory=new_id)
-    data: str
-    mime_type: str
 
 
-class FileUrlPart(PerqModel):
+class FileUrlPart(_UrlPart):
     type: Literal["fileUrlPart"] = "fileUrlPart"
-    id: str = Field(default_factory=new_id)
-    url: str
-    mime_type: str
 
 
-class FileInlinePart(PerqModel):
+class FileInlinePart(_InlinePart):
     type: Literal["fileInlinePart"] = "fileInlinePart"
-    id: str = Field(default_factory=new_id)
-    encoded_data: str
-    mime_type: str
 
 
-class FileBinaryPart(PerqModel):
+class FileBinaryPart(_BinaryPart):
     type: Literal["fileBinaryPart"] = "fileBinaryPart"
-    id: str = Field(default_factory=new_id)
-    data: str
-    mime_type: str
 
 
-class ToolCallPart(PerqModel):
+class ToolCallPart(_Part):
     type: Literal["toolCallPart"] = "toolCallPart"
-    id: str = Field(default_factory=new_id)
     tool_call_id: str
     tool_name: str
     args: Any = Field(default_factory=dict)
 
 
-class ThinkingPart(PerqModel):
+class ThinkingPart(_Part):
     type: Literal["thinkingPart"] = "thinkingPart"
-    id: str = Field(default_factory=new_id)
     thinking: str
     signature: str | None = None
 
@@ -173,9 +171,8 @@ class ThinkingPart(PerqModel):
 ToolResultContent = Annotated[TextPart | ImageInlinePart | FileInlinePart, Field(discriminator="type")]
 
 
-class ToolResultPart(PerqModel):
+class ToolResultPart(_Part):
     type: Literal["toolResultPart"] = "toolResultPart"
-    id: str = Field(default_factory=new_id)
     tool_call_id: str
     tool_name: str
     contents: list[ToolResultContent]
@@ -211,28 +208,27 @@ ExpertContent = Annotated[TextPart | ToolCallPart | ThinkingPart, Field(discrimi
 # --- messages (spec §1.3) -----------------------------------------------------------------------------
 
 
-class InstructionMessage(PerqModel):
+class _Message(PerqModel):
+    id: str = Field(default_factory=new_id)
+    cache: bool | None = None  # a prompt-caching hint (Anthropic's ephemeral cache control)
+
+
+class InstructionMessage(_Message):
     type: Literal["instructionMessage"] = "instructionMessage"
-    id: str = Field(default_factory=new_id)
     contents: list[TextPart]
-    cache: bool | None = None
 
 
-class UserMessage(PerqModel):
+class UserMessage(_Message):
     type: Literal["userMessage"] = "userMessage"
-    id: str = Field(default_factory=new_id)
     contents: list[UserContent]
-    cache: bool | None = None
     # perq: marks the note a failed generation leaves behind, so that "answers so far" can be counted
     # (the script provider's turn index, spec-compatible because Perstack ignores unknown keys)
     retry: bool | None = None
 
 
-class ExpertMessage(PerqModel):
+class ExpertMessage(_Message):
     type: Literal["expertMessage"] = "expertMessage"
-    id: str = Field(default_factory=new_id)
     contents: list[ExpertContent]
-    cache: bool | None = None
 
     @property
     def text(self) -> str:
@@ -244,11 +240,9 @@ class ExpertMessage(PerqModel):
         return [p for p in self.contents if isinstance(p, ToolCallPart)]
 
 
-class ToolMessage(PerqModel):
+class ToolMessage(_Message):
     type: Literal["toolMessage"] = "toolMessage"
-    id: str = Field(default_factory=new_id)
     contents: list[ToolResultPart]
-    cache: bool | None = None
 
 
 Message = Annotated[
@@ -292,13 +286,16 @@ class Todo(PerqModel):
 # --- experts and skills (spec §1.9, §1.10) ------------------------------------------------------------
 
 
-class McpStdioSkill(PerqModel):
-    type: Literal["mcpStdioSkill"] = "mcpStdioSkill"
+class _Skill(PerqModel):
     name: str
     description: str | None = None
     rule: str | None = None
     pick: list[str] = Field(default_factory=list)
     omit: list[str] = Field(default_factory=list)
+
+
+class McpStdioSkill(_Skill):
+    type: Literal["mcpStdioSkill"] = "mcpStdioSkill"
     command: str
     package_name: str | None = None
     args: list[str] | None = None
@@ -306,13 +303,8 @@ class McpStdioSkill(PerqModel):
     lazy_init: bool = False
 
 
-class McpSseSkill(PerqModel):
+class McpSseSkill(_Skill):
     type: Literal["mcpSseSkill"] = "mcpSseSkill"
-    name: str
-    description: str | None = None
-    rule: str | None = None
-    pick: list[str] = Field(default_factory=list)
-    omit: list[str] = Field(default_factory=list)
     endpoint: str
 
 
@@ -321,13 +313,8 @@ class InteractiveTool(PerqModel):
     input_json_schema: str = '{"type": "object", "properties": {}}'
 
 
-class InteractiveSkill(PerqModel):
+class InteractiveSkill(_Skill):
     type: Literal["interactiveSkill"] = "interactiveSkill"
-    name: str
-    description: str | None = None
-    rule: str | None = None
-    pick: list[str] = Field(default_factory=list)
-    omit: list[str] = Field(default_factory=list)
     tools: dict[str, InteractiveTool] = Field(default_factory=dict)
 
 
