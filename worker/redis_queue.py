@@ -8,7 +8,7 @@ arq workers cannot tell these jobs from the ones `enqueue_job` writes.
 
 from __future__ import annotations
 
-import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from arq.constants import expires_extra_ms, job_key_prefix, result_key_prefix
@@ -30,11 +30,10 @@ return 1
 
 
 class RedisStepQueue:
-    def __init__(self, redis: Any, queue_name: str, wake: asyncio.Event) -> None:
+    def __init__(self, redis: Any, queue_name: str, enqueued: Callable[[list[str]], None]) -> None:
         self.redis = redis
         self.queue_name = queue_name
-        self.wake = wake  # this worker's poll loop: it takes the next step at once
-        self._enqueue = redis.register_script(ENQUEUE)
+        self.enqueued = enqueued  # tells this worker's poll loop, which takes the steps at once
 
     async def is_cancelled(self, job_id: str) -> bool:
         return bool(await self.redis.exists(cancel_key(job_id)))
@@ -56,12 +55,14 @@ class RedisStepQueue:
                 payload = serialize_job(STEP_TASK, (task.to_dict(),), {}, None, now, serializer=serialize)
                 keys = [job_key_prefix + arq_id, result_key_prefix + arq_id, self.queue_name]
                 args = [payload, now, expires_extra_ms, arq_id]
-                await self._enqueue(keys=[*keys, cancel_key(job_id)], args=args, client=pipe)
+                # EVAL, not a registered script: redis-py would add a SCRIPT EXISTS round trip to every
+                # pipeline, and Redis caches the compiled script anyway
+                pipe.eval(ENQUEUE, 4, *keys, cancel_key(job_id), *args)
             if answered:
                 pipe.delete(*answered)
             await pipe.execute()
         if tasks:
-            self.wake.set()
+            self.enqueued([step_job_id(t) for t in tasks])
 
     async def save_answer(self, key: str, data: bytes) -> None:
         await self.redis.set(key, data, ex=ANSWER_TTL_S)
