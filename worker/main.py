@@ -241,9 +241,9 @@ def run_worker(*, burst: bool = False, concurrency: int | None = None) -> None:
     settings = Settings()
     if concurrency is not None:
         settings.concurrency = concurrency
-    logging.basicConfig(
-        level=os.environ.get("PERQ_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
+    level = logging.getLevelName(os.environ.get("PERQ_LOG_LEVEL", "INFO").upper())
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # arq logs two lines per arq job, that is per step: only when asked for DEBUG
+    logging.getLogger("arq.worker").setLevel(level if level == logging.DEBUG else max(level, logging.WARNING))
     worker = PerqWorker(settings, burst=burst)
     worker.run()
