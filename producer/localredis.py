@@ -114,7 +114,3 @@ class LocalRedis:
         self.stop()
         if self._tmp is not None:
             self._tmp.cleanup()
-
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):
-            self.stop()
