@@ -10,6 +10,7 @@ no job behind. Async functions are the API; `*_sync` wrappers serve scripts and 
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,9 @@ from shared.queue import STEP_TASK, StepTask, cancel_key, serialize, step_job_id
 from shared.store import JobStore
 
 BUSY_STATUSES = ("queued", "running")
+CANCEL_MARK_TTL_S = 30 * 24 * 3600  # longer than any step of a cancelled submission could wait in the queue
 REASONING_WORDS = ("none", "minimal", "low", "medium", "high")
+SECRET_HEADER = re.compile(r"auth|key|token|secret|cookie|password", re.IGNORECASE)
 
 
 class RequestError(ConfigError):
@@ -103,12 +106,19 @@ def _provider(request: RunRequest, config: PerstackConfig) -> tuple[ProviderConf
         if not script.is_file():
             raise RequestError(f"script file not found: {script}")
         model = str(script)
+    headers = setting.get("headers") or None
+    secret = next((h for h in headers or {} if SECRET_HEADER.search(h)), None)
+    if secret is not None:
+        raise RequestError(
+            f"provider header {secret!r} looks like a credential: run settings are stored, so keys stay in "
+            "the workers' environment (ANTHROPIC_API_KEY, OPENAI_API_KEY, ...)"
+        )
     provider = ProviderConfig(
         provider_name=name,
         base_url=setting.get("baseUrl"),
         organization=setting.get("organization"),
         project=setting.get("project"),
-        headers=setting.get("headers"),
+        headers=headers,
     )
     return provider, model
 
@@ -191,6 +201,7 @@ def plan_submission(request: RunRequest, store: JobStore) -> Plan:
         workspace=workspace,
     )
     initial = _initial_checkpoint(setting, experts[request.expert_key], start)
+    job = job.model_copy(update={"epoch": setting.epoch})
     if continuing:
         job = job.model_copy(update={"status": "queued", "finished_at": None, "error": None})
     return Plan(job=job, setting=setting, initial=initial, new_job=not continuing)
@@ -343,6 +354,11 @@ class Client:
         if not plan.new_job and not await redis.set(lock, "1", nx=True, ex=10):
             raise RequestError(f"job {plan.job.id} is being continued by another request")
         try:
+            if not plan.new_job:
+                # planned before the lock was ours: another continuation may have started in between
+                current = self.store.load_job(plan.job.id)
+                if current is not None and current.status in BUSY_STATUSES:
+                    raise RequestError(f"job {plan.job.id} is {current.status}; wait for it to stop first")
             await self._write_and_enqueue(plan, redis)
         finally:
             if not plan.new_job:
@@ -357,8 +373,7 @@ class Client:
         store.save_job(plan.job, new=plan.new_job)
         task = StepTask(job_id=plan.job.id, run_id=plan.setting.run_id, step_number=plan.initial.step_number)
         try:
-            if not plan.new_job:
-                await redis.delete(cancel_key(plan.job.id))
+            # a cancel mark stays: it stops runs of earlier submissions only (RunSetting.epoch)
             await redis.enqueue_job(STEP_TASK, task.to_dict(), _job_id=step_job_id(task))
         except Exception as e:
             if plan.new_job:
@@ -369,6 +384,10 @@ class Client:
                     store.save_job(previous)
             raise QueueUnavailable(f"cannot reach Redis at {self.settings.redis_url}: {e}") from e
 
+    async def status(self, job_id: str) -> Job | None:
+        """The job record, as the store has it now (None for an unknown job)."""
+        return self.store.load_job(check_id(job_id, "job id"))
+
     async def cancel(self, job_id: str) -> Job:
         """Stop a queued or running job (and its delegates) before its next step; status `cancelled`."""
         job = self.store.load_job(check_id(job_id, "job id"))
@@ -377,7 +396,7 @@ class Client:
         if job.status not in BUSY_STATUSES:
             raise RequestError(f"job {job_id} is {job.status}; only queued or running jobs can be cancelled")
         redis = await self.redis()
-        await redis.set(cancel_key(job.id), "1")
+        await redis.set(cancel_key(job.id), str(now_ms()), ex=CANCEL_MARK_TTL_S)
         job.status = "cancelled"
         job.finished_at = now_ms()
         self.store.save_job(job)
@@ -393,4 +412,5 @@ def submit_sync(request: RunRequest, settings: Settings | None = None) -> Job:
 
 
 def job_status(job_id: str, settings: Settings | None = None) -> Job | None:
+    """The sync twin of `Client.status`: reads the store only, no Redis needed."""
     return JobStore.open((settings or Settings()).storage).load_job(check_id(job_id, "job id"))

@@ -75,6 +75,7 @@ def run(
 
     from producer.api import Client, QueueUnavailable, RunRequest
     from shared.config import ConfigError
+    from shared.models import now_ms
     from shared.store import StoreError
 
     request = RunRequest(
@@ -98,6 +99,7 @@ def run(
     async def go() -> int:
         async with Client() as client:
             try:
+                submitted_at = now_ms()
                 start = await _stream_position(client, request)
                 job = await client.submit(request)
             except (ConfigError, ValueError, StoreError) as e:
@@ -113,7 +115,9 @@ def run(
             from producer.follow import EXIT_CODES
             from producer.render import follow_with_progress
 
-            status = await follow_with_progress(client, job.id, start, quiet=json_output)
+            status = await follow_with_progress(
+                client, job.id, start, quiet=json_output, submitted_at=submitted_at
+            )
             final = client.store.load_job(job.id)
             if json_output:
                 data = final.to_dict() if final else {"id": job.id, "status": status}
@@ -127,9 +131,10 @@ def run(
 
 async def _stream_position(client: Any, request: Any) -> str:
     """Where the job's event stream stands before this submission, so --wait shows only what follows."""
+    from shared.models import check_id
     from shared.queue import events_channel
 
-    job_id = request.continue_job
+    job_id = check_id(request.continue_job, "job id") if request.continue_job else None
     if not job_id and request.continue_latest:
         latest = client.store.latest_job()
         job_id = latest.id if latest else None
@@ -143,7 +148,7 @@ async def _stream_position(client: Any, request: Any) -> str:
 @app.command()
 def status(
     job_id: Annotated[str | None, typer.Argument(help="Show one job and its checkpoints")] = None,
-    limit: Annotated[int, typer.Option(help="How many jobs to list, newest first (0 = all)")] = 50,
+    limit: Annotated[int, typer.Option(min=0, help="How many jobs to list, newest first (0 = all)")] = 50,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
     watch: Annotated[bool, typer.Option("--watch", help="Keep the view current (Ctrl-C ends)")] = False,
     queue: Annotated[
@@ -186,12 +191,13 @@ def cancel(
 
     from producer.api import Client, QueueUnavailable
     from shared.config import ConfigError
+    from shared.store import StoreError
 
     async def go() -> None:
         async with Client() as client:
             try:
                 job = await client.cancel(job_id)
-            except (ConfigError, ValueError) as e:
+            except (ConfigError, ValueError, StoreError) as e:
                 fail(str(e), EXIT_BAD_INPUT)
             except QueueUnavailable as e:
                 fail(str(e), 1)
@@ -221,4 +227,16 @@ app.command(name="log")(_log)
 
 
 def main() -> None:
-    app()
+    """The console script: whatever escapes a command becomes one line on stderr, never a traceback."""
+    from pydantic import ValidationError
+
+    try:
+        app()
+    except ValidationError as e:  # PERQ_* settings that do not parse
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        print(f"perq: invalid setting PERQ_{where.upper()}: {first['msg']}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT) from None
+    except (OSError, RuntimeError) as e:
+        print(f"perq: {e}", file=sys.stderr)
+        raise SystemExit(1) from None

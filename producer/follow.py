@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from shared.events import follow_events
-from shared.models import FINAL_JOB_STATUSES, Event, Job, Usage
+from shared.models import FINAL_JOB_STATUSES, JOB_STATUS_AFTER, Event, Job, Usage
 from shared.queue import cancel_key, events_channel
 from shared.store import JobStore, StoreError
 
@@ -23,17 +23,17 @@ EXIT_CODES = {
 def job_status_after(event: Event) -> str | None:
     """The job status an event settles, if any: the end of a top-level run (not of a delegate)."""
     checkpoint = getattr(event, "checkpoint", None)
-    if not isinstance(checkpoint, dict) or checkpoint.get("delegatedBy"):
-        # a delegate's end is handed back to its parent, except max steps, which stops the job (spec §3.7)
-        if event.type == "stopRunByExceededMaxSteps":
-            return "stoppedByMaxSteps"
+    if event.type not in STOPPING_EVENTS or not isinstance(checkpoint, dict):
         return None
-    return {
-        "completeRun": "completed",
-        "stopRunByInteractiveTool": "stoppedByInteractiveTool",
-        "stopRunByExceededMaxSteps": "stoppedByMaxSteps",
-        "stopRunByError": "stoppedByError",
-    }.get(event.type)
+    status = JOB_STATUS_AFTER.get(checkpoint.get("status", ""))
+    if checkpoint.get("delegatedBy") and status != "stoppedByMaxSteps":
+        return None
+    return status
+
+
+STOPPING_EVENTS = frozenset(
+    {"completeRun", "stopRunByInteractiveTool", "stopRunByExceededMaxSteps", "stopRunByError"}
+)
 
 
 class Progress:
@@ -77,11 +77,13 @@ async def wait_for_job(
     start: str = "0-0",
     timeout_s: float | None = None,
     progress: Progress | None = None,
+    cancelled_since: int = 0,
 ) -> str:
     """Follow a job until it stops; return its final status.
 
     The events alone are enough: a follower whose store does not hold the job (another machine, a store
-    not shared) learns the outcome from the job's last event, or from its cancel mark in Redis.
+    not shared) learns the outcome from the job's last event, or from its cancel mark in Redis (a mark
+    counts from `cancelled_since`, ms: an older one cancelled an earlier submission, not this one).
     """
     progress = progress if progress is not None else Progress()
 
@@ -115,7 +117,8 @@ async def wait_for_job(
             status = stored_status()
             if status:
                 return status
-            if await redis.exists(cancel_key(job_id)):
+            mark = await redis.get(cancel_key(job_id))
+            if mark is not None and int(mark) >= cancelled_since:
                 return "cancelled"  # a cancelled job publishes no last event
         raise AssertionError("unreachable")
 

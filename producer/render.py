@@ -128,11 +128,15 @@ def job_detail(job: Job, checkpoints: list[Checkpoint], problems: list[str], *, 
         print(f"perq: skipped {problem}", file=sys.stderr)
 
 
-async def follow_with_progress(client: Any, job_id: str, start: str, *, quiet: bool = False) -> str:
+async def follow_with_progress(
+    client: Any, job_id: str, start: str, *, quiet: bool = False, submitted_at: int = 0
+) -> str:
     """Show a live progress line on stderr while the job runs; return its final status."""
     redis = await client.redis()
     if quiet:
-        return await wait_for_job(redis, client.store, job_id, lambda e, p: None, start=start)
+        return await wait_for_job(
+            redis, client.store, job_id, lambda e, p: None, start=start, cancelled_since=submitted_at
+        )
     err = Console(stderr=True, highlight=False)
     progress = Progress()
     with err.status(f"job {job_id} queued") as spinner:
@@ -145,7 +149,15 @@ async def follow_with_progress(client: Any, job_id: str, start: str, *, quiet: b
                     f"{event.expert_key}: {event.type}{escape(_detail(event))}"
                 )
 
-        status = await wait_for_job(redis, client.store, job_id, on_event, start=start, progress=progress)
+        status = await wait_for_job(
+            redis,
+            client.store,
+            job_id,
+            on_event,
+            start=start,
+            progress=progress,
+            cancelled_since=submitted_at,
+        )
     summary = progress_summary(client, job_id, progress)
     err.print(Text.assemble((status, STATUS_STYLE.get(status, "")), ": ", summary))
     return status

@@ -51,13 +51,13 @@ class Settings(BaseSettings):
     storage: str = "./perstack"
     queue: str = "perq:queue"
     # seconds a worker sleeps between queue polls when nothing wakes it earlier
-    poll_delay: float = 0.05
+    poll_delay: float = Field(default=0.05, gt=0)
     # a step's lease: a worker that dies mid-step holds it at most this long before another takes over
-    lease_seconds: float = 10.0
+    lease_seconds: float = Field(default=10.0, gt=0)
     # concurrent steps per worker process (arq's max_jobs); steps mostly wait on the model
-    concurrency: int = 200
+    concurrency: int = Field(default=200, ge=1)
     # on SIGTERM, how long in-flight steps may run before they are handed back to the queue
-    grace_seconds: float = 20.0
+    grace_seconds: float = Field(default=20.0, ge=0)
 
 
 class ConfigError(Exception):

@@ -13,15 +13,19 @@ STREAM_MAXLEN = 10_000  # events kept per job in Redis; the store keeps them all
 STREAM_TTL_S = 7 * 24 * 3600
 
 
-async def publish_events(redis: Any, job_id: str, events: list[Event]) -> None:
-    if not events:
-        return
+def add_events(pipe: Any, job_id: str, lines: list[str]) -> None:
+    """Queue the XADDs of a job's serialized events on a Redis pipeline (the caller executes it)."""
     key = events_channel(job_id)
-    async with redis.pipeline(transaction=False) as pipe:
-        for event in events:
-            pipe.xadd(key, {"e": event.to_json()}, maxlen=STREAM_MAXLEN, approximate=True)
-        pipe.expire(key, STREAM_TTL_S)
-        await pipe.execute()
+    for line in lines:
+        pipe.xadd(key, {"e": line}, maxlen=STREAM_MAXLEN, approximate=True)
+    pipe.expire(key, STREAM_TTL_S)
+
+
+async def publish_events(redis: Any, job_id: str, events: list[Event]) -> None:
+    if events:
+        async with redis.pipeline(transaction=False) as pipe:
+            add_events(pipe, job_id, [e.to_json() for e in events])
+            await pipe.execute()
 
 
 async def follow_events(

@@ -401,6 +401,14 @@ JobStatus = Literal[
     "stoppedByError",
     "cancelled",
 ]
+# the job status a run's last checkpoint settles (spec §1.8); a delegate's end goes back to its parent
+# instead, except max steps, which stops the whole job (spec §3.7)
+JOB_STATUS_AFTER: dict[str, JobStatus] = {
+    "completed": "completed",
+    "stoppedByInteractiveTool": "stoppedByInteractiveTool",
+    "stoppedByExceededMaxSteps": "stoppedByMaxSteps",
+    "stoppedByError": "stoppedByError",
+}
 FINAL_JOB_STATUSES: frozenset[str] = frozenset(
     {"completed", "stoppedByInteractiveTool", "stoppedByMaxSteps", "stoppedByError", "cancelled"}
 )
@@ -419,6 +427,8 @@ class Job(PerqModel):
     head_checkpoint_id: str | None = None
     # perq: the error that ended the job, for status output
     error: RunError | None = None
+    # perq: the epoch of the submission (new job or continuation) that last set the job going
+    epoch: int | None = None
 
 
 # --- run settings (spec §1.12), never holding secrets -------------------------------------------------
@@ -467,6 +477,9 @@ class RunSetting(PerqModel):
     workspace: str
     # perq: runs of a parallel branch report deltas and never write the job's totals (spec §9 #22)
     parallel_branch: bool = False
+    # perq: when the submission this run descends from was made (ms); `perq cancel` stops the runs of
+    # submissions made before it, and a later continuation (a new epoch) runs on
+    epoch: int = Field(default_factory=now_ms)
 
 
 # --- steps and events (spec §1.5, §1.13) --------------------------------------------------------------
@@ -520,16 +533,6 @@ EventType = Literal[
     # perq: job-level events
     "cancelJob",
 ]
-STEP_ENDING_EVENTS: frozenset[str] = frozenset(
-    {
-        "continueToNextStep",
-        "completeRun",
-        "stopRunByInteractiveTool",
-        "stopRunByDelegate",
-        "stopRunByExceededMaxSteps",
-        "stopRunByError",
-    }
-)
 
 
 class Event(PerqModel):

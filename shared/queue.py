@@ -13,7 +13,6 @@ from typing import Any
 from shared.models import PerqModel, SafeId
 
 STEP_TASK = "perq.step"
-WAKE_CHANNEL_SUFFIX = ":wake"
 
 
 class StepTask(PerqModel):
@@ -30,11 +29,6 @@ def step_job_id(task: StepTask) -> str:
 
 def cancel_key(job_id: str) -> str:
     return f"perq:cancel:{job_id}"
-
-
-def fanin_key(checkpoint_id: str) -> str:
-    """The hash where parallel delegates of one parent checkpoint leave their results."""
-    return f"perq:fanin:{checkpoint_id}"
 
 
 def events_channel(job_id: str) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,7 +89,6 @@ class StepRunner:
     model: ModelClient | None = None
     skills: SkillSet = field(default_factory=SkillSet.empty)
     journal: AnswerJournal = field(default_factory=AnswerJournal)
-    emit: Callable[[Event], None] = lambda e: None
     events: list[Event] = field(default_factory=list)
 
     cp: Checkpoint = field(init=False)
@@ -105,9 +103,9 @@ class StepRunner:
         cp = self.cp
         event = Event.emit(type_, cp.job_id, cp.run_id, self.expert.key, cp.step_number, **payload)
         self.events.append(event)
-        self.emit(event)
 
     def _finish(self, type_: EventType, checkpoint: Checkpoint, **payload: Any) -> Checkpoint:
+        checkpoint.todos = list(self.skills.tool_context.todos) or None  # the todo tools' list, as it ends
         self.step.finished_at = now_ms()
         self._event(type_, checkpoint=checkpoint, step=self.step, **payload)
         return checkpoint

@@ -49,6 +49,9 @@ for i = 4, #ARGV do
 end
 return taken
 """
+# a step that fails outside the loop (its run could not even be loaded) is tried this often, then its job
+# is stopped with the error
+STEP_ATTEMPTS = 3
 # arq's own timeout must never fire first: a step bounds itself and ends its run with an error instead
 ARQ_STEP_TIMEOUT_S = 24 * 3600
 
@@ -69,6 +72,13 @@ async def step(ctx: dict[str, Any], payload: Any) -> None:
             "redis failed during step %s of run %s (%s); it will run again", task.step_number, task.run_id, e
         )
         raise Retry(defer=1) from e
+    except Exception as e:
+        attempt = ctx.get("job_try", 1)
+        log.exception("step %s of run %s failed (attempt %s)", task.step_number, task.run_id, attempt)
+        if attempt < STEP_ATTEMPTS:
+            raise Retry(defer=2 * attempt) from e
+        runtime.fail_job(task, e)
+        raise
 
 
 class PerqWorker(Worker):

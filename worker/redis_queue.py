@@ -14,14 +14,15 @@ from typing import Any
 from arq.constants import expires_extra_ms, job_key_prefix, result_key_prefix
 from arq.jobs import serialize_job
 
-from shared.events import STREAM_MAXLEN, STREAM_TTL_S
+from shared.events import add_events
 from shared.models import now_ms
-from shared.queue import STEP_TASK, StepTask, cancel_key, events_channel, serialize, step_job_id
+from shared.queue import STEP_TASK, StepTask, cancel_key, serialize, step_job_id
 
 ANSWER_TTL_S = 24 * 3600
 
 ENQUEUE = """
-if redis.call('exists', KEYS[4]) == 1 then return -1 end
+local cancelled = redis.call('get', KEYS[4])
+if cancelled and tonumber(cancelled) >= tonumber(ARGV[5]) then return -1 end
 if redis.call('exists', KEYS[1], KEYS[2]) > 0 then return 0 end
 redis.call('psetex', KEYS[1], ARGV[3], ARGV[1])
 redis.call('zadd', KEYS[3], ARGV[2], ARGV[4])
@@ -35,34 +36,34 @@ class RedisStepQueue:
         self.queue_name = queue_name
         self.enqueued = enqueued  # tells this worker's poll loop, which takes the steps at once
 
-    async def is_cancelled(self, job_id: str) -> bool:
-        return bool(await self.redis.exists(cancel_key(job_id)))
+    async def is_cancelled(self, job_id: str, epoch: int) -> bool:
+        """Whether `perq cancel` came after the submission this run descends from."""
+        cancelled = await self.redis.get(cancel_key(job_id))
+        return cancelled is not None and int(cancelled) >= epoch
 
     async def hand_over(
-        self, job_id: str, event_lines: list[str], tasks: list[StepTask], answered: list[str]
-    ) -> None:
+        self, job_id: str, epoch: int, event_lines: list[str], tasks: list[StepTask], answered: list[str]
+    ) -> bool:
         if not (event_lines or tasks or answered):
-            return
+            return False
         now = now_ms()
         async with self.redis.pipeline(transaction=False) as pipe:
             if event_lines:
-                stream = events_channel(job_id)
-                for line in event_lines:
-                    pipe.xadd(stream, {"e": line}, maxlen=STREAM_MAXLEN, approximate=True)
-                pipe.expire(stream, STREAM_TTL_S)
+                add_events(pipe, job_id, event_lines)
             for task in tasks:
                 arq_id = step_job_id(task)
                 payload = serialize_job(STEP_TASK, (task.to_dict(),), {}, None, now, serializer=serialize)
                 keys = [job_key_prefix + arq_id, result_key_prefix + arq_id, self.queue_name]
-                args = [payload, now, expires_extra_ms, arq_id]
+                args = [payload, now, expires_extra_ms, arq_id, epoch]
                 # EVAL, not a registered script: redis-py would add a SCRIPT EXISTS round trip to every
                 # pipeline, and Redis caches the compiled script anyway
                 pipe.eval(ENQUEUE, 4, *keys, cancel_key(job_id), *args)
             if answered:
                 pipe.delete(*answered)
-            await pipe.execute()
+            replies = await pipe.execute()
         if tasks:
             self.enqueued([step_job_id(t) for t in tasks])
+        return -1 in replies
 
     async def save_answer(self, key: str, data: bytes) -> None:
         await self.redis.set(key, data, ex=ANSWER_TTL_S)

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Protocol
 
 from shared.models import (
+    FINAL_JOB_STATUSES,
+    JOB_STATUS_AFTER,
     Checkpoint,
     DelegatedBy,
     ExpertMessage,
@@ -45,24 +47,17 @@ from worker.tools.base import ToolContext
 
 log = logging.getLogger("perq.worker")
 
-JOB_STATUS_OF = {
-    "completed": "completed",
-    "stoppedByInteractiveTool": "stoppedByInteractiveTool",
-    "stoppedByExceededMaxSteps": "stoppedByMaxSteps",
-    "stoppedByError": "stoppedByError",
-}
-
 
 class StepQueue(Protocol):
     """What a step needs of the queue: one round trip to start (is the job cancelled?), one to hand over."""
 
-    async def is_cancelled(self, job_id: str) -> bool: ...
+    async def is_cancelled(self, job_id: str, epoch: int) -> bool: ...
 
     async def hand_over(
-        self, job_id: str, event_lines: list[str], tasks: list[StepTask], answered: list[str]
-    ) -> None:
+        self, job_id: str, epoch: int, event_lines: list[str], tasks: list[StepTask], answered: list[str]
+    ) -> bool:
         """Publish the step's events, enqueue what follows (unless the job is cancelled, or the task is
-        live already), and forget the step's journaled answers, all at once."""
+        live already), and forget the step's journaled answers, all at once. True: refused as cancelled."""
 
     async def save_answer(self, key: str, data: bytes) -> None: ...
 
@@ -75,18 +70,20 @@ class LocalQueue:
     def __init__(self) -> None:
         self.pending: deque[StepTask] = deque()
         self.answers: dict[str, bytes] = {}
-        self.cancelled: set[str] = set()
+        self.cancelled: dict[str, int] = {}  # job id -> when it was cancelled (ms)
 
-    async def is_cancelled(self, job_id: str) -> bool:
-        return job_id in self.cancelled
+    async def is_cancelled(self, job_id: str, epoch: int) -> bool:
+        return self.cancelled.get(job_id, -1) >= epoch
 
     async def hand_over(
-        self, job_id: str, event_lines: list[str], tasks: list[StepTask], answered: list[str]
-    ) -> None:
-        if job_id not in self.cancelled:
+        self, job_id: str, epoch: int, event_lines: list[str], tasks: list[StepTask], answered: list[str]
+    ) -> bool:
+        cancelled = await self.is_cancelled(job_id, epoch)
+        if not cancelled:
             self.pending.extend(tasks)
         for key in answered:
             self.answers.pop(key, None)
+        return cancelled and bool(tasks)
 
     async def save_answer(self, key: str, data: bytes) -> None:
         self.answers[key] = data
@@ -211,10 +208,20 @@ class Runtime:
         done = store.load_checkpoint(task.job_id, checkpoint_id(task.run_id, task.step_number))
         if done is not None:
             log.info("step %s of run %s already done; handing on", task.step_number, task.run_id)
-            await self.queue.hand_over(task.job_id, [], self.hand_on(setting, done), [])
+            tasks = self.hand_on(setting, done, record=False)
+            # the attempt that finished the step may have died before the job record: catch it up, unless
+            # what follows the step has run already (then the record is past this step, or moved on)
+            if tasks or (done.delegated_by is None and done.status != "proceeding"):
+                self._record(setting, done, catch_up=True)
+            if await self.queue.hand_over(task.job_id, setting.epoch, [], tasks, []):
+                self._settle_cancel(setting)
             return done
-        if await self.queue.is_cancelled(task.job_id):
+        if await self.queue.is_cancelled(task.job_id, setting.epoch):
             log.info("job %s is cancelled; step %s not run", task.job_id, task.step_number)
+            previous = self.checkpoint(task.job_id, checkpoint_id(task.run_id, task.step_number - 1))
+            if previous is not None:  # progress is recorded lazily: the record must show where it stopped
+                self._record(setting, previous, catch_up=True)
+            self._settle_cancel(setting)
             return None
 
         start, begins_run = self._starting_point(task)
@@ -248,12 +255,13 @@ class Runtime:
             end = runner.fail(start, RunError(name=type(e).__name__, message=str(e)))
         else:
             end = await runner.run(start, begins_run=begins_run)
-        end.todos = tool_context.todos or None
         lines = [e.to_json() for e in runner.events]
         store.append_event_lines(task.job_id, task.run_id, lines)
         store.save_checkpoint(end)
         self.remember(end)
-        await self.queue.hand_over(task.job_id, lines, self.hand_on(setting, end), journal.keys)
+        await self.queue.hand_over(
+            task.job_id, setting.epoch, lines, self.hand_on(setting, end), journal.keys
+        )
         return end
 
     def _starting_point(self, task: StepTask) -> tuple[Checkpoint, bool]:
@@ -269,20 +277,46 @@ class Runtime:
             raise LookupError(f"run {task.run_id} has no checkpoint to start step {task.step_number} from")
         return initial, True
 
+    def _settle_cancel(self, setting: RunSetting) -> None:
+        """The queue refused this submission's next step: its job was cancelled. The record says so, even
+        if a step's write crossed `perq cancel`'s, unless a later submission has taken the job over."""
+        job = self.store.load_job(setting.job_id)
+        if job is not None and job.epoch == setting.epoch and job.status in ("queued", "running"):
+            job.status = "cancelled"
+            job.finished_at = job.finished_at or now_ms()
+            self.store.save_job(job)
+
+    def fail_job(self, task: StepTask, error: Exception) -> None:
+        """A step that keeps failing outside the loop (store damage, a missing file): stop the job, saying
+        why, rather than leave it `running` with nothing queued. Best effort: the store may be the cause."""
+        try:
+            job = self.store.load_job(task.job_id)
+            if job is not None and job.status in ("queued", "running"):
+                job.status = "stoppedByError"
+                job.error = RunError(name=type(error).__name__, message=f"step {task.step_number}: {error}")
+                job.finished_at = now_ms()
+                self.store.save_job(job)
+        except Exception:
+            log.exception("could not record the failure of job %s", task.job_id)
+
     # --- handing on ---------------------------------------------------------------------------------
 
-    def hand_on(self, setting: RunSetting, end: Checkpoint) -> list[StepTask]:
+    def hand_on(self, setting: RunSetting, end: Checkpoint, *, record: bool = True) -> list[StepTask]:
         """Record the step's end and prepare what follows it; return the steps to enqueue."""
-        self._record(setting, end)
+        if record:
+            self._record(setting, end)
         status = end.status
         if status == "proceeding":
             return self.next_step(end.job_id, end.run_id, end.step_number + 1)
         if status == "stoppedByDelegate":
             return self._start_delegates(setting, end)
         if end.delegated_by is not None and status in ("completed", "stoppedByError"):
-            if setting.parallel_branch:
-                return self._fan_in(setting, end)
-            return self._return_to_parent(setting, end)
+            parent = self._parent_of(end)
+            # the parent's own delegation decides: a sequential delegate inside a parallel branch still
+            # returns to its parent directly, with cumulative usage (spec §3.5, §3.6)
+            if len(parent.delegate_to or []) > 1:
+                return self._fan_in(setting, end, parent)
+            return self._return_to_parent(setting, end, parent)
         return []
 
     def next_step(self, job_id: str, run_id: str, step_number: int) -> list[StepTask]:
@@ -291,18 +325,30 @@ class Runtime:
             return []
         return [StepTask(job_id=job_id, run_id=run_id, step_number=step_number)]
 
-    def _record(self, setting: RunSetting, end: Checkpoint) -> None:
+    def _record(self, setting: RunSetting, end: Checkpoint, *, catch_up: bool = False) -> None:
         """The job record follows the main chain: totals are assigned from its latest checkpoint (PR #83).
 
-        Runs of a parallel branch hold deltas and never write it (spec §9 #22). A step that only moves a
-        running job on rewrites the record at most every `record_interval_s`; every other step writes it.
+        Runs of a parallel branch hold deltas and never write the totals (spec §9 #22); only max steps,
+        which stops the whole job, is recorded from them. A step that only moves a running job on rewrites
+        the record at most every `record_interval_s`; every other step writes it. `catch_up` records a
+        step found finished again only when the record has not moved past it.
         """
-        if setting.parallel_branch:
-            return
         job = self.store.load_job(end.job_id)
         if job is None:
             raise LookupError(f"job {end.job_id} has no job record")
-        progress_only = job.status == "running" and end.status == "proceeding"
+        if catch_up and (
+            (job.status in FINAL_JOB_STATUSES and job.status != "cancelled")
+            or job.head_checkpoint_id == end.id
+        ):
+            return
+        if setting.parallel_branch:
+            if end.status == "stoppedByExceededMaxSteps" and job.status in ("queued", "running"):
+                job.status = "stoppedByMaxSteps"
+                job.total_steps = max(job.total_steps, end.step_number)
+                job.finished_at = now_ms()
+                self.store.save_job(job)
+            return
+        progress_only = job.status == "running" and end.status == "proceeding" and not catch_up
         now = time.monotonic()
         if progress_only and now - self._recorded_at.get(job.id, 0.0) < self.record_interval_s:
             return
@@ -316,7 +362,7 @@ class Runtime:
         if job.status == "cancelled":  # the step in flight when the job was cancelled still counts
             self.store.save_job(job)
             return
-        final = JOB_STATUS_OF.get(end.status)
+        final = JOB_STATUS_AFTER.get(end.status)
         if end.delegated_by is not None and end.status in ("completed", "stoppedByError"):
             final = None  # a delegate's end goes back to its parent, not to the job
         if final is None:
@@ -324,7 +370,7 @@ class Runtime:
             job.finished_at = None
             job.error = None
         else:
-            job.status = final  # type: ignore[assignment]
+            job.status = final
             job.error = end.error if final == "stoppedByError" else None
             if final != "stoppedByInteractiveTool":
                 job.finished_at = now_ms()
@@ -410,11 +456,10 @@ class Runtime:
             raise LookupError(f"parent checkpoint {end.delegated_by.checkpoint_id} not found")
         return parent
 
-    def _return_to_parent(self, setting: RunSetting, end: Checkpoint) -> list[StepTask]:
+    def _return_to_parent(self, setting: RunSetting, end: Checkpoint, parent: Checkpoint) -> list[StepTask]:
         """A sequential delegate finished (or failed): its parent resumes with the result (spec §3.5)."""
         by = end.delegated_by
         assert by is not None
-        parent = self._parent_of(end)
         answer = InteractiveToolCallResult(
             tool_call_id=by.tool_call_id,
             tool_name=by.tool_name,
@@ -432,7 +477,7 @@ class Runtime:
             parent_setting.parallel_branch,
         )
 
-    def _fan_in(self, setting: RunSetting, end: Checkpoint) -> list[StepTask]:
+    def _fan_in(self, setting: RunSetting, end: Checkpoint, parent: Checkpoint) -> list[StepTask]:
         """A parallel delegate finished: leave its result; whoever completes the set resumes the parent.
 
         Each child writes its own result file before it counts the others, so the last of them to finish
@@ -441,7 +486,6 @@ class Runtime:
         """
         by = end.delegated_by
         assert by is not None
-        parent = self._parent_of(end)
         result = {
             "toolCallId": by.tool_call_id,
             "toolName": by.tool_name,
@@ -455,7 +499,7 @@ class Runtime:
         results = self.store.load_fan_in_results(parent.job_id, parent.id)
         if len(results) < len(targets):
             return []
-        by_call = {json.loads(r)["toolCallId"]: json.loads(r) for r in results}
+        by_call = {r["toolCallId"]: r for r in map(json.loads, results)}
         ordered = [by_call[t.tool_call_id] for t in targets]
         usage = parent.usage
         for r in ordered:

@@ -1,0 +1,188 @@
+"""The worker's Runtime driven in-process (no Redis, no processes): hand-over rules that are hard to reach
+with real workers, such as a finished step run again, or delegates nested inside a parallel branch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from producer.api import RunRequest, plan_submission
+from shared.models import Job, Usage
+from shared.queue import StepTask
+from shared.store import JobStore
+from tests.conftest import script_toml
+from worker.runtime import LocalQueue, Runtime
+
+
+class Harness:
+    def __init__(self, root: Path, config: str, script: dict[str, list[dict[str, object]]]) -> None:
+        (root / "perstack.toml").write_text(config)
+        (root / "script.toml").write_text(script_toml(script))
+        self.root = root
+        self.store = JobStore.open(str(root / "perstack"))
+        self.queue = LocalQueue()
+        self.runtime = Runtime(store=self.store, queue=self.queue)
+        self.ran: list[StepTask] = []
+
+    def submit(self, expert: str, query: str, **options: object) -> Job:
+        request = RunRequest(
+            expert_key=expert, query=query, provider="script", model="script.toml", cwd=self.root, **options
+        )  # type: ignore[arg-type]
+        plan = plan_submission(request, self.store)
+        self.store.save_run_setting(plan.setting)
+        self.store.save_initial_checkpoint(plan.initial)
+        self.store.save_job(plan.job, new=plan.new_job)
+        self.queue.pending.append(
+            StepTask(job_id=plan.job.id, run_id=plan.setting.run_id, step_number=plan.initial.step_number)
+        )
+        return plan.job
+
+    async def drain(self) -> None:
+        while self.queue.pending:
+            task = self.queue.pending.popleft()
+            self.ran.append(task)
+            await self.runtime.run_step(task)
+
+    def job(self, job_id: str) -> Job:
+        job = self.store.load_job(job_id)
+        assert job is not None
+        return job
+
+
+def u(i: int, o: int) -> dict[str, int]:
+    return {"inputTokens": i, "outputTokens": o}
+
+
+async def test_a_finished_step_run_again_does_not_roll_the_job_back(tmp_path: Path) -> None:
+    h = Harness(
+        tmp_path,
+        '[experts.e]\ninstruction = "x"\n',
+        {
+            "e": [
+                {"toolCalls": [{"toolName": "healthCheck"}]},
+                {"toolCalls": [{"toolName": "healthCheck"}]},
+                {"text": "done"},
+            ]
+        },
+    )
+    job = h.submit("e", "go")
+    await h.drain()
+    before = h.job(job.id)
+    assert before.status == "completed" and before.total_steps == 3
+    # a worker that died before arq knew the step had finished: the step is run again, much later
+    await h.runtime.run_step(h.ran[0], attempt=2)
+    await h.drain()
+    after = h.job(job.id)
+    assert after == before
+    assert not h.queue.pending
+
+
+async def test_a_sequential_delegate_inside_a_parallel_branch_counts_once(tmp_path: Path) -> None:
+    config = """
+[experts.coord]
+instruction = "x"
+delegates = ["alpha", "beta"]
+[experts.alpha]
+description = "a"
+instruction = "x"
+delegates = ["gamma"]
+[experts.beta]
+description = "b"
+instruction = "x"
+[experts.gamma]
+description = "g"
+instruction = "x"
+"""
+    h = Harness(
+        tmp_path,
+        config,
+        {
+            "coord": [
+                {
+                    "toolCalls": [
+                        {"toolName": "alpha", "args": {"query": "a"}},
+                        {"toolName": "beta", "args": {"query": "b"}},
+                    ],
+                    "usage": u(100_000, 1),
+                },
+                {"text": "all done", "usage": u(1, 1)},
+            ],
+            "alpha": [
+                {"toolCalls": [{"toolName": "gamma", "args": {"query": "g"}}], "usage": u(1_000, 1)},
+                {"text": "alpha done", "usage": u(10, 1)},
+            ],
+            "gamma": [{"text": "gamma done", "usage": u(100, 1)}],
+            "beta": [{"text": "beta done", "usage": u(10_000, 1)}],
+        },
+    )
+    job = h.submit("coord", "go")
+    await h.drain()
+    final = h.job(job.id)
+    assert final.status == "completed"
+    # every model answer counted exactly once: 100000 + 1000 + 100 + 10 + 10000 + 1
+    assert final.usage == Usage(input_tokens=111_111, output_tokens=6, total_tokens=111_117)
+
+
+async def test_a_parallel_delegate_at_max_steps_stops_the_job(tmp_path: Path) -> None:
+    config = """
+[experts.coord]
+instruction = "x"
+delegates = ["alpha", "beta"]
+[experts.alpha]
+description = "a"
+instruction = "x"
+[experts.beta]
+description = "b"
+instruction = "x"
+"""
+    h = Harness(
+        tmp_path,
+        config,
+        {
+            "coord": [
+                {
+                    "toolCalls": [
+                        {"toolName": "alpha", "args": {"query": "a"}},
+                        {"toolName": "beta", "args": {"query": "b"}},
+                    ]
+                },
+                {"text": "never"},
+            ],
+            "alpha": [{"toolCalls": [{"toolName": "healthCheck"}]}] * 5,
+            "beta": [{"text": "beta done"}],
+        },
+    )
+    job = h.submit("coord", "go", max_steps=3)
+    await h.drain()
+    final = h.job(job.id)
+    assert final.status == "stoppedByMaxSteps"
+    assert final.finished_at is not None
+
+
+async def test_cancel_stops_earlier_submissions_only(tmp_path: Path) -> None:
+    h = Harness(
+        tmp_path,
+        '[experts.e]\ninstruction = "x"\n',
+        {
+            "e": [
+                {"toolCalls": [{"toolName": "healthCheck"}]},
+                {"toolCalls": [{"toolName": "healthCheck"}]},
+                {"text": "done"},
+                {"text": "again"},
+            ]
+        },
+    )
+    job = h.submit("e", "go")
+    first = h.queue.pending.popleft()
+    await h.runtime.run_step(first)
+    # cancelled after step 1: the step queued next belongs to the cancelled submission and does not run
+    record = h.job(job.id)
+    record.status = "cancelled"
+    h.store.save_job(record)
+    h.queue.cancelled[job.id] = h.store.load_run_setting(job.id, first.run_id).epoch + 1  # type: ignore[union-attr]
+    await h.drain()
+    assert h.job(job.id).status == "cancelled" and h.job(job.id).total_steps == 1
+    # a continuation is a new submission: it runs although the cancel mark stays
+    h.submit("e", "carry on", continue_job=job.id)
+    h.queue.cancelled[job.id] -= 1  # the mark predates the continuation's epoch
+    await h.drain()
+    assert h.job(job.id).status == "completed"
