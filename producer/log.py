@@ -61,6 +61,8 @@ def parse_step_filter(text: str) -> StepFilter:
     """`N`, `>N`, `>=N`, `<N`, `<=N` or `A-B` (inclusive)."""
     s = text.strip()
     if m := _RANGE_RE.match(s):
+        if int(m[1]) > int(m[2]):
+            raise LogError(f"Invalid step filter: {text} (a range runs from the lower step to the higher)")
         return StepFilter("range", int(m[1]), int(m[2]))
     if m := _STEP_RE.match(s):
         return StepFilter(m[1] or "==", int(m[2]))
@@ -104,6 +106,8 @@ def _parse_path(path: str) -> tuple[str, ...]:
     for chunk in re.split(r"(\[\])", path):
         if chunk == _WILDCARD:
             parts.append(_WILDCARD)
+        elif "[" in chunk or "]" in chunk:  # only the whole-array wildcard `[]` is a bracket here
+            raise LogError(f"Invalid filter path: .{path} (use `[]` for every element of an array)")
         else:
             parts.extend(p for p in chunk.split(".") if p)
     return tuple(parts)
@@ -296,7 +300,10 @@ def select(store: JobStore, selection: LogSelection, filters: LogFilters) -> Log
             raise CheckpointNotFound(f"checkpoint not found: {cp_id}")
         events = run_events(store, job.id, checkpoint.run_id, problems)
     elif selection.run is not None:
-        events = run_events(store, job.id, check_id(selection.run, "run id"), problems)
+        run_id = check_id(selection.run, "run id")
+        if run_id not in run_ids(store, job.id):
+            return None  # an unknown run has no data, as in Perstack
+        events = run_events(store, job.id, run_id, problems)
     else:
         events = job_events(store, job.id, problems)
         if selection.job is not None:

@@ -87,7 +87,7 @@ def test_step_filter_forms(text: str, steps: list[int]) -> None:
     assert sorted({e.step_number for e in got if e.step_number is not None}) == steps
 
 
-@pytest.mark.parametrize("text", ["", "x", "=3", ">>3", "1-", "-2", "3.5", "1-2-3"])
+@pytest.mark.parametrize("text", ["", "x", "=3", ">>3", "1-", "-2", "3.5", "1-2-3", "5-2"])
 def test_step_filter_rejects_garbage(text: str) -> None:
     with pytest.raises(LogError, match="Invalid step filter"):
         parse_step_filter(text)
@@ -152,6 +152,12 @@ def test_filter_expressions(expression: str, expected: list[str]) -> None:
 @pytest.mark.parametrize("expression", ["type == x", ".type", ".type ==", ". == 1", ".type ~ 1", ".1a == 2"])
 def test_filter_expression_rejects_garbage(expression: str) -> None:
     with pytest.raises(LogError, match="Invalid filter expression"):
+        parse_condition(expression)
+
+
+@pytest.mark.parametrize("expression", [".x[ == 1", ".a]b == 1", ".a[0] == 1"])
+def test_filter_paths_allow_only_the_array_wildcard(expression: str) -> None:
+    with pytest.raises(LogError, match="Invalid filter path"):
         parse_condition(expression)
 
 
@@ -317,6 +323,7 @@ def test_nothing_found(tmp_path: Path) -> None:
     ):
         assert select(empty, selection, LogFilters(errors=True)) is None
     assert select(make_store(tmp_path), LogSelection(job="other"), LogFilters()) is None
+    assert select(make_store(tmp_path), LogSelection(run="no-such-run"), LogFilters()) is None
 
 
 def test_job_without_record_is_made_up_from_checkpoints(tmp_path: Path) -> None:
