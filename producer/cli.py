@@ -228,15 +228,17 @@ app.command(name="log")(_log)
 
 def main() -> None:
     """The console script: whatever escapes a command becomes one line on stderr, never a traceback."""
-    from pydantic import ValidationError
-
     try:
         app()
-    except ValidationError as e:  # PERQ_* settings that do not parse
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        print(f"perq: invalid setting PERQ_{where.upper()}: {first['msg']}", file=sys.stderr)
-        raise SystemExit(EXIT_BAD_INPUT) from None
     except (OSError, RuntimeError) as e:
         print(f"perq: {e}", file=sys.stderr)
         raise SystemExit(1) from None
+    except Exception as e:
+        from pydantic import ValidationError  # imported only here: `perq --help` must not pay for it
+
+        if not isinstance(e, ValidationError):
+            raise
+        first = e.errors()[0]  # PERQ_* settings that do not parse
+        where = ".".join(str(p) for p in first["loc"])
+        print(f"perq: invalid setting PERQ_{where.upper()}: {first['msg']}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT) from None

@@ -271,3 +271,23 @@ async def test_empty_answer_is_retried(tmp_path: Path) -> None:
     end, _runner = await run_one_step(tmp_path, [GenerationResult(text="  ")])
     assert end.retry_count == 1
     assert end.messages[-1].type == "userMessage" and end.messages[-1].retry  # type: ignore[union-attr]
+
+
+def test_perq_help_imports_no_heavy_module() -> None:
+    """`perq --help` must feel instant: no model SDK, MCP, pydantic, arq or worker module on that path."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "sys.argv = ['perq', '--help']\n"
+        "from producer.cli import main\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "heavy = ('pydantic', 'pydantic_ai', 'anthropic', 'openai', 'mcp', 'arq', 'redis', 'worker')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
