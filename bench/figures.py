@@ -25,7 +25,7 @@ from bench.common import (
 )
 from producer.api import Client, RunRequest, plan_submission
 from shared.models import Event, Job, Usage, new_id, now_ms
-from shared.queue import StepTask, serialize
+from shared.queue import StepTask, serialize, step_job_id
 from shared.store import JobStore
 
 Figure = Callable[[Bench], list[Row]]
@@ -134,7 +134,7 @@ def _arq_throughput(bench: Bench) -> tuple[float, float]:
         for _ in range(THROUGHPUT_JOBS):
             # the same payload shape and id length as perq's step tasks
             task = StepTask(job_id=new_id(), run_id=new_id(), step_number=1)
-            await pool.enqueue_job(TASK, task.to_dict(), _job_id=f"perq:{task.run_id}:1")
+            await pool.enqueue_job(TASK, task.to_dict(), _job_id=step_job_id(task))
         elapsed = time.perf_counter() - t0
         await pool.aclose()
         return THROUGHPUT_JOBS / elapsed

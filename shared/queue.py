@@ -23,12 +23,17 @@ class StepTask(PerqModel):
     step_number: int
 
 
+STEP_ID_PREFIX = "perq:"
+CANCEL_PREFIX = "perq:cancel:"
+
+
 def step_job_id(task: StepTask) -> str:
-    return f"perq:{task.run_id}:{task.step_number}"
+    """The arq id of a step: `perq:{jobId}:{runId}:{step}` (the pick-up script reads the job id from it)."""
+    return f"{STEP_ID_PREFIX}{task.job_id}:{task.run_id}:{task.step_number}"
 
 
 def cancel_key(job_id: str) -> str:
-    return f"perq:cancel:{job_id}"
+    return f"{CANCEL_PREFIX}{job_id}"
 
 
 def events_channel(job_id: str) -> str:

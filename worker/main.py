@@ -24,12 +24,20 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.config import Settings
-from shared.queue import STEP_TASK, PayloadError, StepTask, deserialize, serialize
+from shared.queue import (
+    CANCEL_PREFIX,
+    STEP_ID_PREFIX,
+    STEP_TASK,
+    PayloadError,
+    StepTask,
+    deserialize,
+    serialize,
+)
 from shared.store import JobStore
 from worker.heartbeat import heartbeat
 from worker.loop import StepInterrupted
 from worker.redis_queue import RedisStepQueue
-from worker.runtime import Runtime
+from worker.runtime import UNKNOWN, Runtime
 
 log = logging.getLogger("perq.worker")
 REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError)
@@ -37,14 +45,17 @@ REDIS_DOWN = (*REDIS_ERRORS, OSError)  # in the poll loop, socket errors mean th
 PICK_UP = """
 local taken = {}
 local room = tonumber(ARGV[3])
-for i = 4, #ARGV do
-  if #taken >= 2 * room then break end
+for i = 5, #ARGV do
+  if #taken >= 3 * room then break end
   local id = ARGV[i]
   local score = redis.call('zscore', KEYS[1], id)
   if score and tonumber(score) <= tonumber(ARGV[1]) and redis.call('exists', KEYS[2] .. id) == 0 then
     redis.call('psetex', KEYS[2] .. id, ARGV[2], '1')
+    local job = string.match(id, '^' .. ARGV[4] .. '([^:]+):')
+    local mark = job and redis.call('get', KEYS[3] .. job) or ''
     taken[#taken + 1] = id
     taken[#taken + 1] = score
+    taken[#taken + 1] = mark
   end
 end
 return taken
@@ -65,7 +76,8 @@ async def step(ctx: dict[str, Any], payload: Any) -> None:
         raise PayloadError(f"invalid step payload: {e}") from e
     runtime: Runtime = ctx["perq"]
     try:
-        await runtime.run_step(task, attempt=ctx.get("job_try", 1))
+        known = runtime.cancel_marks.pop(ctx.get("job_id", ""), UNKNOWN)
+        await runtime.run_step(task, attempt=ctx.get("job_try", 1), cancel_mark=known)
     except (*REDIS_ERRORS, StepInterrupted) as e:
         # the step's checkpoint may be written already; running it again is safe and hands the job on
         log.warning(
@@ -195,19 +207,16 @@ class PerqWorker(Worker):
         if room <= 0 or not candidates:
             return
         lease_ms = int(self.in_progress_timeout_s * 1000)
-        args = [
-            self.queue_name,
-            in_progress_key_prefix,
-            str(timestamp_ms()),
-            str(lease_ms),
-            str(room),
-            *candidates,
-        ]
-        taken: list[bytes] = await self.pool.eval(PICK_UP, 2, *args)  # type: ignore[misc]
-        for job_id_b, score in zip(taken[::2], taken[1::2], strict=True):
+        keys = [self.queue_name, in_progress_key_prefix, CANCEL_PREFIX]
+        args = [str(timestamp_ms()), str(lease_ms), str(room), STEP_ID_PREFIX, *candidates]
+        taken: list[bytes] = await self.pool.eval(PICK_UP, 3, *keys, *args)  # type: ignore[misc]
+        runtime: Runtime = self.ctx["perq"]
+        for job_id_b, score, mark in zip(taken[::3], taken[1::3], taken[2::3], strict=True):
+            job_id = job_id_b.decode()
+            # the job's cancel mark, read in the same round trip: the step need not ask again
+            runtime.cancel_marks[job_id] = int(mark) if mark else None
             await self.sem.acquire()
             self.job_counter += 1
-            job_id = job_id_b.decode()
             task = self.loop.create_task(self.run_job(job_id, int(float(score))))
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
             self.tasks[job_id] = task

@@ -11,6 +11,7 @@ so an attempt that dies anywhere can simply be run again.
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import time
@@ -92,6 +93,15 @@ class LocalQueue:
         return self.answers.get(key)
 
 
+class Unknown(enum.Enum):
+    """Nothing was read ahead: the step asks the queue itself."""
+
+    TOKEN = 0
+
+
+UNKNOWN = Unknown.TOKEN
+
+
 def answer_key(run_id: str, step_number: int, n: int) -> str:
     return f"perq:answer:{run_id}:{step_number}:{n}"
 
@@ -169,6 +179,8 @@ class Runtime:
     _checkpoints: OrderedDict[str, Checkpoint] = field(default_factory=OrderedDict)
     _recorded_at: dict[str, float] = field(default_factory=dict)
     _models: dict[tuple[str, str], ModelClient] = field(default_factory=dict)
+    # cancel marks read with each step at pick-up, by arq id, until the step starts
+    cancel_marks: dict[str, int | None] = field(default_factory=dict)
 
     # --- caches -------------------------------------------------------------------------------------
 
@@ -202,7 +214,10 @@ class Runtime:
 
     # --- one step -----------------------------------------------------------------------------------
 
-    async def run_step(self, task: StepTask, *, attempt: int = 1) -> Checkpoint | None:
+    async def run_step(
+        self, task: StepTask, *, attempt: int = 1, cancel_mark: int | Unknown | None = UNKNOWN
+    ) -> Checkpoint | None:
+        """Run one step. `cancel_mark`: the job's cancel mark when the worker read it at pick-up."""
         store = self.store
         setting = self.run_setting(task.job_id, task.run_id)
         done = store.load_checkpoint(task.job_id, checkpoint_id(task.run_id, task.step_number))
@@ -216,7 +231,11 @@ class Runtime:
             if await self.queue.hand_over(task.job_id, setting.epoch, [], tasks, []):
                 self._settle_cancel(setting)
             return done
-        if await self.queue.is_cancelled(task.job_id, setting.epoch):
+        if cancel_mark is UNKNOWN:
+            cancelled = await self.queue.is_cancelled(task.job_id, setting.epoch)
+        else:
+            cancelled = cancel_mark is not None and cancel_mark >= setting.epoch
+        if cancelled:
             log.info("job %s is cancelled; step %s not run", task.job_id, task.step_number)
             previous = self.checkpoint(task.job_id, checkpoint_id(task.run_id, task.step_number - 1))
             if previous is not None:  # progress is recorded lazily: the record must show where it stopped
