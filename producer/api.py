@@ -29,7 +29,6 @@ from shared.config import (
 from shared.models import (
     Checkpoint,
     Expert,
-    ExpertRef,
     InteractiveToolCallResult,
     Job,
     ProviderConfig,
@@ -295,7 +294,7 @@ def _initial_checkpoint(setting: RunSetting, expert: Expert, start: Checkpoint |
             run_id=setting.run_id,
             status="init",
             step_number=1,
-            expert=ExpertRef(key=expert.key, name=expert.name, version=expert.version),
+            expert=expert.ref(),
             context_window_usage=0.0,
         )
     step = start.step_number + 1

@@ -21,6 +21,7 @@ from rich.text import Text
 from producer.follow import EXIT_CODES, Progress, segment_start, wait_for_job
 from producer.log import LogFilters, find_job, job_events, latest_job
 from producer.logview import console, print_event, status_style
+from producer.render import error_line
 from shared.config import Settings
 from shared.models import FINAL_JOB_STATUSES, Event, check_id
 from shared.queue import events_channel
@@ -50,16 +51,16 @@ async def _follow(
         else:
             record = latest_job(store)
             if record is None:
-                return _error("no job to follow: the store has no jobs (name one with --job)", 2)
+                return error_line("no job to follow: the store has no jobs (name one with --job)", 2)
             job_id = record.id
     except (ValueError, StoreError) as e:
-        return _error(str(e), 2)
+        return error_line(str(e), 2)
     if record is None:
         print(f"perq: job {job_id} is not in this store; following its events in Redis", file=sys.stderr)
     try:
         redis = await _create_pool_quiet(Settings())
     except QueueUnavailable as e:
-        return _error(str(e), 1)
+        return error_line(str(e), 1)
 
     out = console()
     progress = Progress()
@@ -135,8 +136,3 @@ def progress_line(out: Console, err: Console, text: str) -> Iterator[Callable[[s
         refresh_per_second=8,
     ):
         yield lambda line: spinner.update(text=line)
-
-
-def _error(message: str, code: int) -> int:
-    print(f"perq: {message}", file=sys.stderr)
-    return code

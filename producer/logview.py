@@ -7,14 +7,13 @@ events the same way as they happen.
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from typing import Any
 
 from rich.console import Console
 from rich.text import Text
 
 from producer.log import DELEGATION_TYPES, ERROR_TYPES, TOOL_TYPES, LogOutput
-from producer.render import STATUS_STYLE
+from producer.render import STATUS_STYLE, clock, timestamp
 from shared.models import Checkpoint, Event, Job
 
 RULE = "─" * 50
@@ -178,14 +177,6 @@ def first_text(contents: Any) -> str:
 
 def preview(text: str, width: int) -> str:
     return text if len(text) <= width else text[:width] + "..."
-
-
-def timestamp(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def clock(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000).strftime("%H:%M:%S")
 
 
 def status_style(status: str) -> str:

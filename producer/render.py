@@ -28,17 +28,23 @@ STATUS_STYLE = {
 }
 
 
-def _time(ms: int | None) -> str:
+def timestamp(ms: int | None) -> str:
     return datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S") if ms else "-"
 
 
-def _clock(ms: int) -> str:
+def clock(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000).strftime("%H:%M:%S")
+
+
+def error_line(message: str, code: int) -> int:
+    """Say what went wrong in one line on stderr; return the exit code for the caller to exit with."""
+    print(f"perq: {message}", file=sys.stderr)
+    return code
 
 
 def job_line(job: Job) -> str:
     """Perstack's job line: `expertKey - N steps (jobId) (startedAt)`."""
-    return f"{job.coordinator_expert_key} - {job.total_steps} steps ({job.id}) ({_time(job.started_at)})"
+    return f"{job.coordinator_expert_key} - {job.total_steps} steps ({job.id}) ({timestamp(job.started_at)})"
 
 
 def checkpoint_line(cp: Checkpoint) -> str:
@@ -111,7 +117,7 @@ def job_detail(job: Job, checkpoints: list[Checkpoint], problems: list[str], *, 
         f"  usage: input {u.input_tokens}, output {u.output_tokens}, reasoning {u.reasoning_tokens}, "
         f"cached input {u.cached_input_tokens}"
     )
-    out.print(f"  started {_time(job.started_at)}, finished {_time(job.finished_at)}")
+    out.print(f"  started {timestamp(job.started_at)}, finished {timestamp(job.finished_at)}")
     if job.error:
         out.print(f"  [red]error: {job.error.name}: {job.error.message}[/red]")
     if waiting and head:
@@ -145,7 +151,7 @@ async def follow_with_progress(
             spinner.update(progress.line())
             if event.type in SHOWN_EVENTS:
                 err.print(
-                    f"[dim]{_clock(event.timestamp)} step {event.step_number}[/dim] "
+                    f"[dim]{clock(event.timestamp)} step {event.step_number}[/dim] "
                     f"{event.expert_key}: {event.type}{escape(_detail(event))}"
                 )
 

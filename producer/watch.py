@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -19,7 +18,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from producer.render import STATUS_STYLE
+from producer.render import STATUS_STYLE, error_line
 from shared.config import Settings
 from shared.models import Job, check_id
 from shared.store import JobStore, Listing, StoreError
@@ -30,7 +29,7 @@ REFRESH_S = 1.0
 def status_view(job_id: str | None, *, limit: int, queue: bool, watch: bool, json_output: bool) -> int:
     """The exit code of `perq status` with --queue and/or --watch."""
     if watch and json_output:
-        return _error("--watch keeps a table on the terminal; use --json without --watch", 2)
+        return error_line("--watch keeps a table on the terminal; use --json without --watch", 2)
     settings = Settings()
     # Ctrl-C ends a live view even when this process was started with SIGINT ignored (`cmd &` in a script)
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -41,12 +40,12 @@ def status_view(job_id: str | None, *, limit: int, queue: bool, watch: bool, jso
         if job_id is not None:
             job_id = check_id(job_id, "job id")
             if store.load_job(job_id) is None:
-                return _error(f"job {job_id} not found", 2)
+                return error_line(f"job {job_id} not found", 2)
             one: str = job_id
             return keep_current(lambda: job_view(store, one))
         return keep_current(lambda: jobs_view(store.list_jobs(limit=limit or None)))
     except (ValueError, StoreError) as e:
-        return _error(str(e), 2)
+        return error_line(str(e), 2)
     except KeyboardInterrupt:
         return 0
 
@@ -78,7 +77,7 @@ async def _queue(settings: Settings, *, watch: bool, json_output: bool) -> int:
     try:
         redis = await _create_pool_quiet(settings)
     except QueueUnavailable as e:
-        return _error(str(e), 1)
+        return error_line(str(e), 1)
     try:
         if json_output:
             print(json.dumps((await queue_stats(redis, settings.queue)).to_dict(), indent=2))
@@ -156,8 +155,3 @@ def _titled(title: str, body: RenderableType, live: bool) -> RenderableType:
 
 def _time(ms: int | None) -> str:
     return datetime.fromtimestamp(ms / 1000).strftime("%m-%d %H:%M:%S") if ms else "-"
-
-
-def _error(message: str, code: int) -> int:
-    print(f"perq: {message}", file=sys.stderr)
-    return code

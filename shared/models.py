@@ -326,6 +326,10 @@ class Expert(PerqModel):
     delegates: list[str] = Field(default_factory=list)
     tags: list[str] = Field(default_factory=list)
 
+    def ref(self) -> ExpertRef:
+        """How checkpoints and delegation targets name this expert."""
+        return ExpertRef(key=self.key, name=self.name, version=self.version)
+
 
 class ExpertRef(PerqModel):
     key: str

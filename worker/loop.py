@@ -21,7 +21,6 @@ from shared.models import (
     EventType,
     Expert,
     ExpertMessage,
-    ExpertRef,
     Message,
     RunError,
     RunSetting,
@@ -39,13 +38,9 @@ from shared.models import (
 )
 from worker.instruction import build_instruction
 from worker.llm import GenerationError, GenerationRequest, GenerationResult, ModelClient
-from worker.skills import SkillSet
+from worker.skills import SkillSet, error_result, text_result
 
 KIND_ORDER = {"mcp": 0, "delegate": 1, "interactive": 2}
-
-
-def expert_ref(expert: Expert) -> ExpertRef:
-    return ExpertRef(key=expert.key, name=expert.name, version=expert.version)
 
 
 def tool_message(results: list[ToolResult]) -> ToolMessage:
@@ -148,11 +143,9 @@ class StepRunner:
             answer = given.interactive_tool_call_result
             if answer is None:
                 raise ValueError("Interactive tool call result is undefined")
-            result = ToolResult(
-                id=answer.tool_call_id,
-                skill_name=answer.skill_name,
-                tool_name=answer.tool_name,
-                result=[TextPart(text=answer.text)],
+            result = text_result(
+                ToolCall(id=answer.tool_call_id, skill_name=answer.skill_name, tool_name=answer.tool_name),
+                answer.text,
             )
             answered = {answer.tool_call_id} | {r.id for r in given.extra_tool_results or []}
             partial = [*(self.cp.partial_tool_results or []), result, *(given.extra_tool_results or [])]
@@ -288,16 +281,7 @@ class StepRunner:
             if self._retries_exhausted():
                 return self._stop_by_error(RunError(name="MaxRetriesExceeded", message=reason))
             synthetic = self._expert_message(GenerationResult(), with_calls=[first])
-            answer = tool_message(
-                [
-                    ToolResult(
-                        id=first.id,
-                        skill_name=first.skill_name,
-                        tool_name=first.tool_name,
-                        result=[TextPart(text=reason)],
-                    )
-                ]
-            )
+            answer = tool_message([text_result(first, reason)])
             return self._retry(reason, [synthetic, answer], result.usage)
         if result.finish_reason not in ("tool-calls", "stop"):
             return self._stop_by_error(
@@ -365,24 +349,8 @@ class StepRunner:
 
     def _skipped(self, calls: list[ToolCall]) -> list[ToolResult]:
         """Perstack leaves calls beside attemptCompletion unanswered (spec §9 #17); perq answers them."""
-        return [
-            ToolResult(
-                id=c.id,
-                skill_name=c.skill_name,
-                tool_name=c.tool_name,
-                result=[
-                    TextPart(
-                        text=json.dumps(
-                            {
-                                "error": "Skipped",
-                                "message": "not run: attemptCompletion was called in the same response",
-                            }
-                        )
-                    )
-                ],
-            )
-            for c in calls
-        ]
+        message = "not run: attemptCompletion was called in the same response"
+        return [error_result(c, "Skipped", message) for c in calls]
 
     async def _attempt_completion(self, call: ToolCall, others: list[ToolCall]) -> Checkpoint:
         result = await self.skills.call(call)
@@ -452,7 +420,7 @@ class StepRunner:
             query = call.args.get("query")
             targets.append(
                 DelegationTarget(
-                    expert=expert_ref(expert),
+                    expert=expert.ref(),
                     tool_call_id=call.id,
                     tool_name=call.tool_name,
                     query=query if isinstance(query, str) else json.dumps(call.args),

@@ -33,11 +33,11 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
-from shared.models import FileInlinePart, ImageInlinePart, TextPart, Todo, ToolDefinition
+from shared.models import BASE_SKILL_NAME, FileInlinePart, ImageInlinePart, TextPart, Todo, ToolDefinition
 from worker.envfilter import filtered_env
 from worker.tools.paths import PathDenied, is_symlink, reserved_entries, resolve_in_workspace
 
-BASE_SKILL = "@perstack/base"
+BASE_SKILL = BASE_SKILL_NAME  # what perstack.toml calls the in-process tools
 
 MIB = 1024 * 1024
 IMAGE_MAX_BYTES = 15 * MIB
