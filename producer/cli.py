@@ -177,7 +177,7 @@ def status(
     if job is None:
         fail(f"job {job_id} not found", EXIT_BAD_INPUT)
     assert job is not None
-    checkpoints, problems = store.list_checkpoints(job.id)
+    checkpoints, problems = store.list_checkpoints(job.id, messages=False)
     render.job_detail(job, checkpoints, problems, json_output=json_output)
 
 

@@ -343,7 +343,7 @@ def latest_job(store: JobStore) -> Job | None:
 
 def _synthesized_job(store: JobStore, job_id: str) -> Job | None:
     try:
-        checkpoints, _ = store.list_checkpoints(job_id)
+        checkpoints, _ = store.list_checkpoints(job_id, messages=False)
     except ValueError:
         return None
     if not checkpoints:
@@ -372,7 +372,7 @@ def run_ids(store: JobStore, job_id: str) -> list[str]:
     runs = store.list_runs(job_id)
     if runs:
         return runs
-    checkpoints, _ = store.list_checkpoints(job_id)
+    checkpoints, _ = store.list_checkpoints(job_id, messages=False)
     return list(dict.fromkeys(c.run_id for c in checkpoints))
 
 

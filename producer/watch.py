@@ -122,7 +122,7 @@ def job_view(store: JobStore, job_id: str) -> RenderableType:
         return Text(f"job {job_id} not found")
     head = _jobs_table()
     head.add_row(*_job_row(job))
-    checkpoints, _ = store.list_checkpoints(job_id)
+    checkpoints, _ = store.list_checkpoints(job_id, messages=False)
     steps = Table(box=None, header_style="bold")
     for column in ("step", "checkpoint", "status", "expert"):
         steps.add_column(column)

@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     concurrency: int = Field(default=200, ge=1)
     # on SIGTERM, how long in-flight steps may run before they are handed back to the queue
     grace_seconds: float = Field(default=20.0, ge=0)
+    # fsync each store file before the name that publishes it, and its folder after: what a step committed
+    # survives a power loss or kernel crash (off: only for stores whose loss you accept, e.g. on tmpfs)
+    store_fsync: bool = True
 
 
 class ConfigError(Exception):

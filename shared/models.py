@@ -256,6 +256,24 @@ class ToolResult(PerqModel):
     result: list[MessagePart]
 
 
+# the parts of a tool result that a tool message carries to the model
+MESSAGE_PART_TYPES = ("textPart", "imageInlinePart", "fileInlinePart")
+
+
+def tool_message(results: list[ToolResult]) -> ToolMessage:
+    """One tool message answering every result; only text / inline image / inline file contents pass."""
+    return ToolMessage(
+        contents=[
+            ToolResultPart(
+                tool_call_id=r.id,
+                tool_name=r.tool_name,
+                contents=[p for p in r.result if p.type in MESSAGE_PART_TYPES],
+            )
+            for r in results
+        ]
+    )
+
+
 class ToolDefinition(PerqModel):
     """A tool as offered to the model: its bare name, description and JSON schema of its arguments."""
 
@@ -372,6 +390,16 @@ class RunError(PerqModel):
     is_retryable: bool = False
 
 
+class MessagesRef(PerqModel):
+    """Where a conversation is stored: the chunk `token` of run `run_id`'s message log and every chunk
+    before it (each chunk names the one it follows), `count` messages in all. A checkpoint file holds this
+    instead of its messages, so a message is written once however many checkpoints contain it."""
+
+    run_id: str
+    token: str
+    count: int
+
+
 class Checkpoint(PerqModel):
     id: str
     job_id: str
@@ -390,8 +418,14 @@ class Checkpoint(PerqModel):
     metadata: dict[str, Any] | None = None
     error: RunError | None = None
     retry_count: int | None = None
-    # perq: todos live in the checkpoint (spec §9 #23), so they survive a resume on another worker
+    # perq: todos live in the checkpoint, so they survive a resume on another worker
     todos: list[Todo] | None = None
+    # perq: where `messages` are stored (the file holds this instead of them); describes a prefix of
+    # `messages` whenever messages were appended since the checkpoint was loaded or saved
+    messages_ref: MessagesRef | None = None
+    # perq: the attempt that committed this checkpoint; the step's events carry the same token, so the
+    # events of an attempt that lost the commit (or died before it) are never read as the step's
+    commit: str | None = None
 
 
 # --- jobs (spec §1.8) ---------------------------------------------------------------------------------
@@ -539,6 +573,26 @@ EventType = Literal[
 ]
 
 
+# What an event leaves out of its line, because the store holds it once elsewhere. Perstack repeats the
+# whole conversation in every step's events, which makes a long job's events grow with the square of its
+# length. Here:
+# - a step-ending event names its checkpoint by id (the file is read back in its place when events are read);
+# - startRun's initial checkpoint leaves its messages out (the run's message log holds them);
+# - a step keeps its calls, usage and times: its messages and tool results are in the log and in the step's
+#   earlier events;
+# - finishToolCall's tool message is the one made of the resolveToolResults just before it in the same step:
+#   its parts keep their ids, and their contents (the same tool results) are filled in when read.
+_STORED_EXCLUDE: dict[str, Any] = {
+    "checkpoint": set(Checkpoint.model_fields) - {"id"},
+    "initial_checkpoint": {"messages"},
+    "initialCheckpoint": {"messages"},
+    "step": {"input_messages", "new_messages", "tool_results", "partial_tool_results"},
+}
+_DERIVED_EXCLUDE: dict[str, Any] = {
+    "finishToolCall": _STORED_EXCLUDE | {"newMessages": {"__all__": {"contents": {"__all__": {"contents"}}}}}
+}
+
+
 class Event(PerqModel):
     """One event of a run. The base fields are Perstack's; the payload keys depend on `type` (spec §1.13).
 
@@ -580,7 +634,8 @@ class Event(PerqModel):
             step_number=step_number,
             **payload,
         )
-        event._line = event.model_dump_json(by_alias=True, exclude_none=True)
+        exclude = _DERIVED_EXCLUDE.get(type_, _STORED_EXCLUDE)
+        event._line = event.model_dump_json(by_alias=True, exclude_none=True, exclude=exclude)
         return event
 
     def to_json(self) -> str:

@@ -8,12 +8,11 @@ Logs (keys ending in `.jsonl`, i.e. a run's events.jsonl) cannot be appended to 
 object on each step would cost O(size of the log) per step, and a run's events grow with its history. So a
 log is a folder of segments, `{key}.parts/{seq}-{a|w}-{token}.jsonl`, read back in order:
 
-- `append` PUTs one new segment (`a`) numbered after the last one. Only one task at a time advances a run
-  (the single-writer rule), so numbers do not collide; if that rule were ever broken, the random token still
-  keeps both writers' segments, in an arbitrary but stable order — nothing is lost.
-- `write` (rewriting a log, done when a crashed step's events are dropped) PUTs a segment marked `w` that
-  replaces everything before it, then deletes the older segments. Readers start from the last `w` segment.
-  A reader that listed a segment just deleted by such a rewrite finds it missing and reads again.
+- `append` PUTs one new segment (`a`) named by the step it belongs to, then the time and a random token:
+  segments sort in step order, and two attempts of one step never overwrite each other's (readers keep the
+  one that committed the step).
+- Logs are never rewritten. A `w` segment, which earlier versions wrote when they rewrote a log, replaces
+  everything before it; readers still start from the last one.
 - A plain object at the log's own key (a local store copied to S3 as is) is read as the log's start when
   no `w` segment supersedes it.
 
@@ -26,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import time
 from typing import Any
 
 LOG_SUFFIX = ".jsonl"
@@ -36,6 +36,8 @@ GLOB_CHARS = ("*", "?", "[", "]")
 
 class S3Backend:
     """A `Backend` on an S3 bucket: keys are object names under `prefix`."""
+
+    remote = True
 
     def __init__(self, bucket: str, prefix: str = "", fs: Any = None) -> None:
         self.bucket = bucket
@@ -98,17 +100,26 @@ class S3Backend:
         if not self._is_log(key):
             self.fs.pipe_file(self._path(key), data)
             return
-        parts = self._parts(key)
-        name = _segment_name(_next_seq(parts), "w")
-        self.fs.pipe_file(f"{self._path(key + PARTS_SUFFIX)}/{name}", data)
-        stale = [f"{self._path(key + PARTS_SUFFIX)}/{p}" for p in parts]
-        if stale:
-            self.fs.rm(stale)
+        raise ValueError(f"cannot rewrite {self.describe(key)}: the store's logs are append-only")
 
-    def append(self, key: str, data: bytes) -> None:
+    def create(self, key: str, data: bytes) -> bool:
+        """A conditional PUT (`If-None-Match: *`): S3 lets exactly one of two writers of a new name win."""
+        try:
+            self.fs.pipe_file(self._path(key), data, mode="create")
+        except FileExistsError:
+            return False
+        except OSError as e:  # s3fs names the refusal FileExistsError only when S3 says which condition
+            if "precondition" in str(e).lower():
+                return False
+            raise
+        return True
+
+    def append(self, key: str, data: bytes, order: int = 0) -> None:
+        """One new segment, named by `order` then the time: no listing, so an append costs one PUT however
+        long the log is (the store's logs are appended to in step order, one step at a time)."""
         if not self._is_log(key):
             raise ValueError(f"cannot append to {self.describe(key)}: only {LOG_SUFFIX} logs take appends")
-        name = _segment_name(_next_seq(self._parts(key)), "a")
+        name = f"{order:012d}-a-{time.time_ns():020d}{secrets.token_hex(4)}{LOG_SUFFIX}"
         self.fs.pipe_file(f"{self._path(key + PARTS_SUFFIX)}/{name}", data)
 
     def list(self, prefix: str) -> list[str]:
@@ -152,15 +163,6 @@ class S3Backend:
             chunks.extend(found[p] for p in paths)
             return b"".join(chunks)
         raise OSError(f"{self.describe(key)} kept changing while it was read")
-
-
-def _segment_name(seq: int, kind: str) -> str:
-    return f"{seq:012d}-{kind}-{secrets.token_hex(4)}{LOG_SUFFIX}"
-
-
-def _next_seq(parts: list[str]) -> int:
-    seqs = [int(p.split("-", 1)[0]) for p in parts if p.split("-", 1)[0].isdigit()]
-    return max(seqs, default=0) + 1
 
 
 def _kind(name: str) -> str:

@@ -1,33 +1,63 @@
-"""The job store: Perstack's on-disk layout (spec §5.1, after PR #83), written atomically.
+"""The job store: Perstack's on-disk layout, with each message stored once and one committer per step.
 
     jobs/{jobId}/job.json
-    jobs/{jobId}/checkpoints/{checkpointId}.json
+    jobs/{jobId}/checkpoints/{checkpointId}.json        every Perstack field but `messages`: a messagesRef
     jobs/{jobId}/runs/{runId}/run-setting.json
     jobs/{jobId}/runs/{runId}/initial-checkpoint.json   perq: where a run segment starts (startRun's)
-    jobs/{jobId}/runs/{runId}/events.jsonl              perq: one line per event (spec §9 #24)
+    jobs/{jobId}/runs/{runId}/messages.jsonl            perq: the run's messages, one chunk per step
+    jobs/{jobId}/runs/{runId}/events.jsonl              perq: one line per event, tagged with its attempt
     index/{inverted startedAt}-{jobId}                  perq: empty markers, newest job first by name
 
-The store is the truth about jobs; Redis only carries the work. Paths are built only from ids checked by
-`check_id`, so no id from a payload or the command line can leave the store.
+Why messages live apart from checkpoints: a checkpoint that repeats the whole conversation makes a job's
+bytes grow with the square of its length (a 200-step job that reads a 2 KB file per step left 165 MB for
+0.55 MB of conversation). Here a step appends only the messages it added, as one chunk that names the chunk
+it follows, and the checkpoint names its last chunk; a continuation or a branch names its base conversation
+the same way instead of copying it. Readers get whole checkpoints: `load_checkpoint` follows the chain.
+Checkpoints written with their messages inline (older perq, Perstack) load as they are.
+
+Why a step's commit is create-only: a worker can pause past its lease (GC, VM migration, SIGSTOP) and
+wake up still running a step that another worker has finished. The checkpoint file is the commit point and
+is created only if absent (a hard link locally, a conditional PUT on S3); the attempt that loses finds the
+winner's checkpoint and adopts it. The messages chunk and the events an attempt appends before its commit
+carry the attempt's token, and readers keep only the token the checkpoint names, so a losing or crashed
+attempt's writes are never read.
+
+Paths are built only from ids checked by `check_id`, so no id from a payload or the command line can leave
+the store.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import os
+import secrets
 import shutil
 import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
-from shared.models import Checkpoint, Event, Job, RunSetting, check_id, derived_id
+from shared.models import (
+    MESSAGE_PART_TYPES,
+    Checkpoint,
+    Event,
+    Job,
+    Message,
+    MessagesRef,
+    RunSetting,
+    check_id,
+    checkpoint_id,
+    derived_id,
+)
 
 T = TypeVar("T", Job, Checkpoint, RunSetting)
 _INDEX_BASE = 10**13  # startedAt in ms stays below this until the year 2286
+_MESSAGES = TypeAdapter(list[Message])
 
 
 class StoreError(Exception):
@@ -37,17 +67,27 @@ class StoreError(Exception):
 class Backend(Protocol):
     """Where the store's files live: keys are '/'-separated relative paths."""
 
+    remote: bool  # calls are network round trips: a worker runs them off its event loop
+
     def read(self, key: str) -> bytes | None: ...
-    def write(self, key: str, data: bytes) -> None: ...  # atomic: readers see old or new, never torn
-    def append(self, key: str, data: bytes) -> None: ...
+    def write(self, key: str, data: bytes) -> None: ...  # atomic and durable: old or new, never torn
+    def create(self, key: str, data: bytes) -> bool: ...  # like write, only if absent; False if it exists
+    # durable; `order` sorts the pieces of a log on stores that cannot append (the step number)
+    def append(self, key: str, data: bytes, order: int = 0) -> None: ...
     def list(self, prefix: str) -> list[str]: ...  # names directly under prefix
     def delete_tree(self, prefix: str) -> None: ...
     def describe(self, key: str) -> str: ...  # how to name the file to a person
 
 
 class LocalBackend:
-    def __init__(self, root: Path) -> None:
+    """Files on this machine. With `fsync` (the default) a file's data reaches the disk before the name
+    that publishes it, and the name before the call returns: what a step committed survives a power loss."""
+
+    remote = False
+
+    def __init__(self, root: Path, *, fsync: bool = True) -> None:
         self.root = root
+        self.fsync = fsync
 
     def _path(self, key: str) -> Path:
         return self.root / key
@@ -61,23 +101,59 @@ class LocalBackend:
         except (FileNotFoundError, NotADirectoryError):
             return None
 
-    def write(self, key: str, data: bytes) -> None:
-        path = self._path(key)
+    def _sync_dir(self, path: Path) -> None:
+        if self.fsync:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def _temp(self, path: Path, data: bytes) -> str:
+        """A temporary file beside `path` holding `data`, on the disk when fsync is on."""
         try:
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         except FileNotFoundError:  # the folder is new: make it then (a mkdir on every write costs a syscall)
             path.parent.mkdir(parents=True, exist_ok=True)
+            self._sync_dir(path.parent.parent)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
+            os.write(fd, data)
+            if self.fsync:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        os.close(fd)
+        return tmp
+
+    def write(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        tmp = self._temp(path, data)
+        try:
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+        self._sync_dir(path.parent)
 
-    def append(self, key: str, data: bytes) -> None:
+    def create(self, key: str, data: bytes) -> bool:
+        path = self._path(key)
+        tmp = self._temp(path, data)
+        try:
+            os.link(tmp, path)  # fails if the name exists: of two attempts, exactly one links
+        except FileExistsError:
+            return False
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        self._sync_dir(path.parent)
+        return True
+
+    def append(self, key: str, data: bytes, order: int = 0) -> None:
         path = self._path(key)
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
         # one write() of an O_APPEND file: lines of concurrent writers never interleave
@@ -85,9 +161,14 @@ class LocalBackend:
             fd = os.open(path, flags, 0o644)
         except FileNotFoundError:
             path.parent.mkdir(parents=True, exist_ok=True)
+            self._sync_dir(path.parent.parent)
             fd = os.open(path, flags, 0o644)
         try:
             os.write(fd, data)
+            if self.fsync:
+                os.fdatasync(fd)
+                if os.fstat(fd).st_size == len(data):  # this write made the file: its name must last too
+                    self._sync_dir(path.parent)
         finally:
             os.close(fd)
 
@@ -105,14 +186,30 @@ class LocalBackend:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
+    @contextlib.contextmanager
+    def locked(self, key: str) -> Iterator[None]:
+        """Hold an exclusive lock named by `key` (a dot file beside it) across processes of this machine."""
+        path = self._path(key)
+        lock = path.parent / f".{path.name}.lock"
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
-def open_backend(location: str) -> Backend:
+
+def open_backend(location: str, *, fsync: bool = True) -> Backend:
     """A store location: a local path (default ./perstack), or s3://bucket/prefix (shared/s3store.py)."""
     if location.startswith("s3://"):
         from shared.s3store import S3Backend  # s3fs is an optional extra, imported only when used
 
         return S3Backend.from_url(location)
-    return LocalBackend(Path(location).expanduser().resolve())
+    return LocalBackend(Path(location).expanduser().resolve(), fsync=fsync)
 
 
 @dataclass
@@ -122,13 +219,71 @@ class Listing:
     total: int
 
 
+@dataclass
+class _Chunk:
+    prev: MessagesRef | None
+    raw: list[Any]
+    messages: list[Message] | None = None  # validated on first use
+
+
+@dataclass
+class MessageReader:
+    """Resolves message refs, reading each run's log once however many checkpoints it serves."""
+
+    store: JobStore
+    job_id: str
+    _logs: dict[str, dict[str, _Chunk]] = field(default_factory=dict)
+    _resolved: dict[tuple[str, str], list[Message]] = field(default_factory=dict)
+
+    def _log(self, run_id: str) -> dict[str, _Chunk]:
+        log = self._logs.get(run_id)
+        if log is None:
+            log = self._logs[run_id] = {}
+            data = self.store.backend.read(f"{self.store._run(self.job_id, run_id)}/messages.jsonl")
+            for line in (data or b"").splitlines():
+                try:
+                    raw = json.loads(line)
+                    prev = MessagesRef.model_validate(raw["prev"]) if raw.get("prev") else None
+                    log[raw["token"]] = _Chunk(prev=prev, raw=raw["messages"])
+                except (ValueError, KeyError, TypeError, ValidationError):
+                    continue  # a torn last line (a crash mid-append): no checkpoint refers to it
+        return log
+
+    def messages(self, ref: MessagesRef | None) -> list[Message]:
+        """The conversation `ref` names, oldest message first."""
+        chain: list[tuple[tuple[str, str], _Chunk]] = []
+        base: list[Message] = []
+        while ref is not None:
+            key = (ref.run_id, ref.token)
+            if key in self._resolved:
+                base = self._resolved[key]
+                break
+            chunk = self._log(ref.run_id).get(ref.token)
+            if chunk is None:
+                where = self.store.backend.describe(
+                    f"{self.store._run(self.job_id, ref.run_id)}/messages.jsonl"
+                )
+                raise StoreError(f"damaged message log {where}: chunk {ref.token} is missing")
+            chain.append((key, chunk))
+            ref = chunk.prev
+        for key, chunk in reversed(chain):
+            if chunk.messages is None:
+                try:
+                    chunk.messages = _MESSAGES.validate_python(chunk.raw)
+                except ValidationError as e:
+                    raise StoreError(f"damaged message chunk {key[1]} of run {key[0]}: {e}") from e
+            base = [*base, *chunk.messages]
+            self._resolved[key] = base
+        return base
+
+
 class JobStore:
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
 
     @classmethod
-    def open(cls, location: str) -> JobStore:
-        return cls(open_backend(location))
+    def open(cls, location: str, *, fsync: bool = True) -> JobStore:
+        return cls(open_backend(location, fsync=fsync))
 
     @property
     def local_root(self) -> Path | None:
@@ -153,6 +308,9 @@ class JobStore:
         data = self.backend.read(key)
         if data is None:
             return None
+        return self._parse(key, data, model)
+
+    def _parse(self, key: str, data: bytes, model: type[T]) -> T:
         try:
             return model.model_validate_json(data)
         except ValidationError as e:
@@ -165,6 +323,27 @@ class JobStore:
         self.backend.write(f"{self._job(job.id)}/job.json", data)
         if new:
             self.backend.write(f"index/{_INDEX_BASE - job.started_at:013d}-{job.id}", b"")
+
+    def update_job(self, job_id: str, change: Callable[[Job], Job | None]) -> Job | None:
+        """Read, change and write the job record as one step against other writers on this machine.
+
+        `change` returns the record to write, or None to leave it as it is. Returns what the store holds
+        afterwards (None for a job without a record). On S3 the read and write are not isolated from
+        another machine's; the rules in shared/job_record.py keep a late writer from moving a job back.
+        """
+        key = f"{self._job(job_id)}/job.json"
+        lock = (
+            self.backend.locked(key) if isinstance(self.backend, LocalBackend) else contextlib.nullcontext()
+        )
+        with lock:
+            job = self.load_job(job_id)
+            if job is None:
+                return None
+            changed = change(job.model_copy(deep=True))
+            if changed is None:
+                return job
+            self.save_job(changed)
+            return changed
 
     def load_job(self, job_id: str) -> Job | None:
         return self._load(f"{self._job(job_id)}/job.json", Job)
@@ -216,32 +395,74 @@ class JobStore:
         listing = self.list_jobs(limit=1)
         return listing.jobs[0] if listing.jobs else None
 
+    # --- messages -----------------------------------------------------------------------------------
+
+    def _stored_form(self, cp: Checkpoint, token: str) -> bytes:
+        """The checkpoint as its file holds it: the messages it added since its ref go to its run's log
+        (as the chunk `token`), and the file names the log instead of holding them."""
+        ref = cp.messages_ref
+        known = ref.count if ref is not None else 0
+        if len(cp.messages) < known:
+            raise ValueError(f"checkpoint {cp.id} holds fewer messages than its ref names: not saved")
+        if len(cp.messages) > known:
+            new = cp.messages[known:]
+            head = {"token": token, "prev": ref.to_dict() if ref else None, "count": len(cp.messages)}
+            line = json.dumps(head)[:-1].encode() + b', "messages": '
+            line += _MESSAGES.dump_json(new, by_alias=True, exclude_none=True) + b"}\n"
+            self.backend.append(f"{self._run(cp.job_id, cp.run_id)}/messages.jsonl", line, cp.step_number)
+            ref = MessagesRef(run_id=cp.run_id, token=token, count=len(cp.messages))
+            cp.messages_ref = ref
+        data: bytes = cp.model_dump_json(by_alias=True, exclude_none=True, exclude={"messages"}).encode()
+        return data
+
+    def _with_messages(
+        self, key: str, data: bytes, reader: MessageReader | None, messages: bool
+    ) -> Checkpoint:
+        cp = self._parse(key, data, Checkpoint)
+        if messages and not cp.messages and cp.messages_ref is not None:
+            reader = reader or MessageReader(self, cp.job_id)
+            cp.messages = reader.messages(cp.messages_ref)
+        return cp
+
     # --- checkpoints --------------------------------------------------------------------------------
 
-    def save_checkpoint(self, checkpoint: Checkpoint) -> None:
-        self.backend.write(self._checkpoint(checkpoint.job_id, checkpoint.id), checkpoint.to_json().encode())
+    def commit_checkpoint(self, checkpoint: Checkpoint, token: str) -> bool:
+        """Create the checkpoint that ends a step, unless it exists: False when another attempt of the step
+        committed first (this attempt must then discard its result and adopt the winner's)."""
+        checkpoint.commit = token
+        data = self._stored_form(checkpoint, token)
+        return self.backend.create(self._checkpoint(checkpoint.job_id, checkpoint.id), data)
 
-    def load_checkpoint(self, job_id: str, checkpoint_id: str) -> Checkpoint | None:
-        return self._load(self._checkpoint(job_id, checkpoint_id), Checkpoint)
+    def save_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Write a checkpoint whatever is there (tools, tests; a step commits with `commit_checkpoint`)."""
+        data = self._stored_form(checkpoint, secrets.token_hex(8))
+        self.backend.write(self._checkpoint(checkpoint.job_id, checkpoint.id), data)
+
+    def load_checkpoint(self, job_id: str, checkpoint_id: str, *, messages: bool = True) -> Checkpoint | None:
+        """A whole checkpoint (its messages read from the logs), or without messages when not wanted."""
+        key = self._checkpoint(job_id, checkpoint_id)
+        data = self.backend.read(key)
+        return None if data is None else self._with_messages(key, data, None, messages)
 
     def checkpoint_exists(self, job_id: str, checkpoint_id: str) -> bool:
         return self.backend.read(self._checkpoint(job_id, checkpoint_id)) is not None
 
-    def list_checkpoints(self, job_id: str) -> tuple[list[Checkpoint], list[str]]:
+    def list_checkpoints(self, job_id: str, *, messages: bool = True) -> tuple[list[Checkpoint], list[str]]:
         """Checkpoints by step number, and the names of damaged files that were skipped."""
         folder = f"{self._job(job_id)}/checkpoints"
+        reader = MessageReader(self, job_id)
         checkpoints: list[Checkpoint] = []
         problems: list[str] = []
         for name in self.backend.list(folder):
             if not name.endswith(".json"):
                 continue
+            key = f"{folder}/{name}"
             try:
-                cp = self._load(f"{folder}/{name}", Checkpoint)
+                data = self.backend.read(key)
+                if data is not None:
+                    checkpoints.append(self._with_messages(key, data, reader, messages))
             except StoreError as e:
                 problems.append(str(e))
-                continue
-            if cp is not None:
-                checkpoints.append(cp)
         checkpoints.sort(key=lambda c: c.step_number)
         return checkpoints, problems
 
@@ -259,44 +480,79 @@ class JobStore:
 
     def save_initial_checkpoint(self, checkpoint: Checkpoint) -> None:
         key = f"{self._run(checkpoint.job_id, checkpoint.run_id)}/initial-checkpoint.json"
-        self.backend.write(key, checkpoint.to_json().encode())
+        checkpoint.commit = None  # a run's starting point is written by whoever starts the run, not committed
+        self.backend.write(key, self._stored_form(checkpoint, secrets.token_hex(8)))
 
     def load_initial_checkpoint(self, job_id: str, run_id: str) -> Checkpoint | None:
-        return self._load(f"{self._run(job_id, run_id)}/initial-checkpoint.json", Checkpoint)
+        key = f"{self._run(job_id, run_id)}/initial-checkpoint.json"
+        data = self.backend.read(key)
+        return None if data is None else self._with_messages(key, data, None, True)
 
     # --- events -------------------------------------------------------------------------------------
 
     def append_events(self, job_id: str, run_id: str, events: list[Event]) -> None:
-        self.append_event_lines(job_id, run_id, [e.to_json() for e in events])
+        """Append events as they are (no attempt token: always read). Steps use `append_step_events`."""
+        if events:
+            data = "".join(e.to_json() + "\n" for e in events).encode()
+            self.backend.append(f"{self._run(job_id, run_id)}/events.jsonl", data, events[0].step_number or 0)
 
-    def append_event_lines(self, job_id: str, run_id: str, lines: list[str]) -> None:
-        """Append events already serialized (a worker serializes each once, for the store and Redis)."""
+    def append_step_events(
+        self, job_id: str, run_id: str, step_number: int, lines: list[str], token: str
+    ) -> None:
+        """Append one attempt's events of a step, serialized already; each line carries the attempt's token,
+        and readers keep them only if that attempt committed the step's checkpoint."""
         if lines:
-            data = "".join(line + "\n" for line in lines).encode()
-            self.backend.append(f"{self._run(job_id, run_id)}/events.jsonl", data)
+            tag = f',"commit":"{token}"}}\n'
+            # the job and run are the file's: read_events puts them back
+            where = f',"jobId":"{job_id}","runId":"{run_id}"'
+            data = "".join(line.replace(where, "", 1)[:-1] + tag for line in lines).encode()
+            self.backend.append(f"{self._run(job_id, run_id)}/events.jsonl", data, step_number)
 
     def read_events(self, job_id: str, run_id: str) -> tuple[list[Event], list[str]]:
+        """A run's events in order: those of committed attempts, and untagged ones (older stores). A
+        step-ending event's checkpoint is read back from its file in place of the id the line holds."""
         key = f"{self._run(job_id, run_id)}/events.jsonl"
         data = self.backend.read(key)
         events: list[Event] = []
         problems: list[str] = []
         if data:
+            # lines a step wrote leave out the job and run ids; in a line that has them, they win (last key)
+            where = b'{"jobId":"%s","runId":"%s",' % (job_id.encode(), run_id.encode())
             for n, line in enumerate(data.splitlines(), 1):
                 if not line.strip():
                     continue
                 try:
-                    events.append(Event.model_validate_json(line))
+                    events.append(Event.model_validate_json(where + line[1:]))
                 except ValidationError:
                     problems.append(f"damaged line {n} in {self.backend.describe(key)}")
-        return events, problems
+        files: dict[str, dict[str, Any] | None] = {}
 
-    def drop_events_from_step(self, job_id: str, run_id: str, step_number: int) -> None:
-        """Forget the events a crashed attempt of a step left behind, before the step runs again."""
-        events, _ = self.read_events(job_id, run_id)
-        kept = [e for e in events if e.step_number is None or e.step_number < step_number]
-        if len(kept) != len(events):
-            data = "".join(e.to_json() + "\n" for e in kept).encode()
-            self.backend.write(f"{self._run(job_id, run_id)}/events.jsonl", data)
+        def checkpoint_file(checkpoint_id: str) -> dict[str, Any] | None:
+            if checkpoint_id not in files:
+                raw = self.backend.read(self._checkpoint(job_id, checkpoint_id))
+                try:
+                    files[checkpoint_id] = json.loads(raw) if raw is not None else None
+                except ValueError:
+                    files[checkpoint_id] = None
+            return files[checkpoint_id]
+
+        kept: list[Event] = []
+        for event in events:
+            extra = event.__pydantic_extra__ or {}
+            token = extra.pop("commit", None)  # the store's, not the event's
+            if token is not None and event.step_number is not None:
+                committed = checkpoint_file(checkpoint_id(run_id, event.step_number)) or {}
+                if committed.get("commit") != token:
+                    continue  # an attempt that lost the step's commit, died before it, or is still running
+            named = extra.get("checkpoint")
+            if isinstance(named, dict) and list(named) == ["id"]:
+                found = checkpoint_file(str(named["id"]))
+                if found is None:
+                    problems.append(f"event {event.id} names checkpoint {named['id']}, which is missing")
+                else:
+                    extra["checkpoint"] = {k: v for k, v in found.items() if k != "commit"}
+            kept.append(event)
+        return _with_derived_messages(kept), problems
 
     # --- fan-in: results of parallel delegates, one file each -------------------------------------
 
@@ -312,3 +568,22 @@ class JobStore:
         folder = self._fan_in(job_id, checkpoint_id)
         found = (self.backend.read(f"{folder}/{name}") for name in self.backend.list(folder))
         return [data for data in found if data is not None]
+
+
+def _with_derived_messages(events: list[Event]) -> list[Event]:
+    """Fill each finishToolCall's tool message with the results of the step's resolveToolResults, as the
+    loop made it: the results are stored once, in resolveToolResults."""
+    results: dict[tuple[str, int | None], dict[Any, Any]] = {}
+    for event in events:
+        extra = event.__pydantic_extra__ or {}
+        if event.type == "resolveToolResults":
+            by_call = {r.get("id"): r for r in extra.get("toolResults") or [] if isinstance(r, dict)}
+            results[(event.run_id, event.step_number)] = by_call
+        elif event.type == "finishToolCall":
+            by_call = results.get((event.run_id, event.step_number), {})
+            for message in extra.get("newMessages") or []:
+                for part in message.get("contents") or [] if isinstance(message, dict) else []:
+                    if isinstance(part, dict) and "contents" not in part:
+                        found = by_call.get(part.get("toolCallId"), {}).get("result") or []
+                        part["contents"] = [p for p in found if p.get("type") in MESSAGE_PART_TYPES]
+    return events

@@ -75,8 +75,12 @@ def test_checkpoint_carries_perstack_fields(perq: Perq) -> None:
     perq.burst()
     path = next((perq.storage / "jobs" / job_id / "checkpoints").iterdir())
     raw = json.loads(path.read_text())
-    for key in ("id", "jobId", "runId", "status", "stepNumber", "messages", "expert", "usage"):
+    for key in ("id", "jobId", "runId", "status", "stepNumber", "expert", "usage"):
         assert key in raw
+    # the conversation is in the run's message log, named by the file; a reader gets it whole
+    assert "messages" not in raw and raw["messagesRef"]["runId"] == raw["runId"]
+    loaded = perq.store.load_checkpoint(job_id, raw["id"])
+    assert loaded is not None and len(loaded.messages) == raw["messagesRef"]["count"] > 0
     assert set(raw["usage"]) == {
         "inputTokens",
         "outputTokens",
