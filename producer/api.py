@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared import job_record
 from shared.config import (
     DEFAULT_MODEL,
     DEFAULT_PROVIDER,
@@ -26,6 +27,7 @@ from shared.config import (
     find_config,
     load_config,
 )
+from shared.job_record import BUSY_STATUSES
 from shared.models import (
     Checkpoint,
     Expert,
@@ -45,7 +47,6 @@ from shared.models import (
 from shared.queue import STEP_TASK, StepTask, cancel_key, serialize, step_job_id
 from shared.store import JobStore
 
-BUSY_STATUSES = ("queued", "running")
 CANCEL_MARK_TTL_S = 30 * 24 * 3600  # longer than any step of a cancelled submission could wait in the queue
 REASONING_WORDS = ("none", "minimal", "low", "medium", "high")
 SECRET_HEADER = re.compile(r"auth|key|token|secret|cookie|password", re.IGNORECASE)
@@ -200,9 +201,7 @@ def plan_submission(request: RunRequest, store: JobStore) -> Plan:
         workspace=workspace,
     )
     initial = _initial_checkpoint(setting, experts[request.expert_key], start)
-    job = job.model_copy(update={"epoch": setting.epoch})
-    if continuing:
-        job = job.model_copy(update={"status": "queued", "finished_at": None, "error": None})
+    job = job_record.submitted(job, epoch=setting.epoch, start=start)
     return Plan(job=job, setting=setting, initial=initial, new_job=not continuing)
 
 
@@ -326,7 +325,7 @@ class Client:
 
     def __init__(self, settings: Settings | None = None, store: JobStore | None = None) -> None:
         self.settings = settings or Settings()
-        self.store = store or JobStore.open(self.settings.storage)
+        self.store = store or JobStore.open(self.settings.storage, fsync=self.settings.store_fsync)
         self._redis: Any = None
 
     async def redis(self) -> Any:
@@ -396,10 +395,14 @@ class Client:
             raise RequestError(f"job {job_id} is {job.status}; only queued or running jobs can be cancelled")
         redis = await self.redis()
         await redis.set(cancel_key(job.id), str(now_ms()), ex=CANCEL_MARK_TTL_S)
-        job.status = "cancelled"
-        job.finished_at = now_ms()
-        self.store.save_job(job)
-        return job
+        # read again under the record's lock: a step may have written it since
+        cancelled = self.store.update_job(
+            job.id,
+            lambda current: (
+                job_record.cancel(current, now=now_ms()) if current.status in BUSY_STATUSES else None
+            ),
+        )
+        return cancelled or job
 
 
 def submit_sync(request: RunRequest, settings: Settings | None = None) -> Job:
