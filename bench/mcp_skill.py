@@ -78,7 +78,8 @@ class Harness:
     def __init__(self, root: Path) -> None:
         from shared.store import JobStore
         from worker.mcp_pool import McpSkillPool
-        from worker.runtime import LocalQueue, Runtime
+        from worker.runtime import Runtime
+        from worker.step_queue import LocalQueue
 
         self.root = root
         (root / "perstack.toml").write_text(CONFIG.format(python=json.dumps(sys.executable)))

@@ -1,24 +1,86 @@
 """Live events: workers append each step's events to a Redis stream per job, so that any machine reaching
-the same Redis can follow a job while it runs, even without access to the job store."""
+the same Redis can follow a job while it runs, even without access to the job store.
+
+The stream carries what a follower shows, not the record: messages are left out (the tool calls and results
+beside them say the same) and long texts are cut, so a job's stream costs Redis a bounded amount per event
+whatever the conversation holds; the store keeps everything. The stream is capped in length, and once the
+job stops it expires soon: a follower that comes later reads the store.
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from shared.models import Event
+from shared.models import Checkpoint, Event
 from shared.queue import events_channel
 
 STREAM_MAXLEN = 10_000  # events kept per job in Redis; the store keeps them all
-STREAM_TTL_S = 7 * 24 * 3600
+STREAM_TTL_S = 24 * 3600  # while the job runs: renewed by every step
+STREAM_TTL_AFTER_STOP_S = 600  # once it stopped: long enough for `perq run --wait` and friends to catch up
+LIVE_TEXT_LIMIT = 200  # characters of a string a live event keeps (tool results, arguments, queries)
+LIVE_RESULT_LIMIT = 4000  # the final text of a run, which followers print whole when it is short
+# messages (the calls and results beside them say the same) and a step's record (its checkpoint has the usage)
+_DROPPED = frozenset({"newMessage", "newMessages", "messages", "step"})
+_LIVE_CHECKPOINT_FIELDS = {
+    "id",
+    "status",
+    "step_number",
+    "usage",
+    "delegated_by",
+    "error",
+    "pending_tool_calls",
+}
 
 
-def add_events(pipe: Any, job_id: str, lines: list[str]) -> None:
-    """Queue the XADDs of a job's serialized events on a Redis pipeline (the caller executes it)."""
+def _cut(value: Any, limit: int) -> Any:
+    if isinstance(value, str):
+        return value if len(value) <= limit else value[:limit] + "…"
+    if isinstance(value, list):
+        return [_cut(v, limit) for v in value]
+    if isinstance(value, dict):
+        return {k: _cut(v, limit) for k, v in value.items()}
+    return value
+
+
+def live_line(event: Event) -> str:
+    """The event as the live stream carries it: without messages or the step's record, long strings cut, and
+    a step's end with what a follower shows of its checkpoint (status, step, usage, delegation, error)."""
+    line = event.to_json()
+    extra = event.__pydantic_extra__ or {}
+    checkpoint = extra.get("checkpoint")
+    if (
+        len(line) <= LIVE_TEXT_LIMIT
+        and not (extra.keys() & _DROPPED)
+        and not isinstance(checkpoint, Checkpoint)
+    ):
+        return line
+    data = json.loads(line)
+    if isinstance(checkpoint, Checkpoint):
+        data["checkpoint"] = checkpoint.model_dump(
+            mode="json", by_alias=True, exclude_none=True, include=_LIVE_CHECKPOINT_FIELDS
+        )
+    for key in _DROPPED:
+        data.pop(key, None)
+    text = data.pop("text", None)
+    data = _cut(data, LIVE_TEXT_LIMIT)
+    if isinstance(text, str):
+        data["text"] = _cut(text, LIVE_RESULT_LIMIT)
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+
+
+def live_lines(events: list[Event]) -> list[str]:
+    return [live_line(e) for e in events]
+
+
+def add_events(pipe: Any, job_id: str, lines: list[str], *, stopped: bool = False) -> None:
+    """Queue the XADDs of a job's serialized events on a Redis pipeline (the caller executes it).
+    `stopped`: the job stopped with these events; the stream then expires soon."""
     key = events_channel(job_id)
     for line in lines:
         pipe.xadd(key, {"e": line}, maxlen=STREAM_MAXLEN, approximate=True)
-    pipe.expire(key, STREAM_TTL_S)
+    pipe.expire(key, STREAM_TTL_AFTER_STOP_S if stopped else STREAM_TTL_S)
 
 
 async def publish_events(redis: Any, job_id: str, events: list[Event]) -> None:

@@ -10,7 +10,8 @@ from shared.models import Job, Usage
 from shared.queue import StepTask
 from shared.store import JobStore
 from tests.conftest import script_toml
-from worker.runtime import LocalQueue, Runtime
+from worker.runtime import Runtime
+from worker.step_queue import LocalQueue
 
 
 class Harness:

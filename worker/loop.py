@@ -28,33 +28,18 @@ from shared.models import (
     TextPart,
     ToolCall,
     ToolCallPart,
-    ToolMessage,
     ToolResult,
-    ToolResultPart,
     Usage,
     UserMessage,
     checkpoint_id,
     now_ms,
+    tool_message,
 )
 from worker.instruction import build_instruction
 from worker.llm import GenerationError, GenerationRequest, GenerationResult, ModelClient
 from worker.skills import SkillSet, error_result, text_result
 
 KIND_ORDER = {"mcp": 0, "delegate": 1, "interactive": 2}
-
-
-def tool_message(results: list[ToolResult]) -> ToolMessage:
-    """One tool message answering every result; only text / inline image / inline file contents pass."""
-    return ToolMessage(
-        contents=[
-            ToolResultPart(
-                tool_call_id=r.id,
-                tool_name=r.tool_name,
-                contents=[p for p in r.result if p.type in ("textPart", "imageInlinePart", "fileInlinePart")],
-            )
-            for r in results
-        ]
-    )
 
 
 def retry_note(reason: str) -> UserMessage:
@@ -189,7 +174,9 @@ class StepRunner:
             self.step.tool_results = list(partial)
             self.step.new_messages.extend(new_messages)
             return self._finishing_step()
-        self._event("startGeneration", messages=self.cp.messages)
+        # Perstack's startGeneration carries the whole conversation; perq's says how long it is (the
+        # conversation itself is the previous checkpoint's, in the run's message log)
+        self._event("startGeneration", messageCount=len(self.cp.messages))
         return await self._generating_tool_call()
 
     # --- generation ---------------------------------------------------------------------------------

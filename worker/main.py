@@ -34,7 +34,7 @@ from shared.queue import (
     serialize,
 )
 from shared.store import JobStore
-from worker.heartbeat import heartbeat
+from worker.heartbeat import heartbeat, new_worker_id
 from worker.loop import StepInterrupted
 from worker.redis_queue import RedisStepQueue
 from worker.runtime import UNKNOWN, Runtime
@@ -45,12 +45,12 @@ REDIS_DOWN = (*REDIS_ERRORS, OSError)  # in the poll loop, socket errors mean th
 PICK_UP = """
 local taken = {}
 local room = tonumber(ARGV[3])
-for i = 5, #ARGV do
+for i = 6, #ARGV do
   if #taken >= 3 * room then break end
   local id = ARGV[i]
   local score = redis.call('zscore', KEYS[1], id)
   if score and tonumber(score) <= tonumber(ARGV[1]) and redis.call('exists', KEYS[2] .. id) == 0 then
-    redis.call('psetex', KEYS[2] .. id, ARGV[2], '1')
+    redis.call('psetex', KEYS[2] .. id, ARGV[2], ARGV[5])
     local job = string.match(id, '^' .. ARGV[4] .. '([^:]+):')
     local mark = job and redis.call('get', KEYS[3] .. job) or ''
     taken[#taken + 1] = id
@@ -59,6 +59,18 @@ for i = 5, #ARGV do
   end
 end
 return taken
+"""
+# renew the leases this worker holds, and only those: a worker that paused past its lease may find that
+# another worker has taken the step over, and must not extend that worker's lease as if it were its own
+RENEW = """
+local renewed = 0
+for i, key in ipairs(KEYS) do
+  if redis.call('get', key) == ARGV[2] then
+    redis.call('pexpire', key, ARGV[1])
+    renewed = renewed + 1
+  end
+end
+return renewed
 """
 # a step that fails outside the loop (its run could not even be loaded) is tried this often, then its job
 # is stopped with the error
@@ -89,7 +101,7 @@ async def step(ctx: dict[str, Any], payload: Any) -> None:
         log.exception("step %s of run %s failed (attempt %s)", task.step_number, task.run_id, attempt)
         if attempt < STEP_ATTEMPTS:
             raise Retry(defer=2 * attempt) from e
-        runtime.fail_job(task, e)
+        await runtime.io(runtime.fail_job, task, e)
         raise
 
 
@@ -114,12 +126,14 @@ class PerqWorker(Worker):
             **kwargs,
         )
         self.in_progress_timeout_s = settings.lease_seconds
+        # the value of this worker's in-progress keys: whose lease it is
+        self.lease_owner = new_worker_id()
 
     # --- start-up -----------------------------------------------------------------------------------
 
     async def _startup(self, ctx: dict[str, Any]) -> None:
         ctx["perq"] = Runtime(
-            store=JobStore.open(self.settings.storage),
+            store=JobStore.open(self.settings.storage, fsync=self.settings.store_fsync),
             queue=RedisStepQueue(ctx["redis"], self.settings.queue, self.enqueued),
             pool=_skill_pool(),
             env=dict(os.environ),
@@ -127,6 +141,8 @@ class PerqWorker(Worker):
 
     async def _shutdown(self, ctx: dict[str, Any]) -> None:
         runtime: Runtime | None = ctx.get("perq")
+        if runtime is not None:
+            runtime.close()
         if runtime is not None and runtime.pool is not None:
             close = getattr(runtime.pool, "close", None)
             if close is not None:
@@ -208,7 +224,7 @@ class PerqWorker(Worker):
             return
         lease_ms = int(self.in_progress_timeout_s * 1000)
         keys = [self.queue_name, in_progress_key_prefix, CANCEL_PREFIX]
-        args = [str(timestamp_ms()), str(lease_ms), str(room), STEP_ID_PREFIX, *candidates]
+        args = [str(timestamp_ms()), str(lease_ms), str(room), STEP_ID_PREFIX, self.lease_owner, *candidates]
         taken: list[bytes] = await self.pool.eval(PICK_UP, 3, *keys, *args)  # type: ignore[misc]
         runtime: Runtime = self.ctx["perq"]
         for job_id_b, score, mark in zip(taken[::3], taken[1::3], taken[2::3], strict=True):
@@ -239,10 +255,8 @@ class PerqWorker(Worker):
             if not running:
                 continue
             try:
-                async with self.pool.pipeline(transaction=False) as pipe:
-                    for job_id in running:
-                        pipe.pexpire(in_progress_key_prefix + job_id, lease_ms)
-                    await pipe.execute()
+                keys = [in_progress_key_prefix + job_id for job_id in running]
+                await self.pool.eval(RENEW, len(keys), *keys, str(lease_ms), self.lease_owner)  # type: ignore[misc]
             except REDIS_DOWN as e:
                 log.warning("could not renew leases: %s", e)
 

@@ -16,7 +16,8 @@ from arq.jobs import serialize_job
 
 from shared.events import add_events
 from shared.models import now_ms
-from shared.queue import STEP_TASK, StepTask, cancel_key, serialize, step_job_id
+from shared.queue import STEP_TASK, cancel_key, serialize, step_job_id
+from worker.step_queue import HandOver
 
 ANSWER_TTL_S = 24 * 3600
 
@@ -41,15 +42,14 @@ class RedisStepQueue:
         cancelled = await self.redis.get(cancel_key(job_id))
         return cancelled is not None and int(cancelled) >= epoch
 
-    async def hand_over(
-        self, job_id: str, epoch: int, event_lines: list[str], tasks: list[StepTask], answered: list[str]
-    ) -> bool:
-        if not (event_lines or tasks or answered):
+    async def hand_over(self, handed: HandOver) -> bool:
+        tasks, epoch = handed.tasks, handed.epoch
+        if not (handed.event_lines or tasks or handed.answered):
             return False
         now = now_ms()
         async with self.redis.pipeline(transaction=False) as pipe:
-            if event_lines:
-                add_events(pipe, job_id, event_lines)
+            if handed.event_lines:
+                add_events(pipe, handed.job_id, handed.event_lines, stopped=handed.stopped)
             for task in tasks:
                 arq_id = step_job_id(task)
                 payload = serialize_job(STEP_TASK, (task.to_dict(),), {}, None, now, serializer=serialize)
@@ -57,9 +57,9 @@ class RedisStepQueue:
                 args = [payload, now, expires_extra_ms, arq_id, epoch]
                 # EVAL, not a registered script: redis-py would add a SCRIPT EXISTS round trip to every
                 # pipeline, and Redis caches the compiled script anyway
-                pipe.eval(ENQUEUE, 4, *keys, cancel_key(job_id), *args)
-            if answered:
-                pipe.delete(*answered)
+                pipe.eval(ENQUEUE, 4, *keys, cancel_key(handed.job_id), *args)
+            if handed.answered:
+                pipe.delete(*handed.answered)
             replies = await pipe.execute()
         if tasks:
             self.enqueued([step_job_id(t) for t in tasks])

@@ -1,0 +1,133 @@
+"""One committer per step: a worker frozen past its lease (SIGSTOP) wakes up after another worker finished
+its steps, and changes nothing.
+
+A lease is not a lock. A worker can pause (GC, VM migration, a throttled container) longer than its lease,
+another worker takes its steps over, and the first then wakes believing it still owns them. The step's
+checkpoint is created only if absent, so the late attempt loses, discards its result and adopts the
+winner's; the job record only moves forward.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis as redis_sync
+
+from producer.localredis import LocalRedis
+from tests.conftest import Perq, script_toml
+from tests.test_resilience import traced, wait_until
+
+SCRIPT = ("--provider", "script", "--model", "script.toml")
+CONFIG = """
+[experts.pauser]
+instruction = "Work"
+"""
+JOBS = 4
+LEASE = "2"
+
+
+def turns(freeze_in: str) -> list[dict[str, Any]]:
+    """Three steps of 100 tokens each; the second is slow in its model call or in its tool call."""
+    usage = {"inputTokens": 90, "outputTokens": 10}
+    if freeze_in == "model":
+        second = {"toolCalls": [{"toolName": "todo", "args": {"newTodos": ["b"]}}], "delayMs": 4000}
+    else:
+        call = {"toolName": "exec", "args": {"command": "sleep", "args": ["4"]}}
+        second = {"toolCalls": [call]}
+    return [
+        {"toolCalls": [{"toolName": "todo", "args": {"newTodos": ["a"]}}], "usage": usage},
+        {**second, "usage": usage},
+        {"text": "done", "usage": usage},
+    ]
+
+
+@pytest.mark.parametrize("freeze_in", ["model", "tool"])
+def test_a_worker_frozen_past_its_lease_changes_nothing_when_it_wakes(perq: Perq, freeze_in: str) -> None:
+    perq.write("perstack.toml", CONFIG)
+    perq.write("script.toml", script_toml({"pauser": turns(freeze_in)}))
+    trace = perq.root / "trace.jsonl"
+    jobs = [perq.submit("pauser", "go", *SCRIPT) for _ in range(JOBS)]
+    first = perq.start_worker(PERQ_SCRIPT_TRACE=str(trace), PERQ_LEASE_SECONDS=LEASE)
+
+    def asked(pid: int, turn: int) -> int:
+        return sum(1 for t in traced(trace) if t["turn"] == turn and t["pid"] == pid)
+
+    wait_until(lambda: asked(first.pid, 1) == JOBS, what="every job's step 2 in flight")
+    if freeze_in == "tool":
+        wait_until(lambda: _children(first.pid, "sleep") == JOBS, what="every job's tool running")
+    first.send_signal(signal.SIGSTOP)
+    try:
+        second = perq.start_worker(PERQ_SCRIPT_TRACE=str(trace), PERQ_LEASE_SECONDS=LEASE)
+        finished = [perq.wait_job(job_id, timeout=60) for job_id in jobs]
+        assert [j.status for j in finished] == ["completed"] * JOBS
+        # the second worker really ran the steps it took over: it asked for step 2's answer again (a model
+        # call cut short), or found it journaled (the model had answered; only the tool was cut short)
+        assert asked(second.pid, 1) == (JOBS if freeze_in == "model" else 0)
+        assert asked(second.pid, 2) == JOBS
+    finally:
+        first.send_signal(signal.SIGCONT)
+    # the woken worker finishes its model calls or tools, then tries to commit what it ran
+    wait_until(lambda: _late_attempts_settled(perq), timeout=30, what="the woken worker to settle")
+
+    for job_id in jobs:
+        job = perq.job(job_id)
+        assert (job.status, job.total_steps) == ("completed", 3), job
+        assert (job.usage.input_tokens, job.usage.output_tokens) == (270, 30)
+        checkpoints = perq.checkpoints(job_id)
+        assert [c.step_number for c in checkpoints] == [1, 2, 3]
+        ends = Counter((e.run_id, e.step_number) for e in perq.events(job_id) if _ends_step(e.type))
+        assert set(ends.values()) == {1} and len(ends) == 3, ends
+        assert checkpoints[-1].status == "completed" and len(checkpoints[-1].messages) == 7
+    assert first.poll() is None  # alive: it lost the race and went on
+
+
+def _children(pid: int, name: str) -> int:
+    """How many child processes called `name` the process has (read from /proc)."""
+    count = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)
+            comm = fields[0].split("(", 1)[1]
+            ppid = int(fields[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        count += comm == name and ppid == pid
+    return count
+
+
+def _ends_step(kind: str) -> bool:
+    return kind in ("continueToNextStep", "completeRun", "stopRunByError", "stopRunByExceededMaxSteps")
+
+
+def _late_attempts_settled(perq: Perq) -> bool:
+    """The first worker reports no running steps in its heartbeat (it renews it every few seconds)."""
+    client = redis_sync.Redis.from_url(perq.env()["PERQ_REDIS_URL"])
+    try:
+        beats = [json.loads(client.get(k) or b"{}") for k in client.scan_iter("perq:worker:*")]
+    finally:
+        client.close()
+    queue = perq.env()["PERQ_QUEUE"]
+    return bool(beats) and all(b.get("running") == 0 for b in beats if b.get("queue") == queue)
+
+
+def test_lease_renewal_renews_only_the_workers_own_leases(redis_server: LocalRedis) -> None:
+    """A worker that wakes up late must not extend the lease of the worker that took its step over."""
+    from worker.main import RENEW
+
+    client = redis_sync.Redis.from_url(redis_server.url)
+    try:
+        mine, theirs = "arq:in-progress:test-mine", "arq:in-progress:test-theirs"
+        client.set(mine, "worker-a", px=1000)
+        client.set(theirs, "worker-b", px=1000)
+        renewed = client.eval(RENEW, 2, mine, theirs, "60000", "worker-a")
+        assert renewed == 1
+        assert client.pttl(mine) > 50_000 and client.pttl(theirs) <= 1000
+        assert client.get(theirs) == b"worker-b"
+    finally:
+        client.delete("arq:in-progress:test-mine", "arq:in-progress:test-theirs")
+        client.close()
