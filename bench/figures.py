@@ -23,6 +23,7 @@ from bench.common import (
     timed_process,
     wait_until,
 )
+from bench.store_figures import fsync_cost, slow_s3, store_growth
 from producer.api import Client, RunRequest, plan_submission
 from shared.models import Event, Job, Usage, new_id, now_ms
 from shared.queue import StepTask, serialize, step_job_id
@@ -207,7 +208,8 @@ def _handoff_queue(bench: Bench) -> float:
 
 def _handoff_in_process(bench: Bench) -> float:
     """The same job driven by the worker's Runtime in this process: next step runs at once, no Redis."""
-    from worker.runtime import LocalQueue, Runtime
+    from worker.runtime import Runtime
+    from worker.step_queue import LocalQueue
 
     area = bench.area("handoff-inprocess")
     request = one_expert(area, tool_steps(HANDOFF_STEPS))
@@ -536,6 +538,9 @@ def store_writes(bench: Bench) -> list[Row]:
 # name for --only: (measure, title when it fails, goal)
 FIGURES: dict[str, tuple[Figure, str, str]] = {
     "fs": (store_writes, "store: one atomic file write", "reported"),
+    "growth": (store_growth, "store bytes / conversation", "<= 3"),
+    "fsync": (fsync_cost, "fsync per step", "reported"),
+    "s3": (slow_s3, "s3 store, 25 ms per request", "<= 2"),
     "throughput": (job_throughput, "job throughput", ">= 0.5"),
     "handoff": (step_handoff, "step handoff", ">= 0.5"),
     "concurrency": (concurrency, "concurrency", "<= 1.15"),
