@@ -49,11 +49,11 @@ def start(
     ] = False,
 ) -> None:
     """The terminal UI: browse jobs, checkpoints and events; start, follow, answer, resume and cancel runs."""
-    import importlib.util
-
-    if importlib.util.find_spec("textual") is None:
+    try:
+        import textual  # noqa: F401
+    except ImportError:
         print("perq: perq start needs Textual: pip install 'perq[tui]'", file=sys.stderr)
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     from producer.api import RunRequest
     from producer.tui.app import run_app
 
