@@ -476,3 +476,27 @@ async def test_refusals_show_before_the_query_is_asked(perq: Perq) -> None:
         assert isinstance(app.screen, HistoryScreen)
         assert "expert 'hello' not found" in shown(app)
     assert len(perq.store.list_runs(job_id)) == 1
+
+
+async def test_continue_job_option_asks_for_the_query(perq: Perq) -> None:
+    """`perq start --continue-job JOB`: the query view for that job, over the history."""
+    setup(perq)
+    (job_id,) = finished_jobs(perq, 1)
+    perq.start_worker()
+    app = make_app(perq, continue_job=job_id)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, "the query view", lambda: isinstance(app.screen, QueryScreen))
+        assert f"Continue hello - 3 steps ({job_id})" in shown(app)
+        await type_text(pilot, "more")
+        await pilot.press("enter")
+        await until_shown(pilot, "completed: hello - 4 steps")
+        await pilot.press("escape")
+        assert isinstance(app.screen, HistoryScreen)
+
+
+async def test_continue_job_option_names_an_unknown_job(perq: Perq) -> None:
+    setup(perq)
+    app = make_app(perq, continue_job="nosuchjob")
+    async with app.run_test(size=SIZE) as pilot:
+        await until_shown(pilot, "job nosuchjob not found")
+        assert isinstance(app.screen, HistoryScreen)

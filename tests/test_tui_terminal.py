@@ -14,6 +14,10 @@ import pytest
 from tests.conftest import PERQ, Perq
 
 CONFIG = """
+[experts.asker]
+description = "Asks the user"
+instruction = "Ask the user"
+
 [experts.hello]
 description = "Greets the user"
 instruction = "Say hello"
@@ -90,7 +94,7 @@ def test_perq_start_in_a_real_terminal(perq: Perq, terminal: Terminal) -> None:
 
     terminal.keys("n")
     terminal.wait_for("hello  Greets the user")
-    terminal.keys("Enter")
+    terminal.keys("Down", "Enter")  # in one write: Enter must see the cursor already moved to hello
     terminal.wait_for("New job of hello")
     terminal.type("Say hello")
     terminal.keys("Enter")

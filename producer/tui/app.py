@@ -35,12 +35,32 @@ QUIT = Binding("q", "app.quit", "Quit")
 
 
 class Picker(OptionList):
-    """A list that shows ↑↓ in the footer; Enter is each view's own binding."""
+    """A list that shows ↑↓ in the footer. Each view's list names what Enter does there.
+
+    Enter stays the list's own key (it posts OptionSelected), never a priority binding of the view: a
+    priority binding would run before the list has moved its cursor for the keys typed just before it.
+    """
 
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("up", "cursor_up", "Navigate", key_display="↑↓"),
         Binding("down", "cursor_down", "Navigate", show=False),
     ]
+
+
+class JobList(Picker):
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("enter", "select", "Continue")]
+
+
+class CheckpointList(Picker):
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("enter", "select", "Resume from here")]
+
+
+class EventList(Picker):
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("enter", "select", "Detail")]
+
+
+class ExpertList(Picker):
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("enter", "select", "Select")]
 
 
 class Notice(Static):
@@ -68,7 +88,6 @@ class HistoryScreen(Screen[None]):
     """Jobs, newest first, read a page at a time from the store's index."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("enter", "choose", "Continue", priority=True),
         Binding("c", "checkpoints", "Checkpoints"),
         Binding("n", "new_run", "New run"),
         Binding("r", "refresh", "Refresh"),
@@ -88,16 +107,13 @@ class HistoryScreen(Screen[None]):
     def compose(self) -> ComposeResult:
         yield _title("perq: jobs, newest first")
         yield Notice(id="message")
-        yield Picker(id="jobs")
+        yield JobList(id="jobs")
         yield Footer()
 
-    def on_mount(self) -> None:
-        self.load(source.PAGE)
-        self.perq.route_options(self.query_one(Notice))
-
     def on_screen_resume(self) -> None:
-        if self.loaded:
-            self.load(self.loaded)
+        """Shown first, or again after another view: read the jobs anew (their statuses move on)."""
+        self.load(max(self.loaded, source.PAGE))
+        self.perq.route_options(self.query_one(Notice))
 
     def load(self, limit: int) -> None:
         found = source.history(self.perq.client.store, limit)
@@ -125,7 +141,7 @@ class HistoryScreen(Screen[None]):
             self.load(self.loaded + source.PAGE)
 
     @on(OptionList.OptionSelected)
-    def _clicked(self, event: OptionList.OptionSelected) -> None:
+    def _selected(self, event: OptionList.OptionSelected) -> None:
         self.action_choose()
 
     def _highlighted(self) -> Job | None:
@@ -165,7 +181,6 @@ class CheckpointsScreen(Screen[None]):
     """A job's checkpoints, newest first; Enter branches from one, `e` shows how its run got there."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("enter", "choose", "Resume from here", priority=True),
         Binding("e", "events", "Events"),
         BACK,
         QUIT,
@@ -183,7 +198,7 @@ class CheckpointsScreen(Screen[None]):
     def compose(self) -> ComposeResult:
         yield _title(f"Checkpoints of {source.job_line(self.job)}, newest first")
         yield Notice(id="message")
-        yield Picker(id="checkpoints")
+        yield CheckpointList(id="checkpoints")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -204,7 +219,7 @@ class CheckpointsScreen(Screen[None]):
         return self.checkpoints[index] if index is not None and index < len(self.checkpoints) else None
 
     @on(OptionList.OptionSelected)
-    def _clicked(self, event: OptionList.OptionSelected) -> None:
+    def _selected(self, event: OptionList.OptionSelected) -> None:
         self.action_choose()
 
     def action_choose(self) -> None:
@@ -236,7 +251,6 @@ class EventsScreen(Screen[None]):
     """The events of a checkpoint's run up to its step, one line each; Enter shows one in full."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("enter", "choose", "Detail", priority=True),
         BACK,
         QUIT,
     ]
@@ -254,7 +268,7 @@ class EventsScreen(Screen[None]):
         cp = self.checkpoint
         yield _title(f"Events up to {checkpoint_line(cp)} ({cp.expert.key}, run {cp.run_id})")
         yield Notice(id="message")
-        yield Picker(id="events")
+        yield EventList(id="events")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -269,7 +283,7 @@ class EventsScreen(Screen[None]):
             self.query_one(Notice).say("No events recorded for this checkpoint's run")
 
     @on(OptionList.OptionSelected)
-    def _clicked(self, event: OptionList.OptionSelected) -> None:
+    def _selected(self, event: OptionList.OptionSelected) -> None:
         self.action_choose()
 
     def action_choose(self) -> None:
@@ -310,7 +324,6 @@ class NewRunScreen(Screen[None]):
     """The experts of perstack.toml; Enter asks for the query of a new job."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("enter", "choose", "Select", priority=True),
         BACK,
         QUIT,
     ]
@@ -328,7 +341,7 @@ class NewRunScreen(Screen[None]):
     def compose(self) -> ComposeResult:
         yield _title("New run: choose an expert")
         yield Notice(id="message")
-        yield Picker(id="experts")
+        yield ExpertList(id="experts")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -355,7 +368,7 @@ class NewRunScreen(Screen[None]):
                 self.action_choose()
 
     @on(OptionList.OptionSelected)
-    def _clicked(self, event: OptionList.OptionSelected) -> None:
+    def _selected(self, event: OptionList.OptionSelected) -> None:
         self.action_choose()
 
     def action_choose(self) -> None:
