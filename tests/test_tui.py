@@ -353,7 +353,7 @@ async def test_a_waiting_job_asks_for_its_answer_from_the_history(perq: Perq) ->
     app = make_app(perq)
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, "the history", lambda: bool(lines_of(app)))
-        assert lines_of(app)[0].startswith("stoppedByInteractiveTool")
+        assert lines_of(app)[0].startswith("stoppedByInteractiveTool asker - 1 steps")
         await pilot.press("enter")
         assert isinstance(app.screen, QueryScreen)
         assert f'Job {job_id} waits for an answer to askUser {{"question": "Which colour?"}}' in shown(app)

@@ -107,7 +107,7 @@ def test_perq_start_in_a_real_terminal(perq: Perq, terminal: Terminal) -> None:
     screen = terminal.wait_for("perq: 1 jobs, newest first")
     (job,) = perq.store.list_jobs().jobs
     assert job.status == "completed"
-    assert "completed".ljust(24) + f"hello - 3 steps ({job.id})" in screen
+    assert "completed".ljust(25) + f"hello - 3 steps ({job.id})" in screen  # as `perq status` lines up
 
     terminal.keys("c")
     screen = terminal.wait_for("Step 3 (")

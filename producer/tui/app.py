@@ -647,6 +647,7 @@ class StartApp(App[None]):
     """`perq start`: browse the store, start runs and follow them; `request` holds `perq run`'s options."""
 
     TITLE = "perq"
+    ENABLE_COMMAND_PALETTE = False  # the footer shows the keys of the current view, and only those
     CSS = """
     .title { padding: 0 1; background: $boost; }
     Notice { padding: 0 1; height: auto; }

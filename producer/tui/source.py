@@ -44,7 +44,8 @@ def history(store: JobStore, limit: int = PAGE) -> Jobs:
 
 def job_label(job: Job) -> Text:
     """`status  expertKey - N steps (jobId) (startedAt)`, as `perq status` lists jobs."""
-    return Text.assemble((job.status.ljust(STATUS_WIDTH), STATUS_STYLE.get(job.status, "")), job_line(job))
+    status = (job.status.ljust(STATUS_WIDTH), STATUS_STYLE.get(job.status, ""))
+    return Text.assemble(status, " ", job_line(job))
 
 
 @dataclass
