@@ -245,6 +245,7 @@ async def test_damaged_records_are_named_not_fatal(perq: Perq) -> None:
         await until(pilot, "the history", lambda: bool(lines_of(app)))
         assert len(lines_of(app)) == 1 and good in lines_of(app)[0]
         assert "skipped 1 damaged: damaged file" in shown(app) and bad in shown(app)
+        assert "perq: 2 jobs, newest first\n" in shown(app)  # all read: nothing more to load
         await pilot.press("c")
         assert isinstance(app.screen, CheckpointsScreen)
         assert len(lines_of(app)) == 2

@@ -99,6 +99,7 @@ class HistoryScreen(Screen[None]):
         self.jobs: list[Job] = []
         self.total = 0
         self.loaded = 0  # how many jobs the list asks the store for (a multiple of the page)
+        self.more = False  # whether the store holds jobs beyond those read
 
     @property
     def perq(self) -> StartApp:
@@ -123,8 +124,10 @@ class HistoryScreen(Screen[None]):
         picker.set_options(Option(source.job_label(job), id=job.id) for job in self.jobs)
         if self.jobs:
             picker.highlighted = min(keep or 0, len(self.jobs) - 1)
+        # more to read only when this page came back full: damaged records count in the total, not the list
+        self.more = len(self.jobs) >= limit and len(self.jobs) < self.total
         title = f"perq: {self.total} jobs, newest first"
-        if len(self.jobs) < self.total:
+        if self.more:
             title += f" ({len(self.jobs)} loaded; more load as you scroll)"
         self.query_one(".title", Static).update(Text(title, style="bold"))
         message = self.query_one(Notice)
@@ -137,7 +140,7 @@ class HistoryScreen(Screen[None]):
 
     @on(OptionList.OptionHighlighted)
     def _near_the_end(self, event: OptionList.OptionHighlighted) -> None:
-        if event.option_index >= len(self.jobs) - 5 and len(self.jobs) < self.total:
+        if event.option_index >= len(self.jobs) - 5 and self.more:
             self.load(self.loaded + source.PAGE)
 
     @on(OptionList.OptionSelected)
