@@ -275,6 +275,56 @@ def timed_process(argv: list[str], *, cwd: Path, env: dict[str, str]) -> float:
     return elapsed
 
 
+def time_to_screen(
+    argv: list[str], text: str, *, cwd: Path, env: dict[str, str], size: tuple[int, int] = (160, 40)
+) -> float:
+    """Wall seconds from starting a fresh process in a pseudo-terminal until `text` is drawn on it.
+
+    The process is killed once the text shows: a terminal program (`perq start`) does not exit on its own.
+    """
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    columns, rows = size
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+    wanted = text.encode()
+    seen = b""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        argv,
+        cwd=cwd,
+        env={**env, "TERM": "xterm-256color", "COLUMNS": str(columns), "LINES": str(rows)},
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        start_new_session=True,
+    )
+    os.close(slave)
+    try:
+        deadline = t0 + 120
+        while wanted not in seen:
+            left = deadline - time.perf_counter()
+            ready, _, _ = select.select([master], [], [], max(left, 0))
+            if not ready:
+                raise BenchError(f"{' '.join(argv[-2:])} never drew {text!r} in 120 s")
+            try:
+                chunk = os.read(master, 1 << 16)
+            except OSError:  # the process is gone and its side of the terminal closed
+                chunk = b""
+            if not chunk:
+                raise BenchError(f"{' '.join(argv[-2:])} exited before drawing {text!r}: {seen[-300:]!r}")
+            seen += chunk
+        return time.perf_counter() - t0
+    finally:
+        proc.kill()
+        proc.wait()
+        os.close(master)
+
+
 def alternate(runs: int, *commands: Callable[[], float]) -> list[float]:
     """Run the commands in turn, `runs` times each, and return each one's median.
 

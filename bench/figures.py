@@ -20,6 +20,7 @@ from bench.common import (
     drain_rate,
     peak_rss_mb,
     run_async,
+    time_to_screen,
     timed_process,
     wait_until,
 )
@@ -434,10 +435,11 @@ def parallel_fanout(bench: Bench) -> list[Row]:
 STATUS_RUNS = 7
 
 
-def fill_store(storage: Path, n: int) -> None:
-    """n finished job records with index markers, as `perq run` leaves them."""
+def fill_store(storage: Path, n: int) -> str:
+    """n finished job records with index markers, as `perq run` leaves them; returns the newest job's id."""
     store = JobStore.open(str(storage))
     start = now_ms() - n * 1000
+    job = None
     for i in range(n):
         job = Job(
             id=new_id(),
@@ -451,6 +453,8 @@ def fill_store(storage: Path, n: int) -> None:
             head_checkpoint_id=new_id(),
         )
         store.save_job(job, new=True)
+    assert job is not None
+    return job.id
 
 
 def status_at_scale(bench: Bench) -> list[Row]:
@@ -472,6 +476,35 @@ def status_at_scale(bench: Bench) -> list[Row]:
             ratio <= 1.5,
             f"`perq status` over 10,000 jobs {big_s * 1000:.0f} ms vs 100 jobs {small_s * 1000:.0f} ms "
             f"(fresh processes, median of {STATUS_RUNS})",
+        )
+    ]
+
+
+# --- the terminal UI's history at scale -----------------------------------------------------------------
+
+TUI_RUNS = 7
+
+
+def tui_history(bench: Bench) -> list[Row]:
+    """`perq start` as a fresh process in a pseudo-terminal, until the newest job's line is drawn."""
+    big, small = bench.area("tui-10000"), bench.area("tui-100")
+    big_newest = fill_store(big.storage, 10_000)
+    small_newest = fill_store(small.storage, 100)
+    big_s, small_s = alternate(
+        TUI_RUNS,
+        lambda: time_to_screen([*PERQ, "start"], big_newest, cwd=big.folder, env=big.env()),
+        lambda: time_to_screen([*PERQ, "start"], small_newest, cwd=small.folder, env=small.env()),
+    )
+    ratio = big_s / small_s
+    return [
+        Row(
+            "TUI history at scale",
+            ratio,
+            "x 100 jobs",
+            "<= 1.5",
+            ratio <= 1.5,
+            f"`perq start` draws the newest of 10,000 jobs in {big_s * 1000:.0f} ms vs of 100 jobs "
+            f"{small_s * 1000:.0f} ms (fresh processes in a pseudo-terminal, median of {TUI_RUNS})",
         )
     ]
 
@@ -546,5 +579,6 @@ FIGURES: dict[str, tuple[Figure, str, str]] = {
     "concurrency": (concurrency, "concurrency", "<= 1.15"),
     "fanout": (parallel_fanout, "parallel fan-out", "<= 1.5"),
     "status": (status_at_scale, "status at scale", "<= 1.5"),
+    "tui": (tui_history, "TUI history at scale", "<= 1.5"),
     "cli": (cli_start, "CLI start", "<= 1.5"),
 }

@@ -225,6 +225,11 @@ from producer.logcli import log as _log  # noqa: E402
 
 app.command(name="log")(_log)
 
+# `perq start`, the terminal UI, lives in producer/tui/ (Textual is imported only when it runs)
+from producer.tui.command import start as _start  # noqa: E402
+
+app.command(name="start")(_start)
+
 
 def main() -> None:
     """The console script: whatever escapes a command becomes one line on stderr, never a traceback."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.common import BenchError
+from bench.common import BenchError, time_to_screen
 from bench.figures import delegation_phase, steps_per_second
 from shared.models import Event
 
@@ -52,6 +52,18 @@ def test_delegation_phase_says_when_the_parent_never_resumed() -> None:
     events = [event("stopRunByDelegate", 1, 100, "coord"), event("startRun", 2, 120, "c1")]
     with pytest.raises(BenchError, match="never resumed"):
         delegation_phase(events)
+
+
+def test_time_to_screen_runs_the_program_on_a_terminal(tmp_path: Path) -> None:
+    # the program draws the text only when its stdout is a terminal, and exits right after: a pipe, or a
+    # reader that missed the text, would end in BenchError
+    code = "import sys; print('drawn' if sys.stdout.isatty() else 'piped')"
+    assert time_to_screen([sys.executable, "-c", code], "drawn", cwd=tmp_path, env={}) > 0
+
+
+def test_time_to_screen_says_when_the_program_exits_first(tmp_path: Path) -> None:
+    with pytest.raises(BenchError, match="exited before drawing 'drawn'"):
+        time_to_screen([sys.executable, "-c", "print('something else')"], "drawn", cwd=tmp_path, env={})
 
 
 def test_bench_entry_point_prints_json_rows() -> None:

@@ -274,7 +274,7 @@ async def test_empty_answer_is_retried(tmp_path: Path) -> None:
 
 
 def test_perq_help_imports_no_heavy_module() -> None:
-    """`perq --help` must feel instant: no model SDK, MCP, pydantic, arq or worker module on that path."""
+    """`perq --help` must feel instant: no model SDK, MCP, pydantic, arq, Textual or worker module loaded."""
     import subprocess
     import sys
 
@@ -286,7 +286,8 @@ def test_perq_help_imports_no_heavy_module() -> None:
         "    main()\n"
         "except SystemExit:\n"
         "    pass\n"
-        "heavy = ('pydantic', 'pydantic_ai', 'anthropic', 'openai', 'mcp', 'arq', 'redis', 'worker')\n"
+        "heavy = ('pydantic', 'pydantic_ai', 'anthropic', 'openai', 'mcp', 'arq', 'redis', 'worker',\n"
+        "         'textual')\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
