@@ -26,7 +26,10 @@ import contextlib
 import os
 import secrets
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from shared.store import Append
 
 LOG_SUFFIX = ".jsonl"
 PARTS_SUFFIX = ".parts"
@@ -37,7 +40,7 @@ GLOB_CHARS = ("*", "?", "[", "]")
 class S3Backend:
     """A `Backend` on an S3 bucket: keys are object names under `prefix`."""
 
-    remote = True
+    blocking = True
 
     def __init__(self, bucket: str, prefix: str = "", fs: Any = None) -> None:
         self.bucket = bucket
@@ -113,6 +116,11 @@ class S3Backend:
                 return False
             raise
         return True
+
+    def commit(self, appends: list[Append], key: str, data: bytes) -> bool:
+        for append in appends:
+            self.append(append.key, append.data, append.order)
+        return self.create(key, data)
 
     def append(self, key: str, data: bytes, order: int = 0) -> None:
         """One new segment, named by `order` then the time: no listing, so an append costs one PUT however

@@ -35,7 +35,7 @@ import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -67,27 +67,35 @@ class StoreError(Exception):
 class Backend(Protocol):
     """Where the store's files live: keys are '/'-separated relative paths."""
 
-    remote: bool  # calls are network round trips: a worker runs them off its event loop
+    blocking: bool  # calls wait on a network or a disk flush: a worker runs them off its event loop
 
     def read(self, key: str) -> bytes | None: ...
     def write(self, key: str, data: bytes) -> None: ...  # atomic and durable: old or new, never torn
     def create(self, key: str, data: bytes) -> bool: ...  # like write, only if absent; False if it exists
     # durable; `order` sorts the pieces of a log on stores that cannot append (the step number)
     def append(self, key: str, data: bytes, order: int = 0) -> None: ...
+    # the appends, all durable, then `create` of the commit file: one flush for all of them where it can
+    def commit(self, appends: list[Append], key: str, data: bytes) -> bool: ...
     def list(self, prefix: str) -> list[str]: ...  # names directly under prefix
     def delete_tree(self, prefix: str) -> None: ...
     def describe(self, key: str) -> str: ...  # how to name the file to a person
+
+
+@dataclass
+class Append:
+    key: str
+    data: bytes
+    order: int = 0
 
 
 class LocalBackend:
     """Files on this machine. With `fsync` (the default) a file's data reaches the disk before the name
     that publishes it, and the name before the call returns: what a step committed survives a power loss."""
 
-    remote = False
-
     def __init__(self, root: Path, *, fsync: bool = True) -> None:
         self.root = root
         self.fsync = fsync
+        self.blocking = fsync  # a flush takes milliseconds: worth a thread while other steps go on
 
     def _path(self, key: str) -> Path:
         return self.root / key
@@ -109,8 +117,8 @@ class LocalBackend:
             finally:
                 os.close(fd)
 
-    def _temp(self, path: Path, data: bytes) -> str:
-        """A temporary file beside `path` holding `data`, on the disk when fsync is on."""
+    def _unsynced_temp(self, path: Path, data: bytes) -> tuple[int, str]:
+        """A temporary file beside `path` holding `data`, still open and not yet flushed."""
         try:
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         except FileNotFoundError:  # the folder is new: make it then (a mkdir on every write costs a syscall)
@@ -119,14 +127,25 @@ class LocalBackend:
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             os.write(fd, data)
-            if self.fsync:
-                os.fsync(fd)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        os.close(fd)
+        return fd, tmp
+
+    def _temp(self, path: Path, data: bytes) -> str:
+        """A temporary file beside `path` holding `data`, on the disk when fsync is on."""
+        fd, tmp = self._unsynced_temp(path, data)
+        try:
+            if self.fsync:
+                os.fsync(fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        finally:
+            os.close(fd)
         return tmp
 
     def write(self, key: str, data: bytes) -> None:
@@ -154,9 +173,20 @@ class LocalBackend:
         return True
 
     def append(self, key: str, data: bytes, order: int = 0) -> None:
+        fd, new = self._append(key, data)
+        try:
+            if self.fsync:
+                os.fdatasync(fd)
+                if new:
+                    self._sync_dir(self._path(key).parent)
+        finally:
+            os.close(fd)
+
+    def _append(self, key: str, data: bytes) -> tuple[int, bool]:
+        """Append with one write() of an O_APPEND file (lines of concurrent writers never interleave);
+        return the open file and whether this write made it."""
         path = self._path(key)
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
-        # one write() of an O_APPEND file: lines of concurrent writers never interleave
         try:
             fd = os.open(path, flags, 0o644)
         except FileNotFoundError:
@@ -165,12 +195,38 @@ class LocalBackend:
             fd = os.open(path, flags, 0o644)
         try:
             os.write(fd, data)
-            if self.fsync:
-                os.fdatasync(fd)
-                if os.fstat(fd).st_size == len(data):  # this write made the file: its name must last too
-                    self._sync_dir(path.parent)
-        finally:
+            return fd, os.fstat(fd).st_size == len(data)
+        except BaseException:
             os.close(fd)
+            raise
+
+    def commit(self, appends: list[Append], key: str, data: bytes) -> bool:
+        """Write everything first and flush after: the first flush commits the file system's journal with
+        all of it, so the others find little left to do (a flush costs milliseconds on many disks)."""
+        path = self._path(key)
+        opened: list[tuple[int, Path | None]] = []
+        try:
+            for append in appends:
+                fd, new = self._append(append.key, append.data)
+                opened.append((fd, self._path(append.key).parent if new else None))
+            fd, tmp = self._unsynced_temp(path, data)
+            opened.append((fd, None))
+            if self.fsync:
+                for fd, _ in opened:
+                    os.fdatasync(fd)  # the data and the size; a new file's name is its folder's flush
+        finally:
+            for fd, _ in opened:
+                os.close(fd)
+        try:
+            os.link(tmp, path)  # fails if the name exists: of two attempts, exactly one links
+        except FileExistsError:
+            return False
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        for folder in {path.parent, *(d for _, d in opened if d is not None)}:
+            self._sync_dir(folder)
+        return True
 
     def list(self, prefix: str) -> list[str]:
         try:
@@ -397,9 +453,10 @@ class JobStore:
 
     # --- messages -----------------------------------------------------------------------------------
 
-    def _stored_form(self, cp: Checkpoint, token: str) -> bytes:
+    def _stored_form(self, cp: Checkpoint, token: str, appends: list[Append] | None = None) -> bytes:
         """The checkpoint as its file holds it: the messages it added since its ref go to its run's log
-        (as the chunk `token`), and the file names the log instead of holding them."""
+        (as the chunk `token`; appended now, or added to `appends` for the caller to write), and the file
+        names the log instead of holding them."""
         ref = cp.messages_ref
         known = ref.count if ref is not None else 0
         if len(cp.messages) < known:
@@ -409,7 +466,11 @@ class JobStore:
             head = {"token": token, "prev": ref.to_dict() if ref else None, "count": len(cp.messages)}
             line = json.dumps(head)[:-1].encode() + b', "messages": '
             line += _MESSAGES.dump_json(new, by_alias=True, exclude_none=True) + b"}\n"
-            self.backend.append(f"{self._run(cp.job_id, cp.run_id)}/messages.jsonl", line, cp.step_number)
+            chunk = Append(f"{self._run(cp.job_id, cp.run_id)}/messages.jsonl", line, cp.step_number)
+            if appends is None:
+                self.backend.append(chunk.key, chunk.data, chunk.order)
+            else:
+                appends.append(chunk)
             ref = MessagesRef(run_id=cp.run_id, token=token, count=len(cp.messages))
             cp.messages_ref = ref
         data: bytes = cp.model_dump_json(by_alias=True, exclude_none=True, exclude={"messages"}).encode()
@@ -426,12 +487,21 @@ class JobStore:
 
     # --- checkpoints --------------------------------------------------------------------------------
 
-    def commit_checkpoint(self, checkpoint: Checkpoint, token: str) -> bool:
-        """Create the checkpoint that ends a step, unless it exists: False when another attempt of the step
-        committed first (this attempt must then discard its result and adopt the winner's)."""
+    def commit_checkpoint(self, checkpoint: Checkpoint, token: str, event_lines: Sequence[str] = ()) -> bool:
+        """Commit the step that ends with `checkpoint`: its events (serialized already) and new messages are
+        appended under the attempt's `token`, then the checkpoint is created unless it exists. False when
+        another attempt of the step committed first (this one must then discard its result and adopt the
+        winner's; readers never see what it appended)."""
         checkpoint.commit = token
-        data = self._stored_form(checkpoint, token)
-        return self.backend.create(self._checkpoint(checkpoint.job_id, checkpoint.id), data)
+        appends: list[Append] = []
+        if event_lines:
+            appends.append(
+                self._step_events(
+                    checkpoint.job_id, checkpoint.run_id, checkpoint.step_number, list(event_lines), token
+                )
+            )
+        data = self._stored_form(checkpoint, token, appends)
+        return self.backend.commit(appends, self._checkpoint(checkpoint.job_id, checkpoint.id), data)
 
     def save_checkpoint(self, checkpoint: Checkpoint) -> None:
         """Write a checkpoint whatever is there (tools, tests; a step commits with `commit_checkpoint`)."""
@@ -496,17 +566,24 @@ class JobStore:
             data = "".join(e.to_json() + "\n" for e in events).encode()
             self.backend.append(f"{self._run(job_id, run_id)}/events.jsonl", data, events[0].step_number or 0)
 
+    def _step_events(
+        self, job_id: str, run_id: str, step_number: int, lines: list[str], token: str
+    ) -> Append:
+        """One attempt's events of a step, serialized already; each line carries the attempt's token, and
+        readers keep them only if that attempt committed the step's checkpoint."""
+        tag = f',"commit":"{token}"}}\n'
+        # the job and run are the file's: read_events puts them back
+        where = f',"jobId":"{job_id}","runId":"{run_id}"'
+        data = "".join(line.replace(where, "", 1)[:-1] + tag for line in lines).encode()
+        return Append(f"{self._run(job_id, run_id)}/events.jsonl", data, step_number)
+
     def append_step_events(
         self, job_id: str, run_id: str, step_number: int, lines: list[str], token: str
     ) -> None:
-        """Append one attempt's events of a step, serialized already; each line carries the attempt's token,
-        and readers keep them only if that attempt committed the step's checkpoint."""
+        """Append one attempt's events of a step without committing it (its checkpoint comes later)."""
         if lines:
-            tag = f',"commit":"{token}"}}\n'
-            # the job and run are the file's: read_events puts them back
-            where = f',"jobId":"{job_id}","runId":"{run_id}"'
-            data = "".join(line.replace(where, "", 1)[:-1] + tag for line in lines).encode()
-            self.backend.append(f"{self._run(job_id, run_id)}/events.jsonl", data, step_number)
+            events = self._step_events(job_id, run_id, step_number, lines, token)
+            self.backend.append(events.key, events.data, events.order)
 
     def read_events(self, job_id: str, run_id: str) -> tuple[list[Event], list[str]]:
         """A run's events in order: those of committed attempts, and untagged ones (older stores). A

@@ -11,9 +11,9 @@ Order inside a step, and why:
      step, start delegates, resume a parent, or finish the job (worker/handon.py).
 Every action in 4 is idempotent, so an attempt that dies anywhere can simply be run again.
 
-Store calls go through `io`: on a remote store (S3) they run on a thread pool, so a worker's hundreds of
-concurrent steps do not wait on each other's round trips; on a local disk they run inline, which measures
-faster than a thread hop.
+Store calls go through `io`: where they block (S3's round trips, a local disk's flushes) they run on a
+thread pool, so a worker's hundreds of concurrent steps do not wait on each other's; a local store without
+fsync runs them inline, which measures faster than a thread hop.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ from worker.tools.base import ToolContext
 log = logging.getLogger("perq.worker")
 P = ParamSpec("P")
 R = TypeVar("R")
-# threads for a remote store's calls: each concurrent step holds one while it talks to the store
+# threads for a blocking store's calls: each concurrent step holds one while it waits on the store
 REMOTE_STORE_THREADS = 64
 
 
@@ -89,12 +89,12 @@ class Runtime:
     cancel_marks: dict[str, int | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.store.backend.remote and self._executor is None:
+        if self.store.backend.blocking and self._executor is None:
             self._executor = ThreadPoolExecutor(REMOTE_STORE_THREADS, thread_name_prefix="perq-store")
         self.hand_on = HandOn(self.store, self.run_setting, self.checkpoint)
 
     async def io(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
-        """Run a store call: inline for a local store, on the store's threads for a remote one."""
+        """Run a store call: on the store's threads where calls block, else inline."""
         if self._executor is None:
             return fn(*args, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(
@@ -225,8 +225,7 @@ class Runtime:
         nothing at all in the common case)."""
         if self.store.checkpoint_exists(end.job_id, end.id):
             return False
-        self.store.append_step_events(end.job_id, end.run_id, end.step_number, lines, token)
-        return self.store.commit_checkpoint(end, token)
+        return self.store.commit_checkpoint(end, token, lines)
 
     async def _adopt(self, setting: RunSetting, done: Checkpoint) -> Checkpoint:
         """Hand the job on from a step that is committed already (a re-run, or a lost commit race)."""
