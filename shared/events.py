@@ -23,14 +23,10 @@ LIVE_TEXT_LIMIT = 200  # characters of a string a live event keeps (tool results
 LIVE_RESULT_LIMIT = 4000  # the final text of a run, which followers print whole when it is short
 # messages (the calls and results beside them say the same) and a step's record (its checkpoint has the usage)
 _DROPPED = frozenset({"newMessage", "newMessages", "messages", "step"})
-_LIVE_CHECKPOINT_FIELDS = {
-    "id",
-    "status",
-    "step_number",
-    "usage",
-    "delegated_by",
-    "error",
+# what a follower shows of a step's end: where the job is, what it cost, whom it waits on, its todo list
+_LIVE_CHECKPOINT_FIELDS = {"id", "status", "step_number", "usage", "delegated_by", "error"} | {
     "pending_tool_calls",
+    "todos",
 }
 
 

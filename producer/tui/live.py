@@ -91,7 +91,7 @@ def event_text(event: Event) -> list[Text]:
 def todos_of(event: Event) -> list[dict[str, Any]] | None:
     """The todo list as the step that this event ends left it, when the event carries its checkpoint."""
     checkpoint = getattr(event, "checkpoint", None)
-    if not isinstance(checkpoint, dict) or "messages" not in checkpoint:
+    if not isinstance(checkpoint, dict) or "status" not in checkpoint:
         return None
     todos = checkpoint.get("todos") or []
     return [t for t in todos if isinstance(t, dict)]
