@@ -42,6 +42,7 @@ from typing import Any, Protocol, TypeVar
 
 from pydantic import TypeAdapter, ValidationError
 
+from shared.flush import GroupFlush
 from shared.models import (
     MESSAGE_PART_TYPES,
     Checkpoint,
@@ -90,12 +91,14 @@ class Append:
 
 class LocalBackend:
     """Files on this machine. With `fsync` (the default) a file's data reaches the disk before the name
-    that publishes it, and the name before the call returns: what a step committed survives a power loss."""
+    that publishes it, and the name before the call returns: what a step committed survives a power loss.
+    Flushes are grouped (shared/flush.py): concurrent steps share them."""
 
     def __init__(self, root: Path, *, fsync: bool = True) -> None:
         self.root = root
         self.fsync = fsync
         self.blocking = fsync  # a flush takes milliseconds: worth a thread while other steps go on
+        self._flush = GroupFlush(root)
 
     def _path(self, key: str) -> Path:
         return self.root / key
@@ -109,21 +112,41 @@ class LocalBackend:
         except (FileNotFoundError, NotADirectoryError):
             return None
 
-    def _sync_dir(self, path: Path) -> None:
+    # --- durability -----------------------------------------------------------------------------------
+
+    def _flush_files(self, fds: list[int]) -> None:
+        """What was written to these open files is on the disk when this returns."""
         if self.fsync:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            self._flush.flush(fds)
+
+    def _flush_names(self, folders: set[Path]) -> None:
+        """The names created or renamed in these folders are on the disk when this returns."""
+        if not self.fsync or not folders:
+            return
+        if self._flush.grouped:
+            self._flush.flush()
+            return
+        for folder in folders:
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
 
-    def _unsynced_temp(self, path: Path, data: bytes) -> tuple[int, str]:
+    @staticmethod
+    def _parent(path: Path, made: set[Path]) -> None:
+        """Make `path`'s folder if it is missing; note the folder whose entries changed."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        made.add(path.parent.parent)
+
+    # --- writing ---------------------------------------------------------------------------------------
+
+    def _temp(self, path: Path, data: bytes, made: set[Path]) -> tuple[int, str]:
         """A temporary file beside `path` holding `data`, still open and not yet flushed."""
         try:
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         except FileNotFoundError:  # the folder is new: make it then (a mkdir on every write costs a syscall)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._sync_dir(path.parent.parent)
+            self._parent(path, made)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             os.write(fd, data)
@@ -134,99 +157,78 @@ class LocalBackend:
             raise
         return fd, tmp
 
-    def _temp(self, path: Path, data: bytes) -> str:
-        """A temporary file beside `path` holding `data`, on the disk when fsync is on."""
-        fd, tmp = self._unsynced_temp(path, data)
-        try:
-            if self.fsync:
-                os.fsync(fd)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        finally:
-            os.close(fd)
-        return tmp
-
-    def write(self, key: str, data: bytes) -> None:
-        path = self._path(key)
-        tmp = self._temp(path, data)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        self._sync_dir(path.parent)
-
-    def create(self, key: str, data: bytes) -> bool:
-        path = self._path(key)
-        tmp = self._temp(path, data)
-        try:
-            os.link(tmp, path)  # fails if the name exists: of two attempts, exactly one links
-        except FileExistsError:
-            return False
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        self._sync_dir(path.parent)
-        return True
-
-    def append(self, key: str, data: bytes, order: int = 0) -> None:
-        fd, new = self._append(key, data)
-        try:
-            if self.fsync:
-                os.fdatasync(fd)
-                if new:
-                    self._sync_dir(self._path(key).parent)
-        finally:
-            os.close(fd)
-
-    def _append(self, key: str, data: bytes) -> tuple[int, bool]:
+    def _append_open(self, key: str, data: bytes, made: set[Path]) -> int:
         """Append with one write() of an O_APPEND file (lines of concurrent writers never interleave);
-        return the open file and whether this write made it."""
+        return the open file, noting its folder when this write made it."""
         path = self._path(key)
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
         try:
             fd = os.open(path, flags, 0o644)
         except FileNotFoundError:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._sync_dir(path.parent.parent)
+            self._parent(path, made)
             fd = os.open(path, flags, 0o644)
         try:
             os.write(fd, data)
-            return fd, os.fstat(fd).st_size == len(data)
+            if os.fstat(fd).st_size == len(data):  # this write made the file: its name must last too
+                made.add(path.parent)
         except BaseException:
             os.close(fd)
             raise
+        return fd
 
-    def commit(self, appends: list[Append], key: str, data: bytes) -> bool:
-        """Write everything first and flush after: the first flush commits the file system's journal with
-        all of it, so the others find little left to do (a flush costs milliseconds on many disks)."""
-        path = self._path(key)
-        opened: list[tuple[int, Path | None]] = []
+    def _publish(self, fds: list[int], tmp: str, path: Path, made: set[Path], *, exclusive: bool) -> bool:
+        """Flush the written files (and close them), then give the temporary file its name (only if the
+        name is free when `exclusive`), then flush the name."""
         try:
-            for append in appends:
-                fd, new = self._append(append.key, append.data)
-                opened.append((fd, self._path(append.key).parent if new else None))
-            fd, tmp = self._unsynced_temp(path, data)
-            opened.append((fd, None))
-            if self.fsync:
-                for fd, _ in opened:
-                    os.fdatasync(fd)  # the data and the size; a new file's name is its folder's flush
+            self._flush_files(fds)
         finally:
-            for fd, _ in opened:
+            for fd in fds:
                 os.close(fd)
         try:
-            os.link(tmp, path)  # fails if the name exists: of two attempts, exactly one links
+            if exclusive:
+                os.link(tmp, path)  # fails if the name exists: of two attempts, exactly one links
+            else:
+                os.replace(tmp, path)
         except FileExistsError:
             return False
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-        for folder in {path.parent, *(d for _, d in opened if d is not None)}:
-            self._sync_dir(folder)
+        self._flush_names({path.parent, *made})
         return True
+
+    def write(self, key: str, data: bytes) -> None:
+        path, made = self._path(key), set[Path]()
+        fd, tmp = self._temp(path, data, made)
+        self._publish([fd], tmp, path, made, exclusive=False)
+
+    def create(self, key: str, data: bytes) -> bool:
+        path, made = self._path(key), set[Path]()
+        fd, tmp = self._temp(path, data, made)
+        return self._publish([fd], tmp, path, made, exclusive=True)
+
+    def append(self, key: str, data: bytes, order: int = 0) -> None:
+        made = set[Path]()
+        fd = self._append_open(key, data, made)
+        try:
+            self._flush_files([fd])
+        finally:
+            os.close(fd)
+        self._flush_names(made)
+
+    def commit(self, appends: list[Append], key: str, data: bytes) -> bool:
+        """The appends and the commit file written first and flushed together, then the file's name."""
+        path, made = self._path(key), set[Path]()
+        fds: list[int] = []
+        try:
+            for append in appends:
+                fds.append(self._append_open(append.key, append.data, made))
+            fd, tmp = self._temp(path, data, made)
+        except BaseException:
+            for opened in fds:
+                os.close(opened)
+            raise
+        return self._publish([*fds, fd], tmp, path, made, exclusive=True)
 
     def list(self, prefix: str) -> list[str]:
         try:

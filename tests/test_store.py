@@ -431,3 +431,48 @@ def test_a_worker_on_a_distant_s3_store_completes_every_job_exactly(
         checkpoints, problems = store.list_checkpoints(job_id)
         assert [c.step_number for c in checkpoints] == [1, 2, 3] and problems == []
         assert checkpoints[-1].messages[-1].contents[-1].text == "Hello from S3"  # type: ignore[union-attr]
+
+
+def test_group_flush_serves_every_caller_and_a_failed_flush_serves_none(tmp_path: Path) -> None:
+    from shared import flush
+
+    group = flush.GroupFlush(tmp_path)
+    calls: list[int] = []
+    real = group._syncfs
+
+    def counted() -> None:
+        calls.append(1)
+        time.sleep(0.01)  # long enough for callers to queue up behind a running flush
+        real()
+
+    group._syncfs = counted  # type: ignore[method-assign]
+    threads = [threading.Thread(target=group.flush) for _ in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert not any(t.is_alive() for t in threads)
+    if group.grouped:
+        assert 1 <= len(calls) < 40  # callers that came during a flush shared the next one
+
+        def failing() -> None:
+            raise OSError(5, "disk gone")
+
+        group._syncfs = failing  # type: ignore[method-assign]
+        with pytest.raises(OSError, match="disk gone"):
+            group.flush()
+        assert group._done < group._asked  # the failed ask is not counted as flushed
+
+
+def test_local_store_without_syncfs_flushes_each_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from shared import flush
+
+    monkeypatch.setattr(flush, "_SYNCFS", None)
+    store = JobStore.open(str(tmp_path / "perstack"))
+    cp = checkpoint(1)
+    cp.messages = [said("a")]
+    assert store.commit_checkpoint(cp, "t1", [event("startRun", 1).to_json()])
+    assert not store.commit_checkpoint(cp.model_copy(), "t2")
+    assert texts(store.load_checkpoint("j1", "cp1")) == ["a"]

@@ -1,0 +1,86 @@
+"""Group flushes: many threads that each need their writes on the disk share one flush of the file system.
+
+A flush (fsync) costs a disk round trip, milliseconds on many disks whatever was written, and a step
+needs its data on the disk before its commit and its commit before it hands on. Flushing each file on its
+own makes a worker of hundreds of concurrent steps wait on thousands of flushes; here a thread that needs
+its writes durable asks for a flush, and one `syncfs` of the store's file system serves every thread that
+asked before it started (the way databases group their commits). Where `syncfs` is missing (not Linux),
+each file is flushed on its own, as callers pass them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+
+def _syncfs() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        syncfs: Callable[[int], int] = libc.syncfs
+    except (OSError, AttributeError, TypeError):
+        return None
+    return syncfs
+
+
+_SYNCFS = _syncfs()
+
+
+class GroupFlush:
+    """Flushes of the file system holding `root`, shared by the threads that ask at the same time."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._cond = threading.Condition()
+        self._asked = 0  # flushes asked for so far
+        self._done = 0  # every ask up to this one is on the disk
+        self._running = False
+
+    @property
+    def grouped(self) -> bool:
+        return _SYNCFS is not None
+
+    def flush(self, fds: Sequence[int] = ()) -> None:
+        """Return once everything written before the call is on the disk. `fds`: the files written, for
+        systems without syncfs (flushed one by one there)."""
+        if _SYNCFS is None:
+            for fd in fds:
+                os.fsync(fd)
+            return
+        with self._cond:
+            self._asked += 1
+            mine = self._asked
+            while self._done < mine:
+                if self._running:
+                    self._cond.wait()
+                    continue
+                self._running = True
+                covered = self._asked  # every ask so far wrote before this flush starts
+                self._cond.release()
+                flushed = False
+                try:
+                    self._syncfs()
+                    flushed = True
+                finally:  # a failed flush covers nobody: a waiting thread tries again, or fails in turn
+                    self._cond.acquire()
+                    self._running = False
+                    if flushed:
+                        self._done = max(self._done, covered)
+                    self._cond.notify_all()
+
+    def _syncfs(self) -> None:
+        assert _SYNCFS is not None
+        existing = self.root
+        while not existing.exists() and existing != existing.parent:  # the store's folder may be new
+            existing = existing.parent
+        fd = os.open(existing, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if _SYNCFS(fd) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"syncfs: {os.strerror(err)}")
+        finally:
+            os.close(fd)
