@@ -352,11 +352,6 @@ class Client:
         if not plan.new_job and not await redis.set(lock, "1", nx=True, ex=10):
             raise RequestError(f"job {plan.job.id} is being continued by another request")
         try:
-            if not plan.new_job:
-                # planned before the lock was ours: another continuation may have started in between
-                current = self.store.load_job(plan.job.id)
-                if current is not None and current.status in BUSY_STATUSES:
-                    raise RequestError(f"job {plan.job.id} is {current.status}; wait for it to stop first")
             await self._write_and_enqueue(plan, redis)
         finally:
             if not plan.new_job:
@@ -365,10 +360,26 @@ class Client:
 
     async def _write_and_enqueue(self, plan: Plan, redis: Any) -> None:
         store = self.store
-        previous = None if plan.new_job else store.load_job(plan.job.id)
+        previous: Job | None = None
         store.save_run_setting(plan.setting)
         store.save_initial_checkpoint(plan.initial)
-        store.save_job(plan.job, new=plan.new_job)
+        if plan.new_job:
+            store.save_job(plan.job, new=True)
+        else:
+            # under the record's lock, so that a step of the stopped submission still finishing cannot
+            # write its older record over this one; planned before the lock was ours, so check again
+            def take_over(current: Job) -> Job:
+                nonlocal previous
+                if current.status in BUSY_STATUSES:
+                    raise RequestError(f"job {plan.job.id} is {current.status}; wait for it to stop first")
+                previous = current
+                return plan.job
+
+            try:
+                store.update_job(plan.job.id, take_over)
+            except RequestError:
+                store.backend.delete_tree(f"jobs/{plan.job.id}/runs/{plan.setting.run_id}")
+                raise
         task = StepTask(job_id=plan.job.id, run_id=plan.setting.run_id, step_number=plan.initial.step_number)
         try:
             # a cancel mark stays: it stops runs of earlier submissions only (RunSetting.epoch)
@@ -379,7 +390,10 @@ class Client:
             else:
                 store.backend.delete_tree(f"jobs/{plan.job.id}/runs/{plan.setting.run_id}")
                 if previous is not None:
-                    store.save_job(previous)
+                    restored = previous
+                    store.update_job(
+                        plan.job.id, lambda now: restored if now.epoch == plan.job.epoch else None
+                    )
             raise QueueUnavailable(f"cannot reach Redis at {self.settings.redis_url}: {e}") from e
 
     async def status(self, job_id: str) -> Job | None:
@@ -395,14 +409,16 @@ class Client:
             raise RequestError(f"job {job_id} is {job.status}; only queued or running jobs can be cancelled")
         redis = await self.redis()
         await redis.set(cancel_key(job.id), str(now_ms()), ex=CANCEL_MARK_TTL_S)
+
         # read again under the record's lock: a step may have written it since
-        cancelled = self.store.update_job(
-            job.id,
-            lambda current: (
-                job_record.cancel(current, now=now_ms()) if current.status in BUSY_STATUSES else None
-            ),
-        )
-        return cancelled or job
+        def stop(current: Job) -> Job:
+            if current.status not in BUSY_STATUSES:  # it stopped on its own meanwhile
+                raise RequestError(
+                    f"job {job_id} is {current.status}; only queued or running jobs can be cancelled"
+                )
+            return job_record.cancel(current, now=now_ms())
+
+        return self.store.update_job(job.id, stop) or job
 
 
 def submit_sync(request: RunRequest, settings: Settings | None = None) -> Job:

@@ -71,12 +71,6 @@ def after_step(
     return job.model_copy(update=update)
 
 
-def is_progress_only(job: Job, end: Checkpoint) -> bool:
-    """Whether recording `end` would only refresh a running job's totals (no status change): a worker may
-    write those lazily."""
-    return job.status == "running" and end.status == "proceeding"
-
-
 def settle_cancel(job: Job, *, epoch: int, now: int) -> Job | None:
     """The queue refused a run's next step because the job was cancelled: the record says so even if a
     step's write crossed `perq cancel`'s, unless a later submission has taken the job over."""

@@ -169,7 +169,8 @@ class S3Backend:
             if any(not isinstance(found.get(p), bytes) for p in paths):
                 continue  # a rewrite deleted a segment we listed: read the log again
             chunks.extend(found[p] for p in paths)
-            return b"".join(chunks)
+            # each segment is whole lines; one without its last newline must not run into the next
+            return b"".join(c if c.endswith(b"\n") else c + b"\n" for c in chunks if c)
         raise OSError(f"{self.describe(key)} kept changing while it was read")
 
 

@@ -135,9 +135,12 @@ class LocalBackend:
 
     @staticmethod
     def _parent(path: Path, made: set[Path]) -> None:
-        """Make `path`'s folder if it is missing; note the folder whose entries changed."""
+        """Make `path`'s folder if it is missing; note every folder whose entries changed."""
+        missing = path.parent
+        while not missing.exists() and missing != missing.parent:
+            made.add(missing.parent)
+            missing = missing.parent
         path.parent.mkdir(parents=True, exist_ok=True)
-        made.add(path.parent.parent)
 
     # --- writing ---------------------------------------------------------------------------------------
 
@@ -149,7 +152,7 @@ class LocalBackend:
             self._parent(path, made)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
-            os.write(fd, data)
+            _write_all(fd, data)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
@@ -161,16 +164,21 @@ class LocalBackend:
         """Append with one write() of an O_APPEND file (lines of concurrent writers never interleave);
         return the open file, noting its folder when this write made it."""
         path = self._path(key)
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT
         try:
             fd = os.open(path, flags, 0o644)
         except FileNotFoundError:
             self._parent(path, made)
             fd = os.open(path, flags, 0o644)
         try:
-            os.write(fd, data)
-            if os.fstat(fd).st_size == len(data):  # this write made the file: its name must last too
-                made.add(path.parent)
+            size = os.fstat(fd).st_size
+            if size == 0:
+                made.add(path.parent)  # this write makes the file: its name must last too
+            elif os.pread(fd, 1, size - 1) != b"\n":
+                # a crash cut the last line short: start on a line of our own, or the reader would see
+                # our first line glued to the torn one and drop both
+                data = b"\n" + data
+            _write_all(fd, data)
         except BaseException:
             os.close(fd)
             raise
@@ -261,6 +269,17 @@ class LocalBackend:
             os.close(fd)
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    """os.write may write less than asked (a full disk) without an error: go on until all is written, so
+    that a short write raises instead of publishing a cut-off file."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:
+            raise OSError(f"wrote nothing of {len(view)} bytes")
+        view = view[written:]
+
+
 def open_backend(location: str, *, fsync: bool = True) -> Backend:
     """A store location: a local path (default ./perstack), or s3://bucket/prefix (shared/s3store.py)."""
     if location.startswith("s3://"):
@@ -308,7 +327,7 @@ class MessageReader:
         return log
 
     def messages(self, ref: MessagesRef | None) -> list[Message]:
-        """The conversation `ref` names, oldest message first."""
+        """The conversation `ref` names, oldest message first: one walk of the chain, one list built."""
         chain: list[tuple[tuple[str, str], _Chunk]] = []
         base: list[Message] = []
         while ref is not None:
@@ -318,21 +337,23 @@ class MessageReader:
                 break
             chunk = self._log(ref.run_id).get(ref.token)
             if chunk is None:
-                where = self.store.backend.describe(
-                    f"{self.store._run(self.job_id, ref.run_id)}/messages.jsonl"
-                )
+                log = f"{self.store._run(self.job_id, ref.run_id)}/messages.jsonl"
+                where = self.store.backend.describe(log)
                 raise StoreError(f"damaged message log {where}: chunk {ref.token} is missing")
             chain.append((key, chunk))
             ref = chunk.prev
+        if not chain:
+            return base
+        result = list(base)
         for key, chunk in reversed(chain):
             if chunk.messages is None:
                 try:
                     chunk.messages = _MESSAGES.validate_python(chunk.raw)
                 except ValidationError as e:
                     raise StoreError(f"damaged message chunk {key[1]} of run {key[0]}: {e}") from e
-            base = [*base, *chunk.messages]
-            self._resolved[key] = base
-        return base
+            result.extend(chunk.messages)
+        self._resolved[chain[0][0]] = result  # only the asked-for conversation: one list per answer
+        return result
 
 
 class JobStore:

@@ -187,3 +187,35 @@ async def test_cancel_stops_earlier_submissions_only(tmp_path: Path) -> None:
     h.queue.cancelled[job.id] -= 1  # the mark predates the continuation's epoch
     await h.drain()
     assert h.job(job.id).status == "completed"
+
+
+async def test_a_delegate_stopped_at_max_steps_is_recorded_when_its_step_is_found_done(
+    tmp_path: Path,
+) -> None:
+    """The worker died between a delegate's last checkpoint and the job record: the step's re-run finds the
+    checkpoint, and the record must still learn that the job stopped (else it stays running forever)."""
+    config = """
+[experts.coord]
+instruction = "x"
+delegates = ["alpha"]
+[experts.alpha]
+description = "a"
+instruction = "x"
+"""
+    h = Harness(
+        tmp_path,
+        config,
+        {
+            "coord": [{"toolCalls": [{"toolName": "alpha", "args": {"query": "a"}}]}, {"text": "never"}],
+            "alpha": [{"toolCalls": [{"toolName": "healthCheck"}]}] * 5,
+        },
+    )
+    job = h.submit("coord", "go", max_steps=3)
+    await h.drain()
+    stopped = h.job(job.id)
+    assert stopped.status == "stoppedByMaxSteps"
+    # the record as it was before the last step's write, which the crash lost
+    h.store.save_job(stopped.model_copy(update={"status": "running", "finished_at": None}))
+    await h.runtime.run_step(h.ran[-1], attempt=2)
+    assert h.job(job.id).status == "stoppedByMaxSteps"
+    assert not h.queue.pending

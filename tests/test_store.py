@@ -255,15 +255,20 @@ def test_a_torn_log_tail_is_ignored_and_a_missing_chunk_named(store: JobStore) -
     cp = checkpoint(1)
     cp.messages = [said("a")]
     assert store.commit_checkpoint(cp, "t1")
-    store.backend.append("jobs/j1/runs/r1/messages.jsonl", b'{"token": "t2", "prev": nul', 9)
+    store.backend.append("jobs/j1/runs/r1/messages.jsonl", b'{"token": "t2", "prev": nul', 2)
     assert texts(store.load_checkpoint("j1", "cp1")) == ["a"]
+    # the step runs again after the crash that cut the line short: its chunk must not be glued to it
+    again = cp.model_copy(update={"id": "cp1b", "step_number": 2})
+    again.messages = [*again.messages, said("b")]
+    assert store.commit_checkpoint(again, "t3", [event("completeRun", 2).to_json()])
+    assert texts(store.load_checkpoint("j1", "cp1b")) == ["a", "b"]
     broken = checkpoint(2)
     broken.messages_ref = MessagesRef(run_id="r1", token="gone", count=2)
     store.backend.write("jobs/j1/checkpoints/cp2.json", broken.to_json().encode())
     with pytest.raises(StoreError, match="chunk gone is missing"):
         store.load_checkpoint("j1", "cp2")
     checkpoints, problems = store.list_checkpoints("j1")
-    assert [c.id for c in checkpoints] == ["cp1"] and "chunk gone is missing" in problems[0]
+    assert [c.id for c in checkpoints] == ["cp1", "cp1b"] and "chunk gone is missing" in problems[0]
 
 
 def test_fan_in_results(store: JobStore) -> None:
@@ -476,3 +481,21 @@ def test_local_store_without_syncfs_flushes_each_file(
     assert store.commit_checkpoint(cp, "t1", [event("startRun", 1).to_json()])
     assert not store.commit_checkpoint(cp.model_copy(), "t2")
     assert texts(store.load_checkpoint("j1", "cp1")) == ["a"]
+
+
+def test_a_short_write_is_finished_not_published_cut_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """os.write may write less than asked (a full disk): the store goes on writing, never publishing half."""
+    real = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: real(fd, bytes(data[:7])))
+    store = JobStore.open(str(tmp_path / "perstack"))
+    cp = checkpoint(1)
+    cp.id = checkpoint_id("r1", 1)
+    cp.messages = [said("a" * 100)]
+    assert store.commit_checkpoint(cp, "t1", [event("startRun", 1).to_json()])
+    store.save_job(job("j1"))
+    monkeypatch.setattr(os, "write", real)
+    assert texts(store.load_checkpoint("j1", cp.id)) == ["a" * 100]
+    assert store.load_job("j1") == job("j1")
+    assert [e.type for e in store.read_events("j1", "r1")[0]] == ["startRun"]

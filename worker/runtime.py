@@ -82,7 +82,7 @@ class Runtime:
     record_interval_s: float = 1.0
     _settings: OrderedDict[str, RunSetting] = field(default_factory=OrderedDict)
     _checkpoints: OrderedDict[str, Checkpoint] = field(default_factory=OrderedDict)
-    _recorded_at: dict[str, float] = field(default_factory=dict)
+    _recorded_at: dict[str, tuple[int, float]] = field(default_factory=dict)  # job: (epoch, when)
     _models: dict[tuple[str, str], ModelClient] = field(default_factory=dict)
     _executor: ThreadPoolExecutor | None = None
     # cancel marks read with each step at pick-up, by arq id, until the step starts
@@ -232,7 +232,7 @@ class Runtime:
         tasks = await self.io(self.hand_on.follow_ups, setting, done)
         # the attempt that finished the step may have died before the job record: catch it up, unless what
         # follows the step has run already (then the record is past this step, or moved on)
-        if tasks or (done.delegated_by is None and done.status != "proceeding"):
+        if tasks or done.status != "proceeding":
             await self.io(self._record, setting, done, catch_up=True)
         if await self.queue.hand_over(HandOver(done.job_id, setting.epoch, tasks=tasks)):
             await self.io(self._settle_cancel, setting)
@@ -265,7 +265,8 @@ class Runtime:
         every other step writes it. Returns the record as the store holds it afterwards (None: not read).
         """
         now = time.monotonic()
-        recent = now - self._recorded_at.get(end.job_id, -1e9) < self.record_interval_s
+        epoch, at = self._recorded_at.get(end.job_id, (None, -1e9))
+        recent = epoch == setting.epoch and now - at < self.record_interval_s
         if recent and not catch_up and end.status == "proceeding" and not setting.parallel_branch:
             return None
 
@@ -284,7 +285,7 @@ class Runtime:
         if job is None:
             raise LookupError(f"job {end.job_id} has no job record")
         if job.status == "running":
-            self._recorded_at[job.id] = now
+            self._recorded_at[job.id] = (setting.epoch, now)
             if len(self._recorded_at) > 4096:
                 self._recorded_at.clear()
         else:
