@@ -6,6 +6,7 @@
     jobs/{jobId}/runs/{runId}/initial-checkpoint.json   perq: where a run segment starts (startRun's)
     jobs/{jobId}/runs/{runId}/events.jsonl              perq: one line per event (spec §9 #24)
     index/{inverted startedAt}-{jobId}                  perq: empty markers, newest job first by name
+    unfinished/{jobId}                                  perq: empty markers of jobs queued or running
 
 The store is the truth about jobs; Redis only carries the work. Paths are built only from ids checked by
 `check_id`, so no id from a payload or the command line can leave the store.
@@ -24,7 +25,7 @@ from typing import Protocol, TypeVar
 
 from pydantic import ValidationError
 
-from shared.models import Checkpoint, Event, Job, RunSetting, check_id, derived_id
+from shared.models import FINAL_JOB_STATUSES, Checkpoint, Event, Job, RunSetting, check_id, derived_id
 
 T = TypeVar("T", Job, Checkpoint, RunSetting)
 _INDEX_BASE = 10**13  # startedAt in ms stays below this until the year 2286
@@ -165,6 +166,12 @@ class JobStore:
         self.backend.write(f"{self._job(job.id)}/job.json", data)
         if new:
             self.backend.write(f"index/{_INDEX_BASE - job.started_at:013d}-{job.id}", b"")
+        # a submission saves the job queued, its steps running, its end a final status: the marker of an
+        # unfinished job is written at the first and dropped at the last, never touched by a step's write
+        if job.status == "queued":
+            self.backend.write(f"unfinished/{job.id}", b"")
+        elif job.status in FINAL_JOB_STATUSES:
+            self.backend.delete_tree(f"unfinished/{job.id}")
 
     def load_job(self, job_id: str) -> Job | None:
         return self._load(f"{self._job(job_id)}/job.json", Job)
@@ -179,7 +186,13 @@ class JobStore:
             job = self.load_job(job_id)
         if job is not None:
             self.backend.delete_tree(f"index/{_INDEX_BASE - job.started_at:013d}-{job.id}")
+        self.backend.delete_tree(f"unfinished/{check_id(job_id, 'job id')}")
         self.backend.delete_tree(self._job(job_id))
+
+    def list_unfinished(self) -> list[str]:
+        """Ids of the jobs last saved queued or running, without reading any record (a job can have
+        settled since: read its record before acting on it)."""
+        return sorted(self.backend.list("unfinished"))
 
     def _indexed_ids(self) -> Iterator[str]:
         """Job ids newest first, from the index names alone (no record is read)."""
