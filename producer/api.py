@@ -308,9 +308,11 @@ async def _create_pool_quiet(settings: Settings) -> Any:
     import logging
 
     logging.getLogger("arq.connections").setLevel(logging.ERROR)
-    from arq.connections import RedisSettings, create_pool
+    from arq.connections import create_pool
 
-    redis_settings = RedisSettings.from_dsn(settings.redis_url)
+    from shared.redisurl import redis_settings as settings_for
+
+    redis_settings = settings_for(settings.redis_url)
     redis_settings.conn_retries = 0
     redis_settings.conn_timeout = 2
     try:

@@ -58,6 +58,19 @@ class Settings(BaseSettings):
     concurrency: int = Field(default=200, ge=1)
     # on SIGTERM, how long in-flight steps may run before they are handed back to the queue
     grace_seconds: float = Field(default=20.0, ge=0)
+    # how often the workers compare the store's unfinished jobs with the queue (default: 3 leases)
+    reconcile_seconds: float | None = Field(default=None, gt=0)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, v: str) -> str:
+        from shared.redisurl import check_redis_url
+
+        return check_redis_url(v)
+
+    @property
+    def reconcile_period(self) -> float:
+        return self.reconcile_seconds or 3 * self.lease_seconds
 
 
 class ConfigError(Exception):
