@@ -16,7 +16,6 @@ import logging
 import os
 from typing import Any
 
-from arq.connections import RedisSettings
 from arq.constants import in_progress_key_prefix
 from arq.utils import timestamp_ms
 from arq.worker import Retry, Worker, func
@@ -33,9 +32,11 @@ from shared.queue import (
     deserialize,
     serialize,
 )
+from shared.redisurl import redis_settings
 from shared.store import JobStore
 from worker.heartbeat import heartbeat
 from worker.loop import StepInterrupted
+from worker.reconcile import reconcile_forever
 from worker.redis_queue import RedisStepQueue
 from worker.runtime import UNKNOWN, Runtime
 
@@ -101,7 +102,7 @@ class PerqWorker(Worker):
         super().__init__(
             functions=[func(step, name=STEP_TASK, timeout=ARQ_STEP_TIMEOUT_S, max_tries=1000)],
             queue_name=settings.queue,
-            redis_settings=RedisSettings.from_dsn(settings.redis_url),
+            redis_settings=redis_settings(settings.redis_url),
             job_serializer=serialize,
             job_deserializer=deserialize,
             keep_result=0,
@@ -164,6 +165,18 @@ class PerqWorker(Worker):
         lease = asyncio.create_task(self._renew_leases())
         # perq: a heartbeat key per worker (worker/heartbeat.py), counted by `perq status --queue`
         beat = asyncio.create_task(heartbeat(self.pool, self.queue_name, self.tasks, self.max_jobs))
+        # perq: the queue rebuilt from the store after Redis forgot (worker/reconcile.py)
+        mend = asyncio.create_task(
+            reconcile_forever(
+                self.pool,
+                self.ctx["perq"].store,
+                self.queue_name,
+                period_s=self.settings.reconcile_period,
+                settle_s=self.settings.lease_seconds / 2,
+                enqueued=self.enqueued,
+                errors=REDIS_DOWN,
+            )
+        )
         loop = asyncio.get_running_loop()
         next_poll = 0.0
         try:
@@ -188,6 +201,7 @@ class PerqWorker(Worker):
         finally:
             lease.cancel()
             beat.cancel()
+            mend.cancel()
 
     def enqueued(self, arq_ids: list[str]) -> None:
         """This worker's steps enqueued what follows them: look at once (the pick-up script decides)."""
@@ -241,7 +255,8 @@ class PerqWorker(Worker):
             try:
                 async with self.pool.pipeline(transaction=False) as pipe:
                     for job_id in running:
-                        pipe.pexpire(in_progress_key_prefix + job_id, lease_ms)
+                        # SET, not PEXPIRE: a Redis that lost its data gets the lease back
+                        pipe.set(in_progress_key_prefix + job_id, b"1", px=lease_ms)
                     await pipe.execute()
             except REDIS_DOWN as e:
                 log.warning("could not renew leases: %s", e)
