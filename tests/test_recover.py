@@ -18,7 +18,7 @@ import redis as redis_sync
 from producer.api import Client, RunRequest
 from producer.localredis import LocalRedis, free_port, reachable, redis_server_binary
 from shared.config import Settings
-from tests.conftest import Perq, script_toml
+from tests.conftest import PERQ, Perq, script_toml
 from tests.test_resilience import CONFIG, SCRIPT, tool_turns, wait_until
 
 # a pass every 2 s here (3 leases by default): the bound on recovery below follows from it and the lease
@@ -155,6 +155,47 @@ def test_a_bad_sentinel_url_is_one_line_and_exit_2(lone: Perq) -> None:
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and "PERQ_REDIS_URL" in lines[0] and "master's name" in lines[0], lines
     assert not (lone.storage / "jobs").exists()  # the refused `perq run` wrote nothing
+
+
+def test_followers_survive_a_redis_restarted_empty(lone: Perq, own_redis: LocalRedis) -> None:
+    def start(*args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [*PERQ, *args],
+            cwd=lone.root,
+            env=lone.env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    waiter = start("run", "worker-test", "go", *SCRIPT, "--wait", "--json")
+    wait_until(lambda: lone.store.list_jobs().total == 1, what="the job record")
+    job_id = lone.store.list_jobs().jobs[0].id
+    follower = start("log", "--follow", "--json", "--job", job_id)
+    watcher = start("status", "--queue", "--watch")
+    time.sleep(1.0)  # the followers are reading the stream
+    lone.start_worker(**RECONCILE)
+    wait_until(lambda: lone.job(job_id).total_steps >= 1, what="a step done")
+    own_redis.stop(kill=True)
+    for path in Path(own_redis.directory).iterdir():
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    time.sleep(1.0)
+    own_redis.start()
+
+    out, err = waiter.communicate(timeout=60)
+    assert waiter.returncode == 0, err
+    assert json.loads(out)["status"] == "completed"
+    out, err = follower.communicate(timeout=30)
+    assert follower.returncode == 0, err
+    assert "lost the event stream" in err
+    *lines, last = out.strip().splitlines()
+    assert json.loads(last)["status"] == "completed"
+    printed = [json.loads(line)["id"] for line in lines]
+    # every event of the job, shown once: what the stream lost came from the store
+    assert sorted(printed) == sorted(e.id for e in lone.events(job_id))
+    assert watcher.poll() is None  # the live queue view outlived the outage
+    watcher.send_signal(signal.SIGINT)
+    assert watcher.wait(10) == 0
 
 
 # --- a real Sentinel set-up on loopback -----------------------------------------------------------
