@@ -46,13 +46,13 @@ def lone(tmp_path: Path, own_redis: LocalRedis) -> Iterator[Perq]:
     perq.stop_workers()
 
 
-def submit(perq: Perq, count: int, query: str = "go") -> list[str]:
+def submit(perq: Perq, count: int, query: str = "go", expert: str = "worker-test") -> list[str]:
     """Submit `count` jobs through the producer API in one process (a `perq run` each costs a start-up)."""
 
     async def go() -> list[str]:
         settings = Settings(redis_url=perq.redis.url, storage=str(perq.storage), queue=perq.queue)
         request = RunRequest(
-            expert_key="worker-test", query=query, provider="script", model="script.toml", cwd=perq.root
+            expert_key=expert, query=query, provider="script", model="script.toml", cwd=perq.root
         )
         async with Client(settings) as client:
             return [(await client.submit(request)).id for _ in range(count)]
@@ -99,15 +99,18 @@ def test_redis_restarted_without_persistence_every_job_completes(lone: Perq, own
 
 
 def test_a_cancelled_job_is_not_resurrected(lone: Perq) -> None:
+    lone.write("perstack.toml", CONFIG + '[experts.slow]\ninstruction = "Work slowly"\n')
+    lone.write("script.toml", script_toml({"worker-test": tool_turns(3, 400), "slow": tool_turns(20, 400)}))
     client = redis_sync.Redis.from_url(lone.redis.url)
-    [cancelled] = submit(lone, 1, "stop me")
+    [cancelled] = submit(lone, 1, "stop me", expert="slow")
     worker = lone.start_worker(**RECONCILE)
-    wait_until(lambda: lone.job(cancelled).total_steps >= 1, what="a step done")
+    wait_until(lambda: len(lone.checkpoints(cancelled)) >= 1, what="a step done")
     assert lone.run("cancel", cancelled).returncode == 0
     wait_until(lambda: not client.zcard(lone.queue), what="the cancelled job's last step to settle")
     worker.send_signal(signal.SIGTERM)
     worker.wait(15)
     steps = len(lone.checkpoints(cancelled))
+    assert steps < 21
     [orphan] = submit(lone, 1, "lost")
     client.flushdb()  # the cancel mark is gone with the rest
     lone.start_worker(**RECONCILE)
