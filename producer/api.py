@@ -42,11 +42,10 @@ from shared.models import (
     new_id,
     now_ms,
 )
-from shared.queue import STEP_TASK, StepTask, cancel_key, serialize, step_job_id
+from shared.queue import CANCEL_MARK_TTL_S, STEP_TASK, StepTask, cancel_key, serialize, step_job_id
 from shared.store import JobStore
 
 BUSY_STATUSES = ("queued", "running")
-CANCEL_MARK_TTL_S = 30 * 24 * 3600  # longer than any step of a cancelled submission could wait in the queue
 REASONING_WORDS = ("none", "minimal", "low", "medium", "high")
 SECRET_HEADER = re.compile(r"auth|key|token|secret|cookie|password", re.IGNORECASE)
 

@@ -167,10 +167,11 @@ class JobStore:
         if new:
             self.backend.write(f"index/{_INDEX_BASE - job.started_at:013d}-{job.id}", b"")
         # a submission saves the job queued, its steps running, its end a final status: the marker of an
-        # unfinished job is written at the first and dropped at the last, never touched by a step's write
+        # unfinished job is written at the first and dropped at the last, never touched by a step's write.
+        # A cancelled job keeps it until reconciliation has seen its last step end (`settle_unfinished`).
         if job.status == "queued":
             self.backend.write(f"unfinished/{job.id}", b"")
-        elif job.status in FINAL_JOB_STATUSES:
+        elif job.status in FINAL_JOB_STATUSES and job.status != "cancelled":
             self.backend.delete_tree(f"unfinished/{job.id}")
 
     def load_job(self, job_id: str) -> Job | None:
@@ -190,9 +191,12 @@ class JobStore:
         self.backend.delete_tree(self._job(job_id))
 
     def list_unfinished(self) -> list[str]:
-        """Ids of the jobs last saved queued or running, without reading any record (a job can have
-        settled since: read its record before acting on it)."""
+        """Ids of the jobs saved queued or running, or cancelled and not settled, without reading any record
+        (a job can have moved on since: read its record before acting on it)."""
         return sorted(self.backend.list("unfinished"))
+
+    def settle_unfinished(self, job_id: str) -> None:
+        self.backend.delete_tree(f"unfinished/{check_id(job_id, 'job id')}")
 
     def _indexed_ids(self) -> Iterator[str]:
         """Job ids newest first, from the index names alone (no record is read)."""

@@ -128,6 +128,16 @@ def test_a_settled_job_waits_on_nothing(store: JobStore, status: str) -> None:
     assert steps(store, job) == []
 
 
+def test_a_cancelled_job_shows_where_a_step_may_still_run(store: JobStore) -> None:
+    job = save_job(store, "cancelled")
+    begin_run(store, "r1")
+    record(store, "r1", 1, "proceeding")
+    assert steps(store, job) == []
+    assert [(u.task.run_id, u.task.step_number) for u in next_units(store, job, cancelled=True)] == [
+        ("r1", 2)
+    ]
+
+
 def test_a_record_behind_its_final_checkpoint_reruns_that_step(store: JobStore) -> None:
     # the step's checkpoint ended the job, and its worker died before the record: running the step again
     # finds the checkpoint and writes the record
@@ -204,12 +214,17 @@ def test_the_unfinished_index_follows_the_status(store: JobStore) -> None:
     assert store.list_unfinished() == ["j", "k"]
     store.save_job(job.model_copy(update={"status": "running"}))
     assert store.list_unfinished() == ["j", "k"]
-    store.save_job(job.model_copy(update={"status": "cancelled"}))
+    store.save_job(job.model_copy(update={"status": "completed"}))
     assert store.list_unfinished() == ["k"]
     store.save_job(job.model_copy(update={"status": "queued"}))  # continued
     assert store.list_unfinished() == ["j", "k"]
+    # a cancelled job stays until reconciliation has seen its last step end
+    store.save_job(job.model_copy(update={"status": "cancelled"}))
+    assert store.list_unfinished() == ["j", "k"]
+    store.settle_unfinished("j")
+    assert store.list_unfinished() == ["k"]
     store.delete_job("k")
-    assert store.list_unfinished() == ["j"]
+    assert store.list_unfinished() == []
 
 
 # --- Sentinel addresses ---------------------------------------------------------------------------

@@ -28,8 +28,8 @@ from typing import Any
 
 from arq.constants import in_progress_key_prefix
 
-from shared.models import Checkpoint, Job, derived_id
-from shared.queue import StepTask, step_job_id
+from shared.models import Checkpoint, Job, derived_id, now_ms
+from shared.queue import CANCEL_MARK_TTL_S, StepTask, cancel_key, step_job_id
 from shared.store import JobStore, StoreError
 from worker.redis_queue import RedisStepQueue
 
@@ -73,13 +73,14 @@ class Recovery:
 # --- what a job waits on, from the store alone ------------------------------------------------------
 
 
-def next_units(store: JobStore, job: Job) -> list[Unit]:
+def next_units(store: JobStore, job: Job, *, cancelled: bool = False) -> list[Unit]:
     """The units of work a queued or running job waits on; none for a job in any other status.
 
-    Only runs of the job's current submission count (their run setting carries the job's epoch): runs of an
-    earlier one were stopped or finished before the job was continued.
+    With `cancelled`, also what a cancelled job would wait on: where a step that still runs after the cancel
+    is found. Only runs of the job's current submission count (their run setting carries the job's epoch):
+    runs of an earlier one were stopped or finished before the job was continued.
     """
-    if job.status not in UNFINISHED:
+    if job.status not in UNFINISHED and not (cancelled and job.status == "cancelled"):
         return []
     checkpoints, _damaged = store.list_checkpoints(job.id)
     current: list[str] = []
@@ -203,20 +204,42 @@ def _derive(store: JobStore, job_ids: Iterable[str]) -> dict[str, tuple[Job, lis
     for job_id in job_ids:
         try:
             job = store.load_job(job_id)
-            if job is not None and job.status in UNFINISHED:
-                found[job_id] = (job, next_units(store, job))
+            if job is not None and (job.status in UNFINISHED or job.status == "cancelled"):
+                found[job_id] = (job, next_units(store, job, cancelled=True))
         except (StoreError, ValueError) as e:  # one damaged job must not stop the others' recovery
             log.warning("cannot reconcile job %s: %s", job_id, e)
     return found
 
 
-async def _orphans(
-    redis: Any, store: JobStore, queue_name: str, job_ids: list[str]
-) -> tuple[dict[str, Job], list[Unit]]:
-    """The unfinished jobs among `job_ids`, and their units that are neither queued nor leased."""
+@dataclass
+class Look:
+    """The jobs read from the store (unfinished and cancelled-not-settled), and what Redis holds of them."""
+
+    jobs: dict[str, Job]
+    missing: list[Unit]  # units of unfinished jobs neither queued nor leased
+    busy: set[str]  # jobs with a unit queued or leased
+
+
+async def _look(redis: Any, store: JobStore, queue_name: str, job_ids: list[str]) -> Look:
     derived = await asyncio.to_thread(_derive, store, job_ids)  # store reads never block the event loop
     units = [u for _job, job_units in derived.values() for u in job_units]
-    return {k: job for k, (job, _u) in derived.items()}, await _missing(redis, queue_name, units)
+    missing = {u.arq_id for u in await _missing(redis, queue_name, units)}
+    jobs = {k: job for k, (job, _u) in derived.items()}
+    return Look(
+        jobs=jobs,
+        missing=[u for u in units if u.arq_id in missing and jobs[u.task.job_id].status in UNFINISHED],
+        busy={u.task.job_id for u in units if u.arq_id not in missing},
+    )
+
+
+async def _restore_cancel_marks(redis: Any, jobs: list[Job]) -> None:
+    """A cancelled job's mark in Redis is what stops a step still running from handing the job on: a Redis
+    that forgot it gets it back (the time of the cancel; a newer mark is kept)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for job in jobs:
+            mark = str(job.finished_at or now_ms())
+            pipe.set(cancel_key(job.id), mark, nx=True, ex=CANCEL_MARK_TTL_S)
+        await pipe.execute()
 
 
 async def reconcile(
@@ -232,18 +255,30 @@ async def reconcile(
 
     A unit must be missing twice, `settle_s` apart, with the store read again in between: after Redis lost
     its data, live workers re-assert the leases of the steps they run within a third of a lease, and a step
-    that was handing its job on when the store was read has finished doing so.
+    that was handing its job on when the store was read has finished doing so. Cancelled jobs stay in the
+    store's index of unfinished jobs until a pass sees nothing of theirs running, twice; until then each pass
+    puts their cancel mark back in Redis if it is gone.
     """
-    _jobs, suspects = await _orphans(redis, store, queue_name, store.list_unfinished())
-    if not suspects:
+    first = await _look(redis, store, queue_name, store.list_unfinished())
+    cancelled = [job for job in first.jobs.values() if job.status == "cancelled"]
+    if cancelled and not dry_run:
+        await _restore_cancel_marks(redis, cancelled)
+    idle = {job.id for job in cancelled if job.id not in first.busy}
+    if not first.missing and not idle:
         return []
     await asyncio.sleep(settle_s)
-    jobs, again = await _orphans(redis, store, queue_name, sorted({u.task.job_id for u in suspects}))
-    missing = [u for u in again if u in suspects]
+    again = await _look(redis, store, queue_name, sorted({u.task.job_id for u in first.missing} | idle))
+    if not dry_run:
+        for job_id in sorted(idle):
+            job = again.jobs.get(job_id)
+            if job is not None and job.status == "cancelled" and job_id not in again.busy:
+                await asyncio.to_thread(store.settle_unfinished, job_id)
+    suspects = {u.arq_id for u in first.missing}
+    missing = [u for u in again.missing if u.arq_id in suspects]
     queue = RedisStepQueue(redis, queue_name, enqueued or (lambda _ids: None))
     recoveries: list[Recovery] = []
     for job_id in sorted({u.task.job_id for u in missing}):
-        job = jobs[job_id]
+        job = again.jobs[job_id]
         units = [u for u in missing if u.task.job_id == job_id]
         epoch = job.epoch or 0
         outcome = "would enqueue"
