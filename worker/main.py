@@ -1,10 +1,12 @@
-"""The worker process: arq's Worker with four changes perq needs (arq-notes A.6, A.11, D.4).
+"""The worker process: arq's Worker with the changes perq needs (arq-notes A.6, A.11, D.4).
 
 - a step's lease is short and renewed while it runs, so a worker killed mid-step hands its step to another
   worker within `PERQ_LEASE_SECONDS`, not after arq's job_timeout + 10 s;
 - the poll loop sleeps until the next poll *or* until this worker enqueued a step, so a job's next step
   starts at once instead of after arq's poll delay, and it takes all ready steps in one round trip;
-- losing Redis does not kill the worker: it logs, waits and reconnects.
+- losing Redis does not kill the worker: it logs, waits and reconnects;
+- what Redis forgot is enqueued again from the job store (worker/reconcile.py), and leases are renewed with
+  SET, so a Redis that lost them gets back those of the steps still running.
 """
 
 from __future__ import annotations

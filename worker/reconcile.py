@@ -14,6 +14,9 @@ What a unit may be:
   - a step that is recorded but whose hand-on never happened (delegates not started, a parent whose
     delegates all finished not resumed, a job record still `running` after its last checkpoint ended the
     job): running such a step again finds its checkpoint and only hands the job on.
+
+A cancelled job is never enqueued; while a step of it may still run, each pass puts its cancel mark back in
+a Redis that forgot it, so that step cannot hand the job on.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -309,10 +311,9 @@ async def reconcile_forever(
     The lock is taken for a period and never released, so however many workers there are, one pass runs per
     period; a worker that dies mid-pass leaves the lock to expire.
     """
-    token = secrets.token_hex(8)
     while True:
         try:
-            if await redis.set(lock_key(queue_name), token, nx=True, px=int(period_s * 1000)):
+            if await redis.set(lock_key(queue_name), b"1", nx=True, px=int(period_s * 1000)):
                 for r in await reconcile(redis, store, queue_name, settle_s=settle_s, enqueued=enqueued):
                     task = r.unit.task
                     log.warning(
