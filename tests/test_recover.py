@@ -293,6 +293,7 @@ def test_sentinel_failover_mid_batch_every_job_completes(tmp_path: Path, sentine
         perq.start_worker(PERQ_CONCURRENCY="3", **RECONCILE)
         wait_until(lambda: in_flight(perq, jobs), what="work under way")
         assert sentinels.master() == sentinels.master_port
+        assert reachable(sentinels.url)  # what `./dev example` asks of PERQ_REDIS_URL
         sentinels.procs["master"].send_signal(signal.SIGKILL)
         wait_until(lambda: sentinels.master() == sentinels.replica_port, timeout=30, what="the failover")
         assert_exact(perq, jobs, timeout=60)
