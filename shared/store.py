@@ -6,7 +6,8 @@
     jobs/{jobId}/runs/{runId}/initial-checkpoint.json   perq: where a run segment starts (startRun's)
     jobs/{jobId}/runs/{runId}/events.jsonl              perq: one line per event (spec §9 #24)
     index/{inverted startedAt}-{jobId}                  perq: empty markers, newest job first by name
-    unfinished/{jobId}                                  perq: empty markers of jobs queued or running
+    unfinished/{jobId}                                  perq: empty markers of jobs queued, running, or
+                                                        cancelled with a step perhaps still running
 
 The store is the truth about jobs; Redis only carries the work. Paths are built only from ids checked by
 `check_id`, so no id from a payload or the command line can leave the store.
