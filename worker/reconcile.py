@@ -261,7 +261,7 @@ async def reconcile(
     store's index of unfinished jobs until a pass sees nothing of theirs running, twice; until then each pass
     puts their cancel mark back in Redis if it is gone.
     """
-    first = await _look(redis, store, queue_name, store.list_unfinished())
+    first = await _look(redis, store, queue_name, await asyncio.to_thread(store.list_unfinished))
     cancelled = [job for job in first.jobs.values() if job.status == "cancelled"]
     if cancelled and not dry_run:
         await _restore_cancel_marks(redis, cancelled)
