@@ -306,3 +306,16 @@ def test_a_job_runs_end_to_end_on_the_s3_store(perq: Perq, s3_env: dict[str, str
     assert json.loads(status.stdout)["job"]["status"] == "completed"
     log = perq.run("log", "--job", job_id, "--type", "completeRun", env=env)
     assert "Result: Hello from S3" in log.stdout and f"Storage: {url}" in log.stdout
+
+
+def test_the_unfinished_index_on_every_backend(store: JobStore) -> None:
+    store.save_job(job("j1", status="queued"), new=True)
+    store.save_job(job("j2", status="queued"), new=True)
+    store.save_job(job("j1", status="running"))  # a step's write leaves the marker alone
+    assert store.list_unfinished() == ["j1", "j2"]
+    store.save_job(job("j1", status="completed"))
+    assert store.list_unfinished() == ["j2"]
+    store.save_job(job("j2", status="cancelled"))  # kept until reconciliation settles it
+    assert store.list_unfinished() == ["j2"]
+    store.settle_unfinished("j2")
+    assert store.list_unfinished() == []
