@@ -44,10 +44,9 @@ from shared.models import (
     new_id,
     now_ms,
 )
-from shared.queue import STEP_TASK, StepTask, cancel_key, serialize, step_job_id
+from shared.queue import CANCEL_MARK_TTL_S, STEP_TASK, StepTask, cancel_key, serialize, step_job_id
 from shared.store import JobStore
 
-CANCEL_MARK_TTL_S = 30 * 24 * 3600  # longer than any step of a cancelled submission could wait in the queue
 REASONING_WORDS = ("none", "minimal", "low", "medium", "high")
 SECRET_HEADER = re.compile(r"auth|key|token|secret|cookie|password", re.IGNORECASE)
 
@@ -307,9 +306,11 @@ async def _create_pool_quiet(settings: Settings) -> Any:
     import logging
 
     logging.getLogger("arq.connections").setLevel(logging.ERROR)
-    from arq.connections import RedisSettings, create_pool
+    from arq.connections import create_pool
 
-    redis_settings = RedisSettings.from_dsn(settings.redis_url)
+    from shared.redisurl import redis_settings as settings_for
+
+    redis_settings = settings_for(settings.redis_url)
     redis_settings.conn_retries = 0
     redis_settings.conn_timeout = 2
     try:

@@ -220,6 +220,17 @@ def worker(
     run_worker(burst=burst, concurrency=concurrency)
 
 
+@app.command()
+def recover(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would be re-enqueued")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+) -> None:
+    """Re-enqueue the work of queued or running jobs that Redis lost (what workers do every few leases)."""
+    from producer.recover import recover as run_recover
+
+    raise typer.Exit(run_recover(dry_run=dry_run, json_output=json_output))
+
+
 # `perq log` lives in producer/logcli.py (its options are many); that module imports only typer at load
 from producer.logcli import log as _log  # noqa: E402
 

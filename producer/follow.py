@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from producer.log import job_events
 from shared.events import follow_events
 from shared.models import FINAL_JOB_STATUSES, JOB_STATUS_AFTER, Event, Job, Usage
 from shared.queue import cancel_key, events_channel
@@ -31,6 +37,7 @@ def job_status_after(event: Event) -> str | None:
     return status
 
 
+REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 STOPPING_EVENTS = frozenset(
     {"completeRun", "stopRunByInteractiveTool", "stopRunByExceededMaxSteps", "stopRunByError"}
 )
@@ -78,14 +85,22 @@ async def wait_for_job(
     timeout_s: float | None = None,
     progress: Progress | None = None,
     cancelled_since: int = 0,
+    notice: Callable[[str], None] | None = None,
 ) -> str:
     """Follow a job until it stops; return its final status.
 
     The events alone are enough: a follower whose store does not hold the job (another machine, a store
     not shared) learns the outcome from the job's last event, or from its cancel mark in Redis (a mark
     counts from `cancelled_since`, ms: an older one cancelled an earlier submission, not this one).
+    When Redis goes away or comes back without the job's stream, the follower says so once (`notice`, by
+    default a line on stderr), shows the events it missed from the store, and learns the outcome there.
     """
+    notice = notice or _say
     progress = progress if progress is not None else Progress()
+    shown: set[str] = set()  # event ids: after a loss the stream is read again, and the store read too
+    since_ms = int(start.split("-")[0])
+    lost = False
+    read_at = -1.0
 
     def stored_job() -> Job | None:
         if store is None:
@@ -99,30 +114,78 @@ async def wait_for_job(
         job = stored_job()
         return job.status if job and job.status in FINAL_JOB_STATUSES else None
 
+    def deliver(event: Event) -> bool:
+        """Show an event not shown yet; True when it settles the job."""
+        if event.id in shown:
+            return False
+        shown.add(event.id)
+        progress.update(event)
+        on_event(event, progress)
+        return progress.status is not None
+
+    def from_store(*, final: bool = False) -> bool:
+        """After a loss: the events the stream no longer has, as the store holds them (once a second)."""
+        nonlocal read_at
+        if not lost or store is None or (not final and time.monotonic() - read_at < 1.0):
+            return False
+        read_at = time.monotonic()
+        # the segment's events: those after the stream id it starts from (an id begins with its time, ms)
+        events = [e for e in job_events(store, job_id, []) if e.timestamp > since_ms and e.id not in shown]
+        return any([deliver(e) for e in events])
+
+    def notice_loss(why: str) -> None:
+        nonlocal lost
+        if not lost:
+            lost = True
+            where = "the store" if store is not None else "Redis, until it is back"
+            notice(f"lost the event stream of job {job_id} ({why}); following it in {where}")
+
+    async def settled() -> str:
+        # the job record is written after the events: when this store has the job, let it settle
+        if stored_job() is not None:
+            for _ in range(20):
+                if stored_status():
+                    break
+                await asyncio.sleep(0.05)
+        return stored_status() or progress.status or "running"
+
     async def follow() -> str:
-        async for event in follow_events(redis, job_id, start=start, block_ms=250):
-            if event is not None:
-                progress.update(event)
-                on_event(event, progress)
-                if progress.status:
-                    # the job record is written after the events: when this store has the job, let it settle
-                    if stored_job() is not None:
-                        for _ in range(20):
-                            if stored_status():
-                                break
-                            await asyncio.sleep(0.05)
-                    return stored_status() or progress.status
-                continue
-            # a quiet moment: the stream may have nothing more to say (cancelled, or expired) — ask the store
-            status = stored_status()
-            if status:
-                return status
-            mark = await redis.get(cancel_key(job_id))
-            if mark is not None and int(mark) >= cancelled_since:
-                return "cancelled"  # a cancelled job publishes no last event
-        raise AssertionError("unreachable")
+        while True:
+            try:
+                # from the segment's start each time: a Redis that came back may hold a new stream
+                async for event in follow_events(redis, job_id, start=start, block_ms=250):
+                    if event is not None:
+                        if deliver(event):
+                            from_store(final=True)
+                            return await settled()
+                        continue
+                    # a quiet moment: the stream may have nothing more to say (cancelled, expired, lost)
+                    status = stored_status()
+                    if status:
+                        from_store(final=True)
+                        return status
+                    if (shown or since_ms) and not await redis.exists(events_channel(job_id)):
+                        notice_loss("Redis no longer has it")
+                    if from_store():
+                        return await settled()
+                    mark = await redis.get(cancel_key(job_id))
+                    if mark is not None and int(mark) >= cancelled_since:
+                        return "cancelled"  # a cancelled job publishes no last event
+            except REDIS_ERRORS as e:
+                notice_loss(f"Redis: {e}")
+                if from_store():
+                    return await settled()
+                status = stored_status()
+                if status:
+                    from_store(final=True)
+                    return status
+                await asyncio.sleep(0.5)  # the client reconnects on its next command
 
     return await asyncio.wait_for(follow(), timeout_s)
+
+
+def _say(message: str) -> None:
+    print(f"perq: {message}", file=sys.stderr)
 
 
 async def segment_start(redis: Any, job_id: str, *, running: bool | None) -> str:

@@ -35,9 +35,18 @@ def reachable(url: str, timeout: float = 0.5) -> bool:
     """Whether a Redis answers PING at this URL (plain socket: no client library needed)."""
     from urllib.parse import urlparse
 
-    parsed = urlparse(url)
+    from shared.redisurl import is_sentinel_url, parse_sentinel_url
+
     try:
-        with socket.create_connection((parsed.hostname or "localhost", parsed.port or 6379), timeout) as s:
+        if is_sentinel_url(url):  # a sentinel answers PING too
+            host, port = parse_sentinel_url(url).sentinels[0]
+        else:
+            parsed = urlparse(url)
+            host, port = parsed.hostname or "localhost", parsed.port or 6379
+    except ValueError:
+        return False
+    try:
+        with socket.create_connection((host, port), timeout) as s:
             s.sendall(b"PING\r\n")
             return s.recv(64).startswith((b"+PONG", b"-NOAUTH"))
     except OSError:

@@ -18,6 +18,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from producer.follow import REDIS_ERRORS
 from producer.render import STATUS_STYLE, error_line
 from shared.config import Settings
 from shared.models import Job, check_id
@@ -84,7 +85,14 @@ async def _queue(settings: Settings, *, watch: bool, json_output: bool) -> int:
             return 0
 
         async def frame() -> RenderableType:
-            return _titled("queue", render(await queue_stats(redis, settings.queue)), watch)
+            try:
+                body = render(await queue_stats(redis, settings.queue))
+            except REDIS_ERRORS as e:
+                if not watch:
+                    raise
+                # a live view outlives a Redis restart or failover: it says so and redraws when Redis is back
+                body = Text(f"Redis unreachable ({e}); retrying", style="red")
+            return _titled("queue", body, watch)
 
         if not watch:
             Console(highlight=False).print(await frame())

@@ -62,6 +62,20 @@ class Settings(BaseSettings):
     # survives a power loss or kernel crash (off: only for stores whose loss you accept, e.g. on tmpfs)
     store_fsync: bool = True
 
+    # how often the workers compare the store's unfinished jobs with the queue (default: 3 leases)
+    reconcile_seconds: float | None = Field(default=None, gt=0)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, v: str) -> str:
+        from shared.redisurl import check_redis_url
+
+        return check_redis_url(v)
+
+    @property
+    def reconcile_period(self) -> float:
+        return self.reconcile_seconds or 3 * self.lease_seconds
+
 
 class ConfigError(Exception):
     """Bad configuration or input: the CLI prints it as one line and exits 2."""

@@ -25,6 +25,7 @@ class StepTask(PerqModel):
 
 STEP_ID_PREFIX = "perq:"
 CANCEL_PREFIX = "perq:cancel:"
+CANCEL_MARK_TTL_S = 30 * 24 * 3600  # longer than any step of a cancelled submission could wait in the queue
 
 
 def step_job_id(task: StepTask) -> str:

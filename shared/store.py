@@ -7,6 +7,8 @@
     jobs/{jobId}/runs/{runId}/messages.jsonl            perq: the run's messages, one chunk per step
     jobs/{jobId}/runs/{runId}/events.jsonl              perq: one line per event, tagged with its attempt
     index/{inverted startedAt}-{jobId}                  perq: empty markers, newest job first by name
+    unfinished/{jobId}                                  perq: empty markers of jobs queued, running, or
+                                                        cancelled with a step perhaps still running
 
 Why messages live apart from checkpoints: a checkpoint that repeats the whole conversation makes a job's
 bytes grow with the square of its length (a 200-step job that reads a 2 KB file per step left 165 MB for
@@ -44,6 +46,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from shared.flush import GroupFlush
 from shared.models import (
+    FINAL_JOB_STATUSES,
     MESSAGE_PART_TYPES,
     Checkpoint,
     Event,
@@ -402,6 +405,13 @@ class JobStore:
         self.backend.write(f"{self._job(job.id)}/job.json", data)
         if new:
             self.backend.write(f"index/{_INDEX_BASE - job.started_at:013d}-{job.id}", b"")
+        # a submission saves the job queued, its steps running, its end a final status: the marker of an
+        # unfinished job is written at the first and dropped at the last, never touched by a step's write.
+        # A cancelled job keeps it until reconciliation has seen its last step end (`settle_unfinished`).
+        if job.status == "queued":
+            self.backend.write(f"unfinished/{job.id}", b"")
+        elif job.status in FINAL_JOB_STATUSES and job.status != "cancelled":
+            self.backend.delete_tree(f"unfinished/{job.id}")
 
     def update_job(self, job_id: str, change: Callable[[Job], Job | None]) -> Job | None:
         """Read, change and write the job record as one step against other writers on this machine.
@@ -437,7 +447,16 @@ class JobStore:
             job = self.load_job(job_id)
         if job is not None:
             self.backend.delete_tree(f"index/{_INDEX_BASE - job.started_at:013d}-{job.id}")
+        self.backend.delete_tree(f"unfinished/{check_id(job_id, 'job id')}")
         self.backend.delete_tree(self._job(job_id))
+
+    def list_unfinished(self) -> list[str]:
+        """Ids of the jobs saved queued or running, or cancelled and not settled, without reading any record
+        (a job can have moved on since: read its record before acting on it)."""
+        return sorted(self.backend.list("unfinished"))
+
+    def settle_unfinished(self, job_id: str) -> None:
+        self.backend.delete_tree(f"unfinished/{check_id(job_id, 'job id')}")
 
     def _indexed_ids(self) -> Iterator[str]:
         """Job ids newest first, from the index names alone (no record is read)."""

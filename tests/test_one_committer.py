@@ -124,10 +124,12 @@ def test_lease_renewal_renews_only_the_workers_own_leases(redis_server: LocalRed
         mine, theirs = "arq:in-progress:test-mine", "arq:in-progress:test-theirs"
         client.set(mine, "worker-a", px=1000)
         client.set(theirs, "worker-b", px=1000)
-        renewed = client.eval(RENEW, 2, mine, theirs, "60000", "worker-a")
-        assert renewed == 1
+        lost = "arq:in-progress:test-lost"  # Redis forgot it (flushed, restarted empty) while the step ran
+        renewed = client.eval(RENEW, 3, mine, theirs, lost, "60000", "worker-a")
+        assert renewed == 2
         assert client.pttl(mine) > 50_000 and client.pttl(theirs) <= 1000
         assert client.get(theirs) == b"worker-b"
+        assert client.get(lost) == b"worker-a" and client.pttl(lost) > 50_000
     finally:
-        client.delete("arq:in-progress:test-mine", "arq:in-progress:test-theirs")
+        client.delete("arq:in-progress:test-mine", "arq:in-progress:test-theirs", "arq:in-progress:test-lost")
         client.close()

@@ -499,3 +499,16 @@ def test_a_short_write_is_finished_not_published_cut_off(
     assert texts(store.load_checkpoint("j1", cp.id)) == ["a" * 100]
     assert store.load_job("j1") == job("j1")
     assert [e.type for e in store.read_events("j1", "r1")[0]] == ["startRun"]
+
+
+def test_the_unfinished_index_on_every_backend(store: JobStore) -> None:
+    store.save_job(job("j1", status="queued"), new=True)
+    store.save_job(job("j2", status="queued"), new=True)
+    store.save_job(job("j1", status="running"))  # a step's write leaves the marker alone
+    assert store.list_unfinished() == ["j1", "j2"]
+    store.save_job(job("j1", status="completed"))
+    assert store.list_unfinished() == ["j2"]
+    store.save_job(job("j2", status="cancelled"))  # kept until reconciliation settles it
+    assert store.list_unfinished() == ["j2"]
+    store.settle_unfinished("j2")
+    assert store.list_unfinished() == []

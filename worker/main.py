@@ -1,10 +1,12 @@
-"""The worker process: arq's Worker with four changes perq needs (arq-notes A.6, A.11, D.4).
+"""The worker process: arq's Worker with the changes perq needs (arq-notes A.6, A.11, D.4).
 
 - a step's lease is short and renewed while it runs, so a worker killed mid-step hands its step to another
   worker within `PERQ_LEASE_SECONDS`, not after arq's job_timeout + 10 s;
 - the poll loop sleeps until the next poll *or* until this worker enqueued a step, so a job's next step
   starts at once instead of after arq's poll delay, and it takes all ready steps in one round trip;
-- losing Redis does not kill the worker: it logs, waits and reconnects.
+- losing Redis does not kill the worker: it logs, waits and reconnects;
+- what Redis forgot is enqueued again from the job store (worker/reconcile.py), and leases are renewed with
+  SET, so a Redis that lost them gets back those of the steps still running.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import logging
 import os
 from typing import Any
 
-from arq.connections import RedisSettings
 from arq.constants import in_progress_key_prefix
 from arq.utils import timestamp_ms
 from arq.worker import Retry, Worker, func
@@ -33,9 +34,11 @@ from shared.queue import (
     deserialize,
     serialize,
 )
+from shared.redisurl import redis_settings
 from shared.store import JobStore
 from worker.heartbeat import heartbeat, new_worker_id
 from worker.loop import StepInterrupted
+from worker.reconcile import reconcile_forever
 from worker.redis_queue import RedisStepQueue
 from worker.runtime import UNKNOWN, Runtime
 
@@ -65,8 +68,10 @@ return taken
 RENEW = """
 local renewed = 0
 for i, key in ipairs(KEYS) do
-  if redis.call('get', key) == ARGV[2] then
-    redis.call('pexpire', key, ARGV[1])
+  local owner = redis.call('get', key)
+  if owner == false or owner == ARGV[2] then
+    -- SET, not PEXPIRE: a Redis that lost its data gets the lease of a step still running back
+    redis.call('set', key, ARGV[2], 'px', ARGV[1])
     renewed = renewed + 1
   end
 end
@@ -113,7 +118,7 @@ class PerqWorker(Worker):
         super().__init__(
             functions=[func(step, name=STEP_TASK, timeout=ARQ_STEP_TIMEOUT_S, max_tries=1000)],
             queue_name=settings.queue,
-            redis_settings=RedisSettings.from_dsn(settings.redis_url),
+            redis_settings=redis_settings(settings.redis_url),
             job_serializer=serialize,
             job_deserializer=deserialize,
             keep_result=0,
@@ -180,6 +185,18 @@ class PerqWorker(Worker):
         lease = asyncio.create_task(self._renew_leases())
         # perq: a heartbeat key per worker (worker/heartbeat.py), counted by `perq status --queue`
         beat = asyncio.create_task(heartbeat(self.pool, self.queue_name, self.tasks, self.max_jobs))
+        # perq: the queue rebuilt from the store after Redis forgot (worker/reconcile.py)
+        mend = asyncio.create_task(
+            reconcile_forever(
+                self.pool,
+                self.ctx["perq"].store,
+                self.queue_name,
+                period_s=self.settings.reconcile_period,
+                settle_s=self.settings.lease_seconds / 2,
+                enqueued=self.enqueued,
+                errors=REDIS_DOWN,
+            )
+        )
         loop = asyncio.get_running_loop()
         next_poll = 0.0
         try:
@@ -204,6 +221,7 @@ class PerqWorker(Worker):
         finally:
             lease.cancel()
             beat.cancel()
+            mend.cancel()
 
     def enqueued(self, arq_ids: list[str]) -> None:
         """This worker's steps enqueued what follows them: look at once (the pick-up script decides)."""
