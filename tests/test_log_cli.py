@@ -24,6 +24,7 @@ from shared.events import publish_events
 from shared.models import Event, Job, now_ms
 from shared.store import JobStore
 from tests.conftest import PERQ, Perq, script_toml
+from tests.test_resilience import wait_until
 
 SCRIPT = ("--provider", "script", "--model", "script.toml")
 HEADER = re.compile(r"^\[Step (\d+|-)\] (\w+)\s+\d\d:\d\d:\d\d(?:  (\S+))?$")
@@ -353,23 +354,27 @@ async def test_wait_for_job_needs_no_store(redis_server: LocalRedis, tmp_path: P
 
 def test_status_watch_keeps_the_table_current_and_ctrl_c_exits_0(team: tuple[Perq, str]) -> None:
     perq, team_job = team
-    proc = subprocess.Popen(
-        [*PERQ, "status", "--watch"],
-        cwd=perq.root,
-        env=perq.env(COLUMNS="200"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    time.sleep(1.0)
+    screen = perq.root / "watch.out"
+    with screen.open("w") as sink:
+        proc = subprocess.Popen(
+            [*PERQ, "status", "--watch"],
+            cwd=perq.root,
+            env=perq.env(COLUMNS="200", FORCE_COLOR="1"),  # a terminal's frames, as they are drawn
+            stdout=sink,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    # the view is up once it drew a frame (a busy machine may take seconds to start a process)
+    wait_until(lambda: "(Ctrl-C to stop)" in screen.read_text(), timeout=30, what="the first frame")
     # a job that appears while the view is up shows in it: the table is read again every second
     later = Job(
         id=f"later{time.monotonic_ns()}", status="queued", coordinator_expert_key="lead", started_at=now_ms()
     )
     perq.store.save_job(later, new=True)
-    time.sleep(1.5)
+    wait_until(lambda: later.id in screen.read_text(), timeout=30, what="the new job in the view")
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=10)
+    _, err = proc.communicate(timeout=10)
+    out = screen.read_text()
     assert proc.returncode == 0, err
     assert team_job in out and "completed" in out and "(Ctrl-C to stop)" in out
     assert later.id in out

@@ -197,7 +197,7 @@ def test_redis_restart_mid_batch(tmp_path: Path, own_redis: LocalRedis) -> None:
 
 def test_cancel_stops_a_running_job_within_one_step_and_it_can_continue(perq: Perq) -> None:
     perq.write("perstack.toml", CONFIG)
-    perq.write("script.toml", script_toml({"worker-test": tool_turns(6, 400)}))
+    perq.write("script.toml", script_toml({"worker-test": tool_turns(15, 400)}))
     job_id = perq.submit("worker-test", "go", *SCRIPT)
     perq.start_worker()
     wait_until(lambda: perq.job(job_id).total_steps >= 2, what="two steps")
