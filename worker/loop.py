@@ -37,7 +37,7 @@ from shared.models import (
     now_ms,
 )
 from worker.instruction import build_instruction
-from worker.llm import GenerationError, GenerationRequest, GenerationResult, ModelClient
+from worker.llm import GenerationError, GenerationRequest, GenerationResult, ModelClient, retry_delay
 from worker.skills import SkillSet, error_result, text_result
 
 KIND_ORDER = {"mcp": 0, "delegate": 1, "interactive": 2}
@@ -212,12 +212,25 @@ class StepRunner:
         try:
             result = await asyncio.wait_for(self.model.generate(request), self.setting.timeout / 1000)
         except TimeoutError as e:
-            raise GenerationError(
+            error = GenerationError(
                 f"generation timeout after {self.setting.timeout} ms", name="TimeoutError", is_retryable=True
-            ) from e
+            )
+            await self._back_off(error)
+            raise error from e
+        except GenerationError as e:
+            await self._back_off(e)
+            raise
         if result.tool_calls:
             await self.journal.save(n, result)
         return result
+
+    async def _back_off(self, error: GenerationError) -> None:
+        """Wait before the generation that retries this one: the provider's retry-after, else exponentially.
+
+        The wait is spent before the retry is recorded, so the next step starts at once on whichever worker
+        takes it; nothing waits when the run stops instead."""
+        if error.is_retryable and not self._retries_exhausted():
+            await asyncio.sleep(retry_delay(error, self.cp.retry_count or 0))
 
     def _retries_exhausted(self) -> bool:
         return (self.cp.retry_count or 0) >= self.setting.max_retries
