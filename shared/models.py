@@ -446,8 +446,13 @@ class ProviderConfig(PerqModel):
     provider_name: str
     base_url: str | None = None
     organization: str | None = None
-    project: str | None = None
+    project: str | None = None  # openai's project, or google-vertex's
     headers: dict[str, str] | None = None
+    resource_name: str | None = None  # azure-openai
+    api_version: str | None = None  # azure-openai
+    use_deployment_based_urls: bool | None = None  # azure-openai
+    region: str | None = None  # amazon-bedrock
+    location: str | None = None  # google-vertex
 
 
 class InteractiveToolCallResult(PerqModel):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -416,11 +417,80 @@ def test_ollama_and_deepseek_defaults() -> None:
     assert deepseek.base_url == "https://api.deepseek.com"
 
 
-@pytest.mark.parametrize("provider", ["google", "azure-openai", "amazon-bedrock", "google-vertex"])
-def test_later_providers_name_the_extra(provider: str) -> None:
-    with pytest.raises(GenerationError, match=r"pydantic-ai-slim\[") as info:
-        prov.resolve_client_settings(ProviderConfig(provider_name=provider), "m", env={})
-    assert provider in info.value.message and not info.value.is_retryable
+@pytest.mark.parametrize(
+    ("provider", "env", "missing"),
+    [
+        ("google", {}, "GOOGLE_GENERATIVE_AI_API_KEY"),
+        ("azure-openai", {"AZURE_RESOURCE_NAME": "r"}, "AZURE_API_KEY"),
+        ("azure-openai", {"AZURE_API_KEY": "k"}, "AZURE_RESOURCE_NAME"),
+        ("amazon-bedrock", {"AWS_ACCESS_KEY_ID": "a"}, "AWS_REGION"),
+        ("google-vertex", {"GOOGLE_VERTEX_LOCATION": "l"}, "GOOGLE_VERTEX_PROJECT"),
+        ("google-vertex", {"GOOGLE_VERTEX_PROJECT": "p"}, "GOOGLE_VERTEX_LOCATION"),
+    ],
+)
+def test_missing_setting_of_the_newer_providers(provider: str, env: dict[str, str], missing: str) -> None:
+    with pytest.raises(GenerationError, match=f"^{missing} is not set") as info:
+        prov.resolve_client_settings(ProviderConfig(provider_name=provider), "m", env=env)
+    assert not info.value.is_retryable
+
+
+def test_settings_of_the_newer_providers() -> None:
+    google = prov.resolve_client_settings(
+        ProviderConfig(provider_name="google"),
+        "gemini-2.5-flash",
+        env={
+            "GOOGLE_GENERATIVE_AI_API_KEY": "k",
+            "GOOGLE_GENERATIVE_AI_BASE_URL": "https://gw.example/g/v1beta",
+        },
+    )
+    assert (google.base_url, google.api_version) == ("https://gw.example/g/", "v1beta")
+    vertex = prov.resolve_client_settings(
+        ProviderConfig(provider_name="google-vertex", project="cfg-project"),
+        "gemini-2.5-pro",
+        env={
+            "GOOGLE_VERTEX_PROJECT": "env-project",
+            "GOOGLE_VERTEX_LOCATION": "us-east5",
+            "GOOGLE_VERTEX_BASE_URL": "https://h.example/v1/projects/p/locations/l/publishers/google",
+        },
+    )
+    assert (vertex.project, vertex.location, vertex.api_key) == ("cfg-project", "us-east5", None)
+    assert (vertex.base_url, vertex.api_version) == ("https://h.example/", "v1")
+    azure = prov.resolve_client_settings(
+        ProviderConfig(provider_name="azure-openai"),
+        "dep",
+        env={"AZURE_API_KEY": "k", "AZURE_RESOURCE_NAME": "r"},
+    )
+    assert (azure.base_url, azure.api_version, azure.deployment_urls) == (
+        "https://r.openai.azure.com/openai",
+        "v1",
+        False,
+    )
+    bedrock = prov.resolve_client_settings(
+        ProviderConfig(provider_name="amazon-bedrock", region="eu-west-3"),
+        "amazon.nova-pro-v1:0",
+        env={"AWS_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "AKID", "AWS_SECRET_ACCESS_KEY": "S"},
+    )
+    assert (bedrock.location, bedrock.api_key, bedrock.secret_key) == ("eu-west-3", "AKID", "S")
+    # secrets never show in a settings object's repr (logs, tracebacks)
+    assert "AKID" not in repr(bedrock) and "'S'" not in repr(bedrock) and "'k'" not in repr(azure)
+
+
+@pytest.mark.parametrize(("provider", "module"), [("google", "google.genai"), ("amazon-bedrock", "boto3")])
+async def test_a_worker_without_the_extra_says_which_to_install(
+    monkeypatch: pytest.MonkeyPatch, provider: str, module: str
+) -> None:
+    # None in sys.modules makes the import fail as it does where the package is not installed
+    monkeypatch.setitem(sys.modules, module, None)
+    monkeypatch.setenv("GOOGLE_GENERATIVE_AI_API_KEY", "k")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    client = prov.PydanticAIModel(ProviderConfig(provider_name=provider), "m")
+    with pytest.raises(GenerationError) as info:
+        await client.generate(GenerationRequest(expert_key="e", messages=[], tools=[]))
+    extra = "google" if provider == "google" else "bedrock"
+    assert info.value.message == (
+        f"provider {provider!r} needs the {extra} extra on the worker: pip install 'perq[{extra}]'"
+    )
+    assert not info.value.is_retryable
 
 
 def test_unknown_provider() -> None:
@@ -452,8 +522,23 @@ async def test_models_are_cached_per_settings() -> None:
     ("status", "retryable"), [(401, False), (400, False), (429, True), (500, True), (503, True)]
 )
 def test_http_errors(status: int, retryable: bool) -> None:
-    error = prov.to_generation_error(ModelHTTPError(status, "m", body={"error": "x"}))
+    error = prov.to_generation_error(
+        ModelHTTPError(status, "m", body={"error": "x"}, headers={"retry-after": "7"})
+    )
     assert error.status_code == status and error.is_retryable is retryable
+    assert error.retry_after == 7
+
+
+def test_retry_delay_honours_retry_after_else_backs_off_exponentially() -> None:
+    from worker.llm import RETRY_AFTER_MAX_SECONDS, retry_delay
+
+    def error(retry_after: float | None) -> GenerationError:
+        return GenerationError("busy", is_retryable=True, retry_after=retry_after)
+
+    assert retry_delay(error(2.5), 0) == 2.5 and retry_delay(error(0), 4) == 0
+    assert retry_delay(error(3600), 0) == RETRY_AFTER_MAX_SECONDS
+    assert [retry_delay(error(None), n) for n in range(4)] == [1, 2, 4, 8]
+    assert retry_delay(error(None), 20) == 30
 
 
 def test_other_errors() -> None:
@@ -619,13 +704,16 @@ async def test_http_401_is_not_retryable(fake_openai: tuple[str, list[dict[str, 
     assert len(requests) == 1  # the SDK does not retry a 401 either
 
 
-async def test_http_503_is_retryable_after_sdk_retries(fake_openai: tuple[str, list[dict[str, Any]]]) -> None:
+async def test_http_503_is_one_attempt_whatever_max_retries_says(
+    fake_openai: tuple[str, list[dict[str, Any]]],
+) -> None:
     base_url, requests = fake_openai
     client = prov.PydanticAIModel(ProviderConfig(provider_name="openai", base_url=base_url), "busy-model")
     with pytest.raises(GenerationError) as info:
-        await client.generate(_request(max_retries=1))
+        await client.generate(_request(max_retries=3))
     assert info.value.status_code == 503 and info.value.is_retryable
-    assert len(requests) == 2  # max_retries reached the SDK: one attempt plus one retry
+    assert info.value.retry_after == 0.01  # the server's retry-after-ms, for the loop's backoff
+    assert len(requests) == 1  # the loop retries, not the SDK: one generation is one request
 
 
 async def test_http_timeout(fake_openai: tuple[str, list[dict[str, Any]]]) -> None:
