@@ -20,6 +20,7 @@ from tests.fake_providers import (
     ACCESS_TOKEN,
     FINAL_TEXT,
     FIRST_USAGE,
+    GEMINI_SIGNATURE,
     NOTE,
     SECOND_USAGE,
     TOOL_ARGS,
@@ -152,6 +153,9 @@ def check_gemini_format(first: Recorded, second: Recorded) -> None:
     model_turn = next(c for c in second.body["contents"] if c["role"] == "model")
     (call,) = [p for p in model_turn["parts"] if "functionCall" in p]
     assert call["functionCall"]["name"] == TOOL_NAME and call["functionCall"]["args"] == TOOL_ARGS
+    # the thought signature goes back on the part it came with, from a checkpoint written by the step before
+    assert call.get("thoughtSignature") == GEMINI_SIGNATURE
+    assert len([p for c in second.body["contents"] for p in c["parts"] if "thoughtSignature" in p]) == 1
     (response,) = [
         p["functionResponse"] for c in second.body["contents"] for p in c["parts"] if "functionResponse" in p
     ]

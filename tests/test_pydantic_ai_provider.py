@@ -862,3 +862,43 @@ async def test_http_anthropic_thinking_round_trip(monkeypatch: pytest.MonkeyPatc
         server.shutdown()
         server.server_close()
         prov.clear_model_cache()
+
+
+def test_gemini_thought_signatures_go_back_on_their_parts_and_only_to_gemini() -> None:
+    signed = {"thought_signature": "U0lH"}
+    response = _response(
+        pai.ThinkingPart("plan", provider_details={"thought_signature": "VEhU"}, provider_name="google"),
+        pai.TextPart("Reading.", provider_details={"thought_signature": "VFhU"}, provider_name="google"),
+        pai.ToolCallPart(
+            "readTextFile", {"path": "a"}, "c1", provider_details=signed, provider_name="google"
+        ),
+        pai.ToolCallPart("readTextFile", {"path": "b"}, "c2"),
+    )
+    result = prov.to_generation_result(response)
+    assert [c.id for c in result.tool_calls] == ["c1", "c2"]
+    message = ExpertMessage(
+        contents=[
+            *result.thinking,
+            TextPart(text=result.text or ""),
+            *(ToolCallPart(tool_call_id=c.id, tool_name=c.tool_name, args=c.args) for c in result.tool_calls),
+        ]
+    )
+    # through JSON, as a checkpoint read by another worker
+    message = ExpertMessage.model_validate_json(message.model_dump_json(by_alias=True))
+
+    (google,) = prov.to_model_messages([message], provider_name="google", system="google")
+    assert isinstance(google, pai.ModelResponse)
+    thought, text, first, second = google.parts
+    assert isinstance(thought, pai.ThinkingPart) and thought.content == "plan"
+    assert thought.provider_details == {"thought_signature": "VEhU"}
+    assert isinstance(text, pai.TextPart) and text.provider_details == {"thought_signature": "VFhU"}
+    assert isinstance(first, pai.ToolCallPart) and first.provider_details == signed
+    assert isinstance(second, pai.ToolCallPart) and second.provider_details is None
+
+    (anthropic,) = prov.to_model_messages([message], provider_name="anthropic")
+    assert isinstance(anthropic, pai.ModelResponse)
+    # the thought text stays, unsigned; the bare carriers and every Gemini signature are gone
+    assert [p.part_kind for p in anthropic.parts] == ["thinking", "text", "tool-call", "tool-call"]
+    assert all(not p.provider_details for p in anthropic.parts)
+    thinking = anthropic.parts[0]
+    assert isinstance(thinking, pai.ThinkingPart) and thinking.signature is None

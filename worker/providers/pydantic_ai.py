@@ -510,6 +510,13 @@ def reasoning_settings(
 # redacted block from it. Any other thinking part with a signature is replayed as ordinary signed thinking.
 REDACTED_THINKING_ID_PREFIX = "redacted-"
 
+# Gemini signs parts of its answer (a thought, the text, the first function call) and requires each signature
+# back on the same part. perq's text and tool-call parts have no field for it, so a signature travels in a
+# thinking part whose id says where it belongs: GEMINI_SIGNATURE_ID_PREFIX + "thought-…" (the thinking part
+# itself), + "text-…" (the answer's text), or + "call:" + the tool call id. Other providers never see these.
+GEMINI_SIGNATURE_ID_PREFIX = "gemini-signature-"
+_GEMINI_PROVIDERS = ("google", "google-vertex")
+
 
 def _decode_base64(data: str) -> bytes | None:
     try:
@@ -593,13 +600,35 @@ def _tool_returns(message: ToolMessage, *, native_error_channel: bool) -> list[p
     return parts
 
 
-def _response_parts(message: ExpertMessage, system: str) -> list[pai.ModelResponsePart]:
+def _gemini_details(signature: str | None) -> dict[str, Any] | None:
+    return {"thought_signature": signature} if signature else None
+
+
+def _response_parts(message: ExpertMessage, system: str, provider_name: str) -> list[pai.ModelResponsePart]:
+    gemini = provider_name in _GEMINI_PROVIDERS
+    # where each Gemini signature belongs, by the id of its carrier (see GEMINI_SIGNATURE_ID_PREFIX)
+    signatures = {
+        part.id.removeprefix(GEMINI_SIGNATURE_ID_PREFIX): part.signature
+        for part in message.contents
+        if isinstance(part, ThinkingPart) and part.id.startswith(GEMINI_SIGNATURE_ID_PREFIX) and gemini
+    }
+    text_signature = next((sig for where, sig in signatures.items() if where.startswith("text-")), None)
     thinking: list[pai.ModelResponsePart] = []
     texts: list[pai.ModelResponsePart] = []
     calls: list[pai.ModelResponsePart] = []
     for part in message.contents:
         if isinstance(part, ThinkingPart):
-            if part.id.startswith(REDACTED_THINKING_ID_PREFIX) and part.signature:
+            if part.id.startswith(GEMINI_SIGNATURE_ID_PREFIX):
+                # a signed thought goes back (signed to Gemini only); a bare carrier never goes back
+                if part.thinking:
+                    thinking.append(
+                        pai.ThinkingPart(
+                            part.thinking,
+                            provider_details=_gemini_details(part.signature) if gemini else None,
+                            provider_name=system if gemini else None,
+                        )
+                    )
+            elif part.id.startswith(REDACTED_THINKING_ID_PREFIX) and part.signature:
                 thinking.append(
                     pai.ThinkingPart(
                         "", id="redacted_thinking", signature=part.signature, provider_name=system
@@ -616,12 +645,22 @@ def _response_parts(message: ExpertMessage, system: str) -> list[pai.ModelRespon
                     )
                 )
         elif isinstance(part, TextPart):
-            texts.append(pai.TextPart(part.text))
+            details = _gemini_details(text_signature) if not texts else None
+            texts.append(pai.TextPart(part.text, provider_details=details))
         elif isinstance(part, ToolCallPart):
             args = part.args
             if args is not None and not isinstance(args, dict | str):
                 args = json.dumps(args)
-            calls.append(pai.ToolCallPart(part.tool_name, args, part.tool_call_id))
+            details = _gemini_details(signatures.get(f"call:{part.tool_call_id}"))
+            calls.append(
+                pai.ToolCallPart(
+                    part.tool_name,
+                    args,
+                    part.tool_call_id,
+                    provider_details=details,
+                    provider_name=system if details else None,
+                )
+            )
     # thinking → text → tool calls, whatever order the stored message has: Anthropic requires that order
     return [*thinking, *texts, *calls]
 
@@ -654,7 +693,9 @@ def to_model_messages(
             pending.extend(_tool_returns(message, native_error_channel=anthropic))
         elif isinstance(message, ExpertMessage):
             flush()
-            out.append(pai.ModelResponse(parts=_response_parts(message, system), provider_name=system))
+            out.append(
+                pai.ModelResponse(parts=_response_parts(message, system, provider_name), provider_name=system)
+            )
     flush()
     return out
 
@@ -722,13 +763,23 @@ def to_usage(usage: Any) -> Usage:
     )
 
 
+def _gemini_signature(part: pai.ModelResponsePart) -> str | None:
+    details = part.provider_details or {}
+    signature = details.get("thought_signature")
+    return signature if isinstance(signature, str) and signature else None
+
+
 def to_generation_result(response: pai.ModelResponse) -> GenerationResult:
     texts: list[str] = []
     thinking: list[ThinkingPart] = []
     tool_calls: list[GeneratedToolCall] = []
     for part in response.parts:
+        gemini_signature = _gemini_signature(part)
         if isinstance(part, pai.TextPart):
             texts.append(part.content)
+            if gemini_signature:
+                carrier = f"{GEMINI_SIGNATURE_ID_PREFIX}text-{new_id()}"
+                thinking.append(ThinkingPart(id=carrier, thinking="", signature=gemini_signature))
         elif isinstance(part, pai.ThinkingPart):
             if part.id in ("redacted_thinking", "redacted_content"):
                 thinking.append(
@@ -736,10 +787,16 @@ def to_generation_result(response: pai.ModelResponse) -> GenerationResult:
                         id=REDACTED_THINKING_ID_PREFIX + new_id(), thinking="", signature=part.signature
                     )
                 )
+            elif gemini_signature:
+                carrier = f"{GEMINI_SIGNATURE_ID_PREFIX}thought-{new_id()}"
+                thinking.append(ThinkingPart(id=carrier, thinking=part.content, signature=gemini_signature))
             else:
                 thinking.append(ThinkingPart(thinking=part.content, signature=part.signature))
         elif isinstance(part, pai.ToolCallPart):
             tool_calls.append(GeneratedToolCall(part.tool_call_id, part.tool_name, _tool_call_args(part)))
+            if gemini_signature:
+                carrier = f"{GEMINI_SIGNATURE_ID_PREFIX}call:{part.tool_call_id}"
+                thinking.append(ThinkingPart(id=carrier, thinking="", signature=gemini_signature))
         # provider-side (native) tools, files and the like are never requested by perq, so are ignored
     return GenerationResult(
         text="".join(texts) or None,
