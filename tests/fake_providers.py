@@ -1,11 +1,12 @@
 """A local stand-in for every provider's HTTP API, on 127.0.0.1, for end-to-end tests through the real SDKs.
 
 One server answers the wire formats of OpenAI Chat Completions (openai, ollama, deepseek, and Azure's v1 and
-deployment URLs), Anthropic Messages (streamed), Gemini `generateContent` (Gemini API and Vertex AI, with an
-OAuth token endpoint for service-account credentials) and Bedrock's Converse API (SigV4 signatures checked
-against the test's key pair). It plays a two-turn conversation: a request without a tool result gets a call of
-`readTextFile` on notes.md; a request that carries the result gets a final text quoting it. Every request is
-recorded (path, query, headers, JSON body) for the test to inspect.
+deployment URLs) and Responses (openai's reasoning models), Anthropic Messages (streamed), Gemini
+`generateContent` (Gemini API and Vertex AI, with an OAuth token endpoint for service-account credentials) and
+Bedrock's Converse API (SigV4 signatures checked against the test's key pair). It plays a two-turn
+conversation: a request without a tool result gets a call of `readTextFile` on notes.md; a request that
+carries the result gets a final text quoting it. Every request is recorded (path, query, headers, JSON body)
+for the test to inspect.
 
 Model names change the answer: `always-429` answers 429 with `retry-after: 0` forever, `hang` never answers
 in time, `auth` answers 401.
@@ -136,6 +137,62 @@ def _openai_completion(model: str, tool_call: bool) -> dict[str, Any]:
     }
 
 
+OPENAI_REASONING = ("rs_1", "ENCRYPTED-REASONING")  # the reasoning item's id and encrypted content
+
+
+def _openai_response(model: str, tool_call: bool) -> dict[str, Any]:
+    """The Responses API's answer: a reasoning item (encrypted, as with store=false), then a call or text."""
+    usage_in, usage_out = FIRST_USAGE if tool_call else SECOND_USAGE
+    output: list[dict[str, Any]] = []
+    if tool_call:
+        output.append(
+            {
+                "type": "reasoning",
+                "id": OPENAI_REASONING[0],
+                "summary": [{"type": "summary_text", "text": "read the note"}],
+                "encrypted_content": OPENAI_REASONING[1],
+            }
+        )
+        output.append(
+            {
+                "type": "function_call",
+                "id": "fc_1",
+                "call_id": "call_1",
+                "name": TOOL_NAME,
+                "arguments": json.dumps(TOOL_ARGS),
+                "status": "completed",
+            }
+        )
+    else:
+        output.append(
+            {
+                "type": "message",
+                "id": "msg_1",
+                "role": "assistant",
+                "status": "completed",
+                "content": [{"type": "output_text", "text": FINAL_TEXT, "annotations": []}],
+            }
+        )
+    return {
+        "id": "resp_1",
+        "object": "response",
+        "created_at": 1700000000,
+        "status": "completed",
+        "model": model,
+        "output": output,
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+        "usage": {
+            "input_tokens": usage_in,
+            "output_tokens": usage_out,
+            "total_tokens": usage_in + usage_out,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens_details": {"reasoning_tokens": 3},
+        },
+    }
+
+
 def _gemini_response(model: str, tool_call: bool) -> dict[str, Any]:
     usage_in, usage_out = FIRST_USAGE if tool_call else SECOND_USAGE
     part: dict[str, Any] = (
@@ -170,11 +227,16 @@ def _bedrock_response(tool_call: bool) -> dict[str, Any]:
 
 
 def _has_tool_result(body: Any) -> bool:
-    """Whether a request already carries the tool's result, in any of the four wire formats."""
+    """Whether a request already carries the tool's result, in any of the five wire formats."""
     text = json.dumps(body)
-    return any(
-        marker in text for marker in ('"role": "tool"', '"tool_result"', '"functionResponse"', '"toolResult"')
+    markers = (
+        '"role": "tool"',
+        '"tool_result"',
+        '"functionResponse"',
+        '"toolResult"',
+        '"function_call_output"',
     )
+    return any(marker in text for marker in markers)
 
 
 _GEMINI_PATH = re.compile(r"/models/([^/:]+):generateContent$")
@@ -228,6 +290,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, _anthropic_stream(tool_call), "text/event-stream")
         elif parts.path.endswith("/chat/completions"):
             self._json(200, _openai_completion(model, tool_call))
+        elif parts.path.endswith("/responses"):
+            self._json(200, _openai_response(model, tool_call))
         else:
             self._json(404, {"error": {"message": f"no route {parts.path}"}})
 

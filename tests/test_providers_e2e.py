@@ -22,6 +22,7 @@ from tests.fake_providers import (
     FIRST_USAGE,
     GEMINI_SIGNATURE,
     NOTE,
+    OPENAI_REASONING,
     SECOND_USAGE,
     TOOL_ARGS,
     TOOL_NAME,
@@ -81,11 +82,24 @@ def check_openai_format(first: Recorded, second: Recorded) -> None:
 
 def check_openai(fake: FakeProviders, requests: list[Recorded]) -> None:
     first, second = requests
-    assert first.path == "/v1/chat/completions"
+    # a reasoning model goes through the Responses API, stateless: its reasoning comes back encrypted
+    assert first.path == "/v1/responses"
     assert first.headers["authorization"] == "Bearer sk-openai-SECRET"
     assert first.body["model"] == "o4-mini"
-    assert first.body["reasoning_effort"] == "low"  # the default budget, on a reasoning model
-    check_openai_format(first, second)
+    assert first.body["reasoning"]["effort"] == "low"  # the default budget
+    assert first.body["store"] is False
+    assert "reasoning.encrypted_content" in first.body["include"]
+    assert [t["name"] for t in first.body["tools"]].count(TOOL_NAME) == 1
+    items = second.body["input"]
+    # the reasoning item goes back exactly, from the checkpoint, before the call it led to and its output
+    (reasoning,) = [i for i in items if i.get("type") == "reasoning"]
+    assert (reasoning["id"], reasoning["encrypted_content"]) == OPENAI_REASONING
+    kinds = [i.get("type") for i in items]
+    assert kinds.index("reasoning") < kinds.index("function_call") < kinds.index("function_call_output")
+    (call,) = [i for i in items if i.get("type") == "function_call"]
+    assert (call["call_id"], call["name"], json.loads(call["arguments"])) == ("call_1", TOOL_NAME, TOOL_ARGS)
+    (output,) = [i for i in items if i.get("type") == "function_call_output"]
+    assert output["call_id"] == "call_1" and NOTE in _tool_result_text(output["output"])
 
 
 def check_ollama(fake: FakeProviders, requests: list[Recorded]) -> None:

@@ -688,11 +688,49 @@ async def test_http_tool_call(fake_openai: tuple[str, list[dict[str, Any]]]) -> 
 
 async def test_http_reasoning_effort_and_no_tools(fake_openai: tuple[str, list[dict[str, Any]]]) -> None:
     base_url, requests = fake_openai
-    config = ProviderConfig(provider_name="openai", base_url=base_url)
-    await prov.PydanticAIModel(config, "o4-mini").generate(_request(tools=[], reasoning_budget=8000))
+    config = ProviderConfig(provider_name="azure-openai", base_url=base_url)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AZURE_API_KEY", "k")
+        await prov.PydanticAIModel(config, "gpt-5-mini").generate(_request(tools=[], reasoning_budget=8000))
     body = requests[0]["body"]
+    assert requests[0]["path"] == "/v1/v1/chat/completions?api-version=v1"  # Azure's v1 API under baseUrl
+    assert requests[0]["headers"]["api-key"] == "k"
     assert body["reasoning_effort"] == "high"
     assert "tools" not in body
+
+
+def test_openai_reasoning_items_go_back_to_openai_only() -> None:
+    response = _response(
+        pai.ThinkingPart("summary 1", id="rs_9", signature="ENC", provider_name="openai"),
+        pai.ThinkingPart("summary 2", id="rs_9", provider_name="openai"),
+        pai.ToolCallPart("readTextFile", {"path": "a"}, "call_9"),
+    )
+    result = prov.to_generation_result(response)
+    message = ExpertMessage(
+        contents=[
+            *result.thinking,
+            *(ToolCallPart(tool_call_id=c.id, tool_name=c.tool_name, args=c.args) for c in result.tool_calls),
+        ]
+    )
+    message = ExpertMessage.model_validate_json(message.model_dump_json(by_alias=True))
+    (openai,) = prov.to_model_messages([message], provider_name="openai", system="openai")
+    assert isinstance(openai, pai.ModelResponse)
+    first, second, _call = openai.parts
+    assert isinstance(first, pai.ThinkingPart) and isinstance(second, pai.ThinkingPart)
+    assert (first.id, first.signature, first.content, first.provider_name) == (
+        "rs_9",
+        "ENC",
+        "summary 1",
+        "openai",
+    )
+    assert (second.id, second.signature) == ("rs_9", None)
+    (anthropic,) = prov.to_model_messages([message], provider_name="anthropic")
+    assert isinstance(anthropic, pai.ModelResponse)
+    assert [(p.part_kind, getattr(p, "signature", None)) for p in anthropic.parts] == [
+        ("thinking", None),
+        ("thinking", None),
+        ("tool-call", None),
+    ]
 
 
 async def test_http_401_is_not_retryable(fake_openai: tuple[str, list[dict[str, Any]]]) -> None:

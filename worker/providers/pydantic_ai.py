@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import importlib
 import json
 import os
@@ -354,7 +355,13 @@ def build_model(settings: ClientSettings) -> Model:
         return OpenAIChatModel(settings.model, provider=DeepSeekProvider(openai_client=openai_client))
     from pydantic_ai.providers.openai import OpenAIProvider
 
-    # Chat Completions rather than Responses: it is what every OpenAI-compatible base_url speaks
+    if is_openai_reasoning_model(settings.model):
+        # OpenAI's reasoning models keep their reasoning between turns only through the Responses API,
+        # which returns it as encrypted items to send back (Chat Completions drops it)
+        from pydantic_ai.models.openai import OpenAIResponsesModel
+
+        return OpenAIResponsesModel(settings.model, provider=OpenAIProvider(openai_client=openai_client))
+    # Chat Completions for the rest: it is what every OpenAI-compatible base_url speaks
     return OpenAIChatModel(settings.model, provider=OpenAIProvider(openai_client=openai_client))
 
 
@@ -515,6 +522,10 @@ REDACTED_THINKING_ID_PREFIX = "redacted-"
 # thinking part whose id says where it belongs: GEMINI_SIGNATURE_ID_PREFIX + "thought-…" (the thinking part
 # itself), + "text-…" (the answer's text), or + "call:" + the tool call id. Other providers never see these.
 GEMINI_SIGNATURE_ID_PREFIX = "gemini-signature-"
+# OpenAI's reasoning items (Responses API) go back with their item id and encrypted content: the id travels
+# in the thinking part's id, OPENAI_REASONING_ID_PREFIX + item id + "/" + a part id of its own (an item with
+# several summaries becomes several parts with the same item id).
+OPENAI_REASONING_ID_PREFIX = "openai-reasoning/"
 _GEMINI_PROVIDERS = ("google", "google-vertex")
 
 
@@ -626,6 +637,18 @@ def _response_parts(message: ExpertMessage, system: str, provider_name: str) -> 
                             part.thinking,
                             provider_details=_gemini_details(part.signature) if gemini else None,
                             provider_name=system if gemini else None,
+                        )
+                    )
+            elif part.id.startswith(OPENAI_REASONING_ID_PREFIX):
+                item_id = part.id.removeprefix(OPENAI_REASONING_ID_PREFIX).rsplit("/", 1)[0]
+                openai = provider_name == "openai"
+                if openai or part.thinking:  # elsewhere a summary is plain thinking, a bare item nothing
+                    thinking.append(
+                        pai.ThinkingPart(
+                            part.thinking,
+                            id=item_id if openai else None,
+                            signature=part.signature if openai else None,
+                            provider_name=system if openai else None,
                         )
                     )
             elif part.id.startswith(REDACTED_THINKING_ID_PREFIX) and part.signature:
@@ -787,6 +810,9 @@ def to_generation_result(response: pai.ModelResponse) -> GenerationResult:
                         id=REDACTED_THINKING_ID_PREFIX + new_id(), thinking="", signature=part.signature
                     )
                 )
+            elif part.provider_name == "openai" and part.id and part.id.startswith("rs_"):
+                carrier = f"{OPENAI_REASONING_ID_PREFIX}{part.id}/{new_id()}"
+                thinking.append(ThinkingPart(id=carrier, thinking=part.content, signature=part.signature))
             elif gemini_signature:
                 carrier = f"{GEMINI_SIGNATURE_ID_PREFIX}thought-{new_id()}"
                 thinking.append(ThinkingPart(id=carrier, thinking=part.content, signature=gemini_signature))
@@ -863,12 +889,31 @@ def to_generation_error(exc: BaseException) -> GenerationError:
 # --- the client ---------------------------------------------------------------------------------------
 
 
+_OPENAI_MODULES = ("openai", "pydantic_ai.models.openai")
+_GOOGLE_MODULES = ("google.genai", "pydantic_ai.models.google")
+_SDK_MODULES: dict[str, tuple[str, ...]] = {
+    "anthropic": ("anthropic", "pydantic_ai.models.anthropic"),
+    "openai": _OPENAI_MODULES,
+    "ollama": (*_OPENAI_MODULES, "pydantic_ai.models.ollama"),
+    "deepseek": _OPENAI_MODULES,
+    "azure-openai": _OPENAI_MODULES,
+    "google": _GOOGLE_MODULES,
+    "google-vertex": _GOOGLE_MODULES,
+    "amazon-bedrock": ("boto3", "pydantic_ai.models.bedrock"),
+}
+
+
 class PydanticAIModel:
     """A ModelClient (worker.llm) for every provider Perstack has, through pydantic-ai."""
 
     def __init__(self, provider: ProviderConfig, model: str) -> None:
         self.provider = provider
         self.model = model
+        # Import the SDK now, once per worker, so that its seconds of import time on a cold worker are not
+        # taken from the first generation's timeout. A missing one is reported by generate().
+        for module in _SDK_MODULES.get(provider.provider_name, ()):
+            with contextlib.suppress(ImportError):
+                importlib.import_module(module)
 
     def model_settings(self, request: GenerationRequest, model: Model) -> ModelSettings:
         name = self.provider.provider_name
@@ -881,6 +926,10 @@ class PydanticAIModel:
         settings.update(
             reasoning_settings(name, self.model, request.reasoning_budget, budget_thinking_allowed=allowed)
         )
+        if name == "openai" and is_openai_reasoning_model(self.model):
+            # the Responses API, stateless: reasoning items come back encrypted and perq keeps them in the
+            # checkpoint, so any worker can send them with the next request and OpenAI keeps nothing
+            settings["openai_store"] = False
         if name == "anthropic" and any(
             isinstance(m, InstructionMessage) and m.cache for m in request.messages
         ):
