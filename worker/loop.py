@@ -195,6 +195,8 @@ class StepRunner:
     # --- generation ---------------------------------------------------------------------------------
 
     async def _generate(self, with_tools: bool, extra: list[Message] | None = None) -> GenerationResult:
+        # skills started lazily: their tools are offered, and a recorded answer's calls are routed to them
+        await self.skills.ready()
         n = self.generations
         self.generations += 1
         recorded = await self.journal.load(n)
