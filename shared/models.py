@@ -290,6 +290,8 @@ class McpStdioSkill(_Skill):
     args: list[str] | None = None
     required_env: list[str] = Field(default_factory=list)
     lazy_init: bool = False
+    # perq: the base skill replaced by perstack.toml's perstackBaseSkillCommand, spawned like any stdio skill
+    external_base: bool = False
 
 
 class McpSseSkill(_Skill):

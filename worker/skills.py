@@ -45,7 +45,10 @@ class SkillError(Exception):
 
 
 def is_base_skill(skill: McpSkill) -> bool:
-    """`@perstack/base`, whatever command or version the file names, means perq's in-process tools."""
+    """`@perstack/base`, whatever command or version the file names, means perq's in-process tools, unless
+    perstack.toml's perstackBaseSkillCommand replaced it with a server of the user's own."""
+    if isinstance(skill, McpStdioSkill) and skill.external_base:
+        return False
     if skill.name == BASE_SKILL_NAME:
         return True
     if isinstance(skill, McpStdioSkill):
@@ -130,7 +133,7 @@ class SkillSet:
         if tool is None:
             return error_result(call, "ToolNotFound", f"Tool {call.tool_name} not found")
         try:
-            if tool.skill_name == BASE_SKILL_NAME:
+            if tool.skill_name == BASE_SKILL_NAME and BASE_SKILL_NAME not in self.mcp_skills:
                 parts = await call_base_tool(call.tool_name, call.args, self.tool_context)
             else:
                 skill = self.mcp_skills[tool.skill_name]
