@@ -379,9 +379,10 @@ def test_a_provider_that_always_answers_429_gets_max_retries_plus_one_requests(
     assert [e.type for e in perq.events(job_id)].count("retry") == 3
 
 
-def test_the_timeout_applies_to_each_attempt(perq: Perq, fake: FakeProviders) -> None:
-    case = CASES["openai"]
-    perq.write("perstack.toml", _config(case.provider, {}))
+@pytest.mark.parametrize("name", ["openai", "amazon-bedrock"])
+def test_the_timeout_applies_to_each_attempt(perq: Perq, fake: FakeProviders, name: str) -> None:
+    case = CASES[name]
+    perq.write("perstack.toml", _config(case.provider, case.setting(fake, perq.root)))
     env = _worker_env(perq, case.env(fake, perq.root))
     # 2 s: long enough for a cold worker to import the SDK inside the first attempt's limit
     args = ("--model", "hang", "--max-retries", "2", "--timeout", "2000")

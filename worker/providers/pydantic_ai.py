@@ -13,6 +13,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import dataclasses
 import importlib
 import json
 import os
@@ -118,6 +119,8 @@ class ClientSettings:
     # amazon-bedrock: the secret half of the key pair, and a session token for temporary credentials
     secret_key: str | None = field(default=None, repr=False)
     session_token: str | None = field(default=None, repr=False)
+    # amazon-bedrock: boto3 takes its timeout per client, not per request, so it is part of the client's key
+    read_timeout: float | None = None
 
 
 def _env(env: Mapping[str, str], name: str) -> str | None:
@@ -402,10 +405,15 @@ def _bedrock_model(settings: ClientSettings) -> Model:
         aws_session_token=settings.session_token,
         region_name=settings.location,
     )
-    # one attempt per generation (the loop retries); the generation's timeout is enforced around the call
-    client = session.client(
-        "bedrock-runtime", config=Config(retries={"total_max_attempts": 1, "mode": "standard"})
+    # one attempt per generation (the loop retries), limited to the generation's timeout (boto3's own default
+    # of 60 s would cut long generations short)
+    timeout = settings.read_timeout or 300.0
+    config = Config(
+        retries={"total_max_attempts": 1, "mode": "standard"},
+        read_timeout=timeout,
+        connect_timeout=min(timeout, 60.0),
     )
+    client = session.client("bedrock-runtime", config=config)
     return BedrockConverseModel(settings.model, provider=BedrockProvider(bedrock_client=client))
 
 
@@ -940,6 +948,8 @@ class PydanticAIModel:
         timeout_s = request.timeout_ms / 1000
         try:
             settings = resolve_client_settings(self.provider, self.model)
+            if settings.provider_name == "amazon-bedrock":
+                settings = dataclasses.replace(settings, read_timeout=timeout_s)
             require_extra(settings.provider_name)
             model = get_cached_model(settings)
             messages = to_model_messages(
