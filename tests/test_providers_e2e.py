@@ -441,3 +441,28 @@ def test_a_missing_key_or_credential_stops_the_job_with_one_line(
     error = perq.checkpoints(job_id)[-1].error
     assert error is not None and error.message.startswith(missing)
     assert fake.model_requests() == []
+
+
+@pytest.mark.parametrize(("name", "package", "extra"), [("amazon-bedrock", "boto3", "bedrock")])
+def test_a_worker_without_the_extra_stops_the_job_naming_it(
+    perq: Perq, fake: FakeProviders, name: str, package: str, extra: str
+) -> None:
+    case = CASES[name]
+    perq.write("perstack.toml", _config(case.provider, case.setting(fake, perq.root)))
+    # a package that fails to import as an absent one does, first on the worker's path
+    perq.write(f"shadow/{package}/__init__.py", f'raise ImportError("No module named {package}")\n')
+    env = _worker_env(perq, case.env(fake, perq.root))
+    env["PYTHONPATH"] = str(perq.root / "shadow")
+    result = perq.run("run", "reader", "hi", "--model", case.model, env=env)
+    assert result.returncode == 0, result.stderr
+    job_id = result.stdout.strip().splitlines()[-1]
+    _burst(perq, env)
+
+    assert perq.job(job_id).status == "stoppedByError"
+    error = perq.checkpoints(job_id)[-1].error
+    assert error is not None
+    assert (
+        error.message
+        == f"provider {name!r} needs the {extra} extra on the worker: pip install 'perq[{extra}]'"
+    )
+    assert fake.model_requests() == []
