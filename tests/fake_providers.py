@@ -54,6 +54,11 @@ class FakeProviders:
     # Bedrock: the key pair requests must be signed with
     aws_keys: tuple[str, str] = ("AKIDFAKE", "fake-secret")
     signature_failures: list[str] = field(default_factory=list)
+    # hold_second_turn: the first request that carries a tool result gets no answer (its worker is to be
+    # killed); `held` is set when it has arrived. Later ones are answered as usual.
+    hold_second_turn: bool = False
+    held: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
 
     def model_requests(self) -> list[Recorded]:
         """Requests to a model (the token endpoint left out)."""
@@ -277,6 +282,11 @@ class _Handler(BaseHTTPRequestHandler):
         if model.startswith("hang"):
             time.sleep(10)
         tool_call = not _has_tool_result(body)
+        if not tool_call and self.fake.hold_second_turn and not self.fake.held.is_set():
+            self.fake.held.set()
+            self.fake.release.wait(60)
+            self._json(503, _error_body(parts.path, "held"))
+            return
         if _BEDROCK_PATH.search(parts.path):
             problem = self._check_sigv4(raw)
             if problem:
@@ -363,5 +373,6 @@ def fake_providers() -> Iterator[FakeProviders]:
     try:
         yield fake
     finally:
+        fake.release.set()
         server.shutdown()
         server.server_close()

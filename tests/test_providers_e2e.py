@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Perq, toml_value
+from tests.conftest import PERQ, Perq, toml_value
 from tests.fake_providers import (
     ACCESS_TOKEN,
     FINAL_TEXT,
@@ -466,3 +467,35 @@ def test_a_worker_without_the_extra_stops_the_job_naming_it(
         == f"provider {name!r} needs the {extra} extra on the worker: pip install 'perq[{extra}]'"
     )
     assert fake.model_requests() == []
+
+
+@pytest.mark.parametrize("name", ["anthropic", "openai", "google"])
+def test_thinking_goes_back_from_the_store_when_another_worker_takes_the_step_over(
+    perq: Perq, fake: FakeProviders, name: str
+) -> None:
+    """The worker that made the first request is killed while it waits for the second answer; another worker
+    takes the step over from the store and sends the signed thinking / reasoning item / thought signature
+    exactly as the first one would have."""
+    case = CASES[name]
+    fake.hold_second_turn = True
+    perq.write("perstack.toml", _config(case.provider, case.setting(fake, perq.root)))
+    perq.write("notes.md", NOTE + "\n")
+    env = _worker_env(perq, case.env(fake, perq.root))
+    result = perq.run("run", "reader", "What does the note say?", "--model", case.model, env=env)
+    assert result.returncode == 0, result.stderr
+    job_id = result.stdout.strip().splitlines()[-1]
+    first = subprocess.Popen(
+        [*PERQ, "worker"], cwd=perq.root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        assert fake.held.wait(120), "the first worker never sent the second request"
+    finally:
+        first.kill()
+        first.wait()
+    _burst(perq, env)  # takes the step over once the dead worker's lease has run out
+
+    assert perq.job(job_id).status == "completed"
+    requests = fake.model_requests()
+    assert len(requests) == 3  # the first answer, the request that was held, and the one that took over
+    assert requests[1].body == requests[2].body  # what the second worker sent is what the first would have
+    case.check(fake, [requests[0], requests[2]])
