@@ -52,7 +52,7 @@ class FakeProviders:
     url: str
     requests: list[Recorded] = field(default_factory=list)
     # Bedrock: the key pair requests must be signed with
-    aws_keys: tuple[str, str] = ("AKIDFAKE", "fake-secret")
+    aws_keys: tuple[str, str] = ("AKIDSECRET0000000000", "aws-SECRET-access-key")
     signature_failures: list[str] = field(default_factory=list)
     # hold_second_turn: the first request that carries a tool result gets no answer (its worker is to be
     # killed); `held` is set when it has arrived. Later ones are answered as usual.

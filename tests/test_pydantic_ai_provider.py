@@ -940,3 +940,65 @@ def test_gemini_thought_signatures_go_back_on_their_parts_and_only_to_gemini() -
     assert all(not p.provider_details for p in anthropic.parts)
     thinking = anthropic.parts[0]
     assert isinstance(thinking, pai.ThinkingPart) and thinking.signature is None
+
+
+# --- where the loop waits between attempts ------------------------------------------------------------
+
+
+class _Failing:
+    def __init__(self, error: GenerationError) -> None:
+        self.error = error
+        self.requests = 0
+
+    async def generate(self, request: GenerationRequest) -> Any:
+        self.requests += 1
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    ("retry_count", "retryable", "waits"),
+    [(0, True, [(0.25, 0)]), (1, True, [(0.25, 1)]), (2, True, []), (0, False, [])],
+)
+async def test_the_loop_waits_before_a_retry_and_never_before_stopping(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any, retry_count: int, retryable: bool, waits: list[Any]
+) -> None:
+    import worker.loop
+    from shared.models import Checkpoint, Expert, ExpertRef, RunInput, RunSetting, checkpoint_id
+
+    seen: list[tuple[float | None, int]] = []
+
+    def delay(error: GenerationError, failures_before: int) -> float:
+        seen.append((error.retry_after, failures_before))
+        return 0.0
+
+    monkeypatch.setattr(worker.loop, "retry_delay", delay)
+    expert = Expert(key="e", name="e", instruction="do")
+    setting = RunSetting(
+        model="m",
+        provider_config=ProviderConfig(provider_name="script"),
+        job_id="j",
+        run_id="r",
+        expert_key="e",
+        input=RunInput(text="go"),
+        experts={"e": expert},
+        workspace=str(tmp_path),
+        max_retries=2,
+    )
+    model = _Failing(GenerationError("busy", is_retryable=retryable, status_code=429, retry_after=0.25))
+    runner = worker.loop.StepRunner(setting=setting, expert=expert, model=model)
+    start = Checkpoint(
+        id=checkpoint_id("r", 1),
+        job_id="j",
+        run_id="r",
+        status="init",
+        step_number=1,
+        expert=ExpertRef(key="e", name="e"),
+        retry_count=retry_count,
+    )
+    end = await runner.run(start, begins_run=True)
+    assert model.requests == 1
+    assert seen == waits
+    if waits:
+        assert end.status == "proceeding" and end.retry_count == retry_count + 1
+    else:
+        assert end.status == "stoppedByError"
