@@ -332,10 +332,13 @@ def _secrets(env: dict[str, str], credential_files: list[Path]) -> list[str]:
 @pytest.mark.parametrize("name", list(CASES))
 def test_provider_end_to_end(perq: Perq, fake: FakeProviders, name: str) -> None:
     case = CASES[name]
-    perq.write("perstack.toml", _config(case.provider, case.setting(fake, perq.root)))
+    setting = case.setting(fake, perq.root)
+    # as users do: a provider with settings is named in perstack.toml, one without on the command line
+    choice = ["--provider", case.provider] if not setting else []
+    perq.write("perstack.toml", _config(case.provider, setting) if setting else EXPERT)
     perq.write("notes.md", NOTE + "\n")
     env = _worker_env(perq, case.env(fake, perq.root))
-    result = perq.run("run", "reader", "What does the note say?", "--model", case.model, env=env)
+    result = perq.run("run", "reader", "What does the note say?", *choice, "--model", case.model, env=env)
     assert result.returncode == 0, result.stderr
     job_id = result.stdout.strip().splitlines()[-1]
     _burst(perq, env)
