@@ -12,8 +12,9 @@ COPY pyproject.toml README.md ./
 COPY shared ./shared
 COPY producer ./producer
 COPY worker ./worker
-# mcp: workers start MCP skills; s3: the job store may live in a bucket (PERQ_STORAGE=s3://...)
-RUN pip install ".[mcp,s3]"
+# mcp: workers start MCP skills; s3: the job store may live in a bucket (PERQ_STORAGE=s3://...);
+# google, bedrock: the SDKs of the google, google-vertex and amazon-bedrock providers
+RUN pip install ".[mcp,s3,google,bedrock]"
 COPY examples ./examples
 
 # Run as a user of its own; the store and the workspace are volumes, created owned by that user

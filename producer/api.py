@@ -112,12 +112,18 @@ def _provider(request: RunRequest, config: PerstackConfig) -> tuple[ProviderConf
             f"provider header {secret!r} looks like a credential: run settings are stored, so keys stay in "
             "the workers' environment (ANTHROPIC_API_KEY, OPENAI_API_KEY, ...)"
         )
+    deployment_urls = setting.get("useDeploymentBasedUrls")
     provider = ProviderConfig(
         provider_name=name,
         base_url=setting.get("baseUrl"),
         organization=setting.get("organization"),
         project=setting.get("project"),
         headers=headers,
+        resource_name=setting.get("resourceName"),
+        api_version=setting.get("apiVersion"),
+        use_deployment_based_urls=deployment_urls if isinstance(deployment_urls, bool) else None,
+        region=setting.get("region"),
+        location=setting.get("location"),
     )
     return provider, model
 

@@ -120,6 +120,8 @@ class PerstackConfig(PerqModel):
     timeout: int | None = None
     experts: dict[str, ExpertTable] = Field(default_factory=dict)
     env_path: list[str] | None = None
+    # the command that runs the base skill as a stdio MCP server instead of perq's in-process base tools
+    perstack_base_skill_command: list[str] | None = None
 
     @field_validator("reasoning_budget", mode="before")
     @classmethod
@@ -203,6 +205,19 @@ def build_experts(config: PerstackConfig) -> dict[str, Expert]:
             delegates=table.delegates,
             tags=table.tags,
         )
+    command = [word for word in config.perstack_base_skill_command or [] if word]
+    if command:
+        for expert in experts.values():
+            base = expert.skills.get(BASE_SKILL_NAME)
+            if isinstance(base, McpStdioSkill):
+                expert.skills[BASE_SKILL_NAME] = base.model_copy(
+                    update={
+                        "command": command[0],
+                        "args": command[1:],
+                        "package_name": None,
+                        "external_base": True,
+                    }
+                )
     for expert in experts.values():
         for delegate in expert.delegates:
             if delegate not in experts:

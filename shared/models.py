@@ -308,6 +308,8 @@ class McpStdioSkill(_Skill):
     args: list[str] | None = None
     required_env: list[str] = Field(default_factory=list)
     lazy_init: bool = False
+    # perq: the base skill replaced by perstack.toml's perstackBaseSkillCommand, spawned like any stdio skill
+    external_base: bool = False
 
 
 class McpSseSkill(_Skill):
@@ -480,8 +482,13 @@ class ProviderConfig(PerqModel):
     provider_name: str
     base_url: str | None = None
     organization: str | None = None
-    project: str | None = None
+    project: str | None = None  # openai's project, or google-vertex's
     headers: dict[str, str] | None = None
+    resource_name: str | None = None  # azure-openai
+    api_version: str | None = None  # azure-openai
+    use_deployment_based_urls: bool | None = None  # azure-openai
+    region: str | None = None  # amazon-bedrock
+    location: str | None = None  # google-vertex
 
 
 class InteractiveToolCallResult(PerqModel):

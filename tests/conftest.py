@@ -137,6 +137,29 @@ class Perq:
         assert not problems
         return checkpoints
 
+    def assert_never_stored(self, secrets: list[str]) -> None:
+        """None of `secrets` is in any file of the store or in any Redis key (strings, streams, hashes...)."""
+        import redis as redis_sync
+
+        for path in self.storage.rglob("*"):
+            if path.is_file():
+                text = path.read_text(errors="replace")
+                assert all(s not in text for s in secrets), path
+        client = redis_sync.Redis.from_url(self.redis.url)
+        for key in client.scan_iter("*"):
+            kind = client.type(key).decode()
+            if kind == "string":
+                blob = repr(client.get(key))
+            elif kind == "stream":
+                blob = repr(client.xrange(key))
+            elif kind == "zset":
+                blob = repr(client.zrange(key, 0, -1))
+            elif kind == "hash":
+                blob = repr(client.hgetall(key))
+            else:
+                blob = ""
+            assert all(s not in blob for s in secrets), key
+
     def events(self, job_id: str) -> list[Event]:
         """All events of a job: each run's events in the order written, runs in the order they started."""
         store = self.store
@@ -166,12 +189,13 @@ def script_toml(experts: dict[str, list[dict[str, Any]]]) -> str:
         for turn in turns:
             lines.append(f'[[experts."{expert}".turns]]')
             for key, value in turn.items():
-                lines.append(f"{key} = {_toml(value)}")
+                lines.append(f"{key} = {toml_value(value)}")
             lines.append("")
     return "\n".join(lines)
 
 
-def _toml(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """One value in TOML syntax (inline tables for dicts)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -179,7 +203,7 @@ def _toml(value: Any) -> str:
     if isinstance(value, str):
         return json.dumps(value)
     if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in value.items()) + " }"
+        return "{ " + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
     raise TypeError(value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -416,11 +417,80 @@ def test_ollama_and_deepseek_defaults() -> None:
     assert deepseek.base_url == "https://api.deepseek.com"
 
 
-@pytest.mark.parametrize("provider", ["google", "azure-openai", "amazon-bedrock", "google-vertex"])
-def test_later_providers_name_the_extra(provider: str) -> None:
-    with pytest.raises(GenerationError, match=r"pydantic-ai-slim\[") as info:
-        prov.resolve_client_settings(ProviderConfig(provider_name=provider), "m", env={})
-    assert provider in info.value.message and not info.value.is_retryable
+@pytest.mark.parametrize(
+    ("provider", "env", "missing"),
+    [
+        ("google", {}, "GOOGLE_GENERATIVE_AI_API_KEY"),
+        ("azure-openai", {"AZURE_RESOURCE_NAME": "r"}, "AZURE_API_KEY"),
+        ("azure-openai", {"AZURE_API_KEY": "k"}, "AZURE_RESOURCE_NAME"),
+        ("amazon-bedrock", {"AWS_ACCESS_KEY_ID": "a"}, "AWS_REGION"),
+        ("google-vertex", {"GOOGLE_VERTEX_LOCATION": "l"}, "GOOGLE_VERTEX_PROJECT"),
+        ("google-vertex", {"GOOGLE_VERTEX_PROJECT": "p"}, "GOOGLE_VERTEX_LOCATION"),
+    ],
+)
+def test_missing_setting_of_the_newer_providers(provider: str, env: dict[str, str], missing: str) -> None:
+    with pytest.raises(GenerationError, match=f"^{missing} is not set") as info:
+        prov.resolve_client_settings(ProviderConfig(provider_name=provider), "m", env=env)
+    assert not info.value.is_retryable
+
+
+def test_settings_of_the_newer_providers() -> None:
+    google = prov.resolve_client_settings(
+        ProviderConfig(provider_name="google"),
+        "gemini-2.5-flash",
+        env={
+            "GOOGLE_GENERATIVE_AI_API_KEY": "k",
+            "GOOGLE_GENERATIVE_AI_BASE_URL": "https://gw.example/g/v1beta",
+        },
+    )
+    assert (google.base_url, google.api_version) == ("https://gw.example/g/", "v1beta")
+    vertex = prov.resolve_client_settings(
+        ProviderConfig(provider_name="google-vertex", project="cfg-project"),
+        "gemini-2.5-pro",
+        env={
+            "GOOGLE_VERTEX_PROJECT": "env-project",
+            "GOOGLE_VERTEX_LOCATION": "us-east5",
+            "GOOGLE_VERTEX_BASE_URL": "https://h.example/v1/projects/p/locations/l/publishers/google",
+        },
+    )
+    assert (vertex.project, vertex.location, vertex.api_key) == ("cfg-project", "us-east5", None)
+    assert (vertex.base_url, vertex.api_version) == ("https://h.example/", "v1")
+    azure = prov.resolve_client_settings(
+        ProviderConfig(provider_name="azure-openai"),
+        "dep",
+        env={"AZURE_API_KEY": "k", "AZURE_RESOURCE_NAME": "r"},
+    )
+    assert (azure.base_url, azure.api_version, azure.deployment_urls) == (
+        "https://r.openai.azure.com/openai",
+        "v1",
+        False,
+    )
+    bedrock = prov.resolve_client_settings(
+        ProviderConfig(provider_name="amazon-bedrock", region="eu-west-3"),
+        "amazon.nova-pro-v1:0",
+        env={"AWS_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "AKID", "AWS_SECRET_ACCESS_KEY": "S"},
+    )
+    assert (bedrock.location, bedrock.api_key, bedrock.secret_key) == ("eu-west-3", "AKID", "S")
+    # secrets never show in a settings object's repr (logs, tracebacks)
+    assert "AKID" not in repr(bedrock) and "'S'" not in repr(bedrock) and "'k'" not in repr(azure)
+
+
+@pytest.mark.parametrize(("provider", "module"), [("google", "google.genai"), ("amazon-bedrock", "boto3")])
+async def test_a_worker_without_the_extra_says_which_to_install(
+    monkeypatch: pytest.MonkeyPatch, provider: str, module: str
+) -> None:
+    # None in sys.modules makes the import fail as it does where the package is not installed
+    monkeypatch.setitem(sys.modules, module, None)
+    monkeypatch.setenv("GOOGLE_GENERATIVE_AI_API_KEY", "k")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    client = prov.PydanticAIModel(ProviderConfig(provider_name=provider), "m")
+    with pytest.raises(GenerationError) as info:
+        await client.generate(GenerationRequest(expert_key="e", messages=[], tools=[]))
+    extra = "google" if provider == "google" else "bedrock"
+    assert info.value.message == (
+        f"provider {provider!r} needs the {extra} extra on the worker: pip install 'perq[{extra}]'"
+    )
+    assert not info.value.is_retryable
 
 
 def test_unknown_provider() -> None:
@@ -452,8 +522,23 @@ async def test_models_are_cached_per_settings() -> None:
     ("status", "retryable"), [(401, False), (400, False), (429, True), (500, True), (503, True)]
 )
 def test_http_errors(status: int, retryable: bool) -> None:
-    error = prov.to_generation_error(ModelHTTPError(status, "m", body={"error": "x"}))
+    error = prov.to_generation_error(
+        ModelHTTPError(status, "m", body={"error": "x"}, headers={"retry-after": "7"})
+    )
     assert error.status_code == status and error.is_retryable is retryable
+    assert error.retry_after == 7
+
+
+def test_retry_delay_honours_retry_after_else_backs_off_exponentially() -> None:
+    from worker.llm import RETRY_AFTER_MAX_SECONDS, retry_delay
+
+    def error(retry_after: float | None) -> GenerationError:
+        return GenerationError("busy", is_retryable=True, retry_after=retry_after)
+
+    assert retry_delay(error(2.5), 0) == 2.5 and retry_delay(error(0), 4) == 0
+    assert retry_delay(error(3600), 0) == RETRY_AFTER_MAX_SECONDS
+    assert [retry_delay(error(None), n) for n in range(4)] == [1, 2, 4, 8]
+    assert retry_delay(error(None), 20) == 30
 
 
 def test_other_errors() -> None:
@@ -603,11 +688,49 @@ async def test_http_tool_call(fake_openai: tuple[str, list[dict[str, Any]]]) -> 
 
 async def test_http_reasoning_effort_and_no_tools(fake_openai: tuple[str, list[dict[str, Any]]]) -> None:
     base_url, requests = fake_openai
-    config = ProviderConfig(provider_name="openai", base_url=base_url)
-    await prov.PydanticAIModel(config, "o4-mini").generate(_request(tools=[], reasoning_budget=8000))
+    config = ProviderConfig(provider_name="azure-openai", base_url=base_url)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AZURE_API_KEY", "k")
+        await prov.PydanticAIModel(config, "gpt-5-mini").generate(_request(tools=[], reasoning_budget=8000))
     body = requests[0]["body"]
+    assert requests[0]["path"] == "/v1/v1/chat/completions?api-version=v1"  # Azure's v1 API under baseUrl
+    assert requests[0]["headers"]["api-key"] == "k"
     assert body["reasoning_effort"] == "high"
     assert "tools" not in body
+
+
+def test_openai_reasoning_items_go_back_to_openai_only() -> None:
+    response = _response(
+        pai.ThinkingPart("summary 1", id="rs_9", signature="ENC", provider_name="openai"),
+        pai.ThinkingPart("summary 2", id="rs_9", provider_name="openai"),
+        pai.ToolCallPart("readTextFile", {"path": "a"}, "call_9"),
+    )
+    result = prov.to_generation_result(response)
+    message = ExpertMessage(
+        contents=[
+            *result.thinking,
+            *(ToolCallPart(tool_call_id=c.id, tool_name=c.tool_name, args=c.args) for c in result.tool_calls),
+        ]
+    )
+    message = ExpertMessage.model_validate_json(message.model_dump_json(by_alias=True))
+    (openai,) = prov.to_model_messages([message], provider_name="openai", system="openai")
+    assert isinstance(openai, pai.ModelResponse)
+    first, second, _call = openai.parts
+    assert isinstance(first, pai.ThinkingPart) and isinstance(second, pai.ThinkingPart)
+    assert (first.id, first.signature, first.content, first.provider_name) == (
+        "rs_9",
+        "ENC",
+        "summary 1",
+        "openai",
+    )
+    assert (second.id, second.signature) == ("rs_9", None)
+    (anthropic,) = prov.to_model_messages([message], provider_name="anthropic")
+    assert isinstance(anthropic, pai.ModelResponse)
+    assert [(p.part_kind, getattr(p, "signature", None)) for p in anthropic.parts] == [
+        ("thinking", None),
+        ("thinking", None),
+        ("tool-call", None),
+    ]
 
 
 async def test_http_401_is_not_retryable(fake_openai: tuple[str, list[dict[str, Any]]]) -> None:
@@ -619,13 +742,16 @@ async def test_http_401_is_not_retryable(fake_openai: tuple[str, list[dict[str, 
     assert len(requests) == 1  # the SDK does not retry a 401 either
 
 
-async def test_http_503_is_retryable_after_sdk_retries(fake_openai: tuple[str, list[dict[str, Any]]]) -> None:
+async def test_http_503_is_one_attempt_whatever_max_retries_says(
+    fake_openai: tuple[str, list[dict[str, Any]]],
+) -> None:
     base_url, requests = fake_openai
     client = prov.PydanticAIModel(ProviderConfig(provider_name="openai", base_url=base_url), "busy-model")
     with pytest.raises(GenerationError) as info:
-        await client.generate(_request(max_retries=1))
+        await client.generate(_request(max_retries=3))
     assert info.value.status_code == 503 and info.value.is_retryable
-    assert len(requests) == 2  # max_retries reached the SDK: one attempt plus one retry
+    assert info.value.retry_after == 0.01  # the server's retry-after-ms, for the loop's backoff
+    assert len(requests) == 1  # the loop retries, not the SDK: one generation is one request
 
 
 async def test_http_timeout(fake_openai: tuple[str, list[dict[str, Any]]]) -> None:
@@ -774,3 +900,105 @@ async def test_http_anthropic_thinking_round_trip(monkeypatch: pytest.MonkeyPatc
         server.shutdown()
         server.server_close()
         prov.clear_model_cache()
+
+
+def test_gemini_thought_signatures_go_back_on_their_parts_and_only_to_gemini() -> None:
+    signed = {"thought_signature": "U0lH"}
+    response = _response(
+        pai.ThinkingPart("plan", provider_details={"thought_signature": "VEhU"}, provider_name="google"),
+        pai.TextPart("Reading.", provider_details={"thought_signature": "VFhU"}, provider_name="google"),
+        pai.ToolCallPart(
+            "readTextFile", {"path": "a"}, "c1", provider_details=signed, provider_name="google"
+        ),
+        pai.ToolCallPart("readTextFile", {"path": "b"}, "c2"),
+    )
+    result = prov.to_generation_result(response)
+    assert [c.id for c in result.tool_calls] == ["c1", "c2"]
+    message = ExpertMessage(
+        contents=[
+            *result.thinking,
+            TextPart(text=result.text or ""),
+            *(ToolCallPart(tool_call_id=c.id, tool_name=c.tool_name, args=c.args) for c in result.tool_calls),
+        ]
+    )
+    # through JSON, as a checkpoint read by another worker
+    message = ExpertMessage.model_validate_json(message.model_dump_json(by_alias=True))
+
+    (google,) = prov.to_model_messages([message], provider_name="google", system="google")
+    assert isinstance(google, pai.ModelResponse)
+    thought, text, first, second = google.parts
+    assert isinstance(thought, pai.ThinkingPart) and thought.content == "plan"
+    assert thought.provider_details == {"thought_signature": "VEhU"}
+    assert isinstance(text, pai.TextPart) and text.provider_details == {"thought_signature": "VFhU"}
+    assert isinstance(first, pai.ToolCallPart) and first.provider_details == signed
+    assert isinstance(second, pai.ToolCallPart) and second.provider_details is None
+
+    (anthropic,) = prov.to_model_messages([message], provider_name="anthropic")
+    assert isinstance(anthropic, pai.ModelResponse)
+    # the thought text stays, unsigned; the bare carriers and every Gemini signature are gone
+    assert [p.part_kind for p in anthropic.parts] == ["thinking", "text", "tool-call", "tool-call"]
+    assert all(not p.provider_details for p in anthropic.parts)
+    thinking = anthropic.parts[0]
+    assert isinstance(thinking, pai.ThinkingPart) and thinking.signature is None
+
+
+# --- where the loop waits between attempts ------------------------------------------------------------
+
+
+class _Failing:
+    def __init__(self, error: GenerationError) -> None:
+        self.error = error
+        self.requests = 0
+
+    async def generate(self, request: GenerationRequest) -> Any:
+        self.requests += 1
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    ("retry_count", "retryable", "waits"),
+    [(0, True, [(0.25, 0)]), (1, True, [(0.25, 1)]), (2, True, []), (0, False, [])],
+)
+async def test_the_loop_waits_before_a_retry_and_never_before_stopping(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any, retry_count: int, retryable: bool, waits: list[Any]
+) -> None:
+    import worker.loop
+    from shared.models import Checkpoint, Expert, ExpertRef, RunInput, RunSetting, checkpoint_id
+
+    seen: list[tuple[float | None, int]] = []
+
+    def delay(error: GenerationError, failures_before: int) -> float:
+        seen.append((error.retry_after, failures_before))
+        return 0.0
+
+    monkeypatch.setattr(worker.loop, "retry_delay", delay)
+    expert = Expert(key="e", name="e", instruction="do")
+    setting = RunSetting(
+        model="m",
+        provider_config=ProviderConfig(provider_name="script"),
+        job_id="j",
+        run_id="r",
+        expert_key="e",
+        input=RunInput(text="go"),
+        experts={"e": expert},
+        workspace=str(tmp_path),
+        max_retries=2,
+    )
+    model = _Failing(GenerationError("busy", is_retryable=retryable, status_code=429, retry_after=0.25))
+    runner = worker.loop.StepRunner(setting=setting, expert=expert, model=model)
+    start = Checkpoint(
+        id=checkpoint_id("r", 1),
+        job_id="j",
+        run_id="r",
+        status="init",
+        step_number=1,
+        expert=ExpertRef(key="e", name="e"),
+        retry_count=retry_count,
+    )
+    end = await runner.run(start, begins_run=True)
+    assert model.requests == 1
+    assert seen == waits
+    if waits:
+        assert end.status == "proceeding" and end.retry_count == retry_count + 1
+    else:
+        assert end.status == "stoppedByError"

@@ -286,8 +286,8 @@ def test_perq_help_imports_no_heavy_module() -> None:
         "    main()\n"
         "except SystemExit:\n"
         "    pass\n"
-        "heavy = ('pydantic', 'pydantic_ai', 'anthropic', 'openai', 'mcp', 'arq', 'redis', 'worker',\n"
-        "         'textual')\n"
+        "heavy = ('pydantic', 'pydantic_ai', 'anthropic', 'openai', 'google', 'boto3', 'botocore',"
+        " 'mcp', 'arq', 'redis', 'worker', 'textual')\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -36,7 +36,7 @@ from shared.models import (
     tool_message,
 )
 from worker.instruction import build_instruction
-from worker.llm import GenerationError, GenerationRequest, GenerationResult, ModelClient
+from worker.llm import GenerationError, GenerationRequest, GenerationResult, ModelClient, retry_delay
 from worker.skills import SkillSet, error_result, text_result
 
 KIND_ORDER = {"mcp": 0, "delegate": 1, "interactive": 2}
@@ -182,6 +182,8 @@ class StepRunner:
     # --- generation ---------------------------------------------------------------------------------
 
     async def _generate(self, with_tools: bool, extra: list[Message] | None = None) -> GenerationResult:
+        # skills started lazily: their tools are offered, and a recorded answer's calls are routed to them
+        await self.skills.ready()
         n = self.generations
         self.generations += 1
         recorded = await self.journal.load(n)
@@ -199,12 +201,25 @@ class StepRunner:
         try:
             result = await asyncio.wait_for(self.model.generate(request), self.setting.timeout / 1000)
         except TimeoutError as e:
-            raise GenerationError(
+            error = GenerationError(
                 f"generation timeout after {self.setting.timeout} ms", name="TimeoutError", is_retryable=True
-            ) from e
+            )
+            await self._back_off(error)
+            raise error from e
+        except GenerationError as e:
+            await self._back_off(e)
+            raise
         if result.tool_calls:
             await self.journal.save(n, result)
         return result
+
+    async def _back_off(self, error: GenerationError) -> None:
+        """Wait before the generation that retries this one: the provider's retry-after, else exponentially.
+
+        The wait is spent before the retry is recorded, so the next step starts at once on whichever worker
+        takes it; nothing waits when the run stops instead."""
+        if error.is_retryable and not self._retries_exhausted():
+            await asyncio.sleep(retry_delay(error, self.cp.retry_count or 0))
 
     def _retries_exhausted(self) -> bool:
         return (self.cp.retry_count or 0) >= self.setting.max_retries

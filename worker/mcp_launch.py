@@ -54,7 +54,8 @@ Launch = StdioLaunch | RemoteLaunch
 def command_args(skill: McpStdioSkill) -> tuple[str, list[str]]:
     """`packageName` xor `args`, and `-y` for npx so it never waits on an install prompt (spec §1.10)."""
     name, package, args = skill.name, skill.package_name, skill.args or []
-    if not package and not args:
+    # a base skill replaced by perstackBaseSkillCommand may be a bare command: it has neither, by design
+    if not package and not args and not skill.external_base:
         raise SkillLaunchError(f"Skill {name} has no packageName or args. Please provide one of them.")
     if package and args:
         raise SkillLaunchError(

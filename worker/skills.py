@@ -45,7 +45,10 @@ class SkillError(Exception):
 
 
 def is_base_skill(skill: McpSkill) -> bool:
-    """`@perstack/base`, whatever command or version the file names, means perq's in-process tools."""
+    """`@perstack/base`, whatever command or version the file names, means perq's in-process tools, unless
+    perstack.toml's perstackBaseSkillCommand replaced it with a server of the user's own."""
+    if isinstance(skill, McpStdioSkill) and skill.external_base:
+        return False
     if skill.name == BASE_SKILL_NAME:
         return True
     if isinstance(skill, McpStdioSkill):
@@ -73,18 +76,45 @@ def error_result(call: ToolCall, name: str, message: str) -> ToolResult:
     return text_result(call, json.dumps({"error": name, "message": message}))
 
 
+# One entry of a skill set's tool list, in Perstack's order: tools already known, or a lazily started MCP
+# skill whose tools arrive when its server has started
+_Section = list[ToolDefinition] | tuple[McpSkill, "asyncio.Future[list[ToolDefinition]]"]
+
+
 @dataclass
 class SkillSet:
     tools: list[ToolDefinition]
     tool_context: ToolContext
     pool: SkillPool | None = None
     mcp_skills: dict[str, McpSkill] = field(default_factory=dict)
+    # the tool list's sections while lazily started skills are still starting (see ready())
+    sections: list[_Section] = field(default_factory=list)
     by_name: dict[str, ToolDefinition] = field(init=False)
 
     def __post_init__(self) -> None:
+        self._index()
+
+    def _index(self) -> None:
         self.by_name = {}
         for tool in self.tools:
             self.by_name.setdefault(tool.name, tool)  # the first manager listing a name owns it
+
+    async def ready(self) -> None:
+        """Wait for the skills started lazily (`lazyInit`) and put their tools in place. Raises SkillError,
+        naming the skill, when one cannot start. Steps that never need the tools never wait."""
+        if not any(isinstance(section, tuple) for section in self.sections):
+            return
+        tools: list[ToolDefinition] = []
+        for section in self.sections:
+            if isinstance(section, tuple):
+                skill, started = section
+                self.mcp_skills[skill.name] = skill
+                tools.extend(filter_tools(await started, skill.pick, skill.omit))
+            else:
+                tools.extend(section)
+        self.sections = []
+        self.tools = tools
+        self._index()
 
     @classmethod
     def empty(cls) -> SkillSet:
@@ -95,11 +125,15 @@ class SkillSet:
 
     async def call(self, call: ToolCall) -> ToolResult:
         """Answer an MCP or base tool call. Failures become results the model can read, never exceptions."""
+        try:
+            await self.ready()
+        except SkillError as e:
+            return text_result(call, f"Error calling tool {call.tool_name}: {e}")
         tool = self.by_name.get(call.tool_name)
         if tool is None:
             return error_result(call, "ToolNotFound", f"Tool {call.tool_name} not found")
         try:
-            if tool.skill_name == BASE_SKILL_NAME:
+            if tool.skill_name == BASE_SKILL_NAME and BASE_SKILL_NAME not in self.mcp_skills:
                 parts = await call_base_tool(call.tool_name, call.args, self.tool_context)
             else:
                 skill = self.mcp_skills[tool.skill_name]
@@ -133,7 +167,11 @@ async def build_skill_set(
     tool_context: ToolContext,
     pool: SkillPool | None,
 ) -> SkillSet:
-    """The tools of one expert for one step, in Perstack's order: base, MCP, interactive, delegates."""
+    """The tools of one expert for one step, in Perstack's order: base, MCP, interactive, delegates.
+
+    MCP skills with `lazyInit` start in the background: the step goes on (startRun is not held up) and
+    waits for them only when it needs the tools (SkillSet.ready(), before a generation or a tool call).
+    """
     tools: list[ToolDefinition] = []
     mcp_skills: dict[str, McpSkill] = {}
     external: list[McpSkill] = []
@@ -144,13 +182,28 @@ async def build_skill_set(
             tools.extend(base_tools(tuple(skill.pick), tuple(skill.omit)))
         else:
             external.append(skill)
+    sections: list[_Section] = []
     if external:
         if pool is None:
             raise SkillError(f'skill "{external[0].name}" is an MCP server and this worker has no skill pool')
-        listed = await asyncio.gather(*(pool.list_tools(s) for s in external))
-        for skill, skill_tools in zip(external, listed, strict=True):
-            mcp_skills[skill.name] = skill
-            tools.extend(filter_tools(skill_tools, skill.pick, skill.omit))
+        lazy = {
+            s.name: asyncio.ensure_future(pool.list_tools(s))
+            for s in external
+            if isinstance(s, McpStdioSkill) and s.lazy_init
+        }
+        for started in lazy.values():
+            # a lazy skill the step never waited for must not leave an unretrieved exception behind
+            started.add_done_callback(lambda f: f.cancelled() or f.exception())
+        eager = [s for s in external if s.name not in lazy]
+        answers = await asyncio.gather(*(pool.list_tools(s) for s in eager))
+        listed = {s.name: found for s, found in zip(eager, answers, strict=True)}
+        for skill in external:
+            if skill.name in lazy:
+                sections.extend([tools, (skill, lazy[skill.name])])
+                tools = []
+            else:
+                mcp_skills[skill.name] = skill
+                tools.extend(filter_tools(listed[skill.name], skill.pick, skill.omit))
     if coordinator:  # interactive skills are for the coordinator only (spec §6.1)
         for skill in expert.skills.values():
             if isinstance(skill, InteractiveSkill):
@@ -180,4 +233,9 @@ async def build_skill_set(
                 kind="delegate",
             )
         )
+    if sections:
+        # the tools known now are offered only once the lazy ones are in place (ready() joins the sections)
+        sections.append(tools)
+        known = [t for section in sections if isinstance(section, list) for t in section]
+        return SkillSet(known, tool_context, pool, mcp_skills, sections=sections)
     return SkillSet(tools=tools, tool_context=tool_context, pool=pool, mcp_skills=mcp_skills)

@@ -8,10 +8,10 @@ Format (stable; tests, examples and benchmarks depend on it):
     [[experts.hello.turns]]
     text = "Hello!"
 
-A turn may hold `text`, `thinking`, `toolCalls` (`{toolName, args, id?}`), `error`
-(`{message, retryable = true, statusCode?}`), `delayMs` and `usage`. Turn k answers a request whose
-conversation already holds k model answers (expert messages plus retry notes), so an answer depends only
-on the conversation: a step re-run after a crash gets the same answer.
+A turn may hold `text`, `thinking`, `toolCalls` (`{toolName, args, id?}`), `error` (`{message, retryable =
+true, statusCode?, retryAfterMs = 0}`), `delayMs` and `usage`. Turn k answers a request whose conversation
+already holds k model answers (expert messages plus retry notes), so an answer depends only on the
+conversation: a step re-run after a crash gets the same answer.
 
 With PERQ_SCRIPT_TRACE=FILE, each answered request appends one JSON line (expert, turn, pid) to FILE.
 """
@@ -40,6 +40,8 @@ class ScriptError(PerqModel):
     message: str
     retryable: bool = True
     status_code: int | None = None
+    # the wait before the next attempt, as a provider's retry-after; scripted failures default to none
+    retry_after_ms: int = 0
 
 
 class ScriptUsage(PerqModel):
@@ -125,6 +127,7 @@ class ScriptModel:
         if turn.error:
             raise GenerationError(
                 turn.error.message,
+                retry_after=turn.error.retry_after_ms / 1000,
                 is_retryable=turn.error.retryable,
                 status_code=turn.error.status_code,
             )
