@@ -380,7 +380,7 @@ class DelegatedBy(PerqModel):
     tool_call_id: str
     tool_name: str
     checkpoint_id: str
-    run_id: str
+    run_id: str | None = None  # the parent's run; Perstack's format before it had runs per segment has none
 
 
 class RunError(PerqModel):
