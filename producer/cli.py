@@ -211,9 +211,7 @@ def cancel(
 
 @app.command()
 def export(
-    job_ids: Annotated[
-        list[str] | None, typer.Argument(metavar="[JOB]...", help="The jobs to export")
-    ] = None,
+    job_ids: Annotated[list[str] | None, typer.Argument(metavar="JOB", help="The jobs to export")] = None,
     to: Annotated[str, typer.Option("--to", help="Directory to write into (DIR/jobs/{jobId}/...)")] = "",
     all_jobs: Annotated[bool, typer.Option("--all", help="Export every job of the store")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
@@ -235,11 +233,16 @@ def export(
     destination = Path(to).expanduser()
     try:
         check_destination(store, destination)
-        if all_jobs:
-            listing = store.list_jobs()
-            for problem in listing.problems:
-                print(f"perq: skipped {problem}", file=sys.stderr)
-            jobs = listing.jobs
+        if all_jobs:  # every job folder: a store Perstack wrote may hold jobs without a record
+            jobs = []
+            for job_id in sorted(store.backend.list("jobs")):
+                try:
+                    found = find_job(store, job_id)
+                except (ValueError, StoreError) as e:
+                    print(f"perq: skipped {e}", file=sys.stderr)
+                    continue
+                if found is not None:
+                    jobs.append(found)
         else:
             jobs = []
             for job_id in job_ids or []:

@@ -13,7 +13,7 @@ import typer
 
 def log(
     job_id: Annotated[
-        str | None, typer.Argument(metavar="[JOB]", help="Show the events of this job (as --job)")
+        str | None, typer.Argument(metavar="JOB", help="Show the events of this job (as --job)")
     ] = None,
     job: Annotated[str | None, typer.Option(help="Show the events of this job")] = None,
     run: Annotated[str | None, typer.Option(help="Show the events of this run")] = None,
