@@ -114,9 +114,9 @@ def _write_job(store: JobStore, job: Job, work: Path, out: Exported) -> None:
         run = work / "runs" / run_id
         try:
             setting = store.load_run_setting(job.id, run_id)
-        except StoreError as e:
+        except StoreError as e:  # e.g. one Perstack wrote, which holds its API key: never copied as it is
             setting = None
-            out.problems.append(str(e))
+            out.problems.append(f"{e} (its run setting is not exported)")
         if setting is not None:
             _write(run / "run-setting.json", run_setting_form(setting))
         events, problems = store.read_events(job.id, run_id)
