@@ -26,6 +26,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from producer.log import run_ids
 from shared import perstack_layout
 from shared.models import (
     PERSTACK_JOB_STATUS,
@@ -107,8 +108,6 @@ def _write_job(store: JobStore, job: Job, work: Path, out: Exported) -> None:
     for cp_id, form in forms.items():
         _write(work / "checkpoints" / f"{cp_id}.json", form)
     out.checkpoints = len(forms)
-    from producer.log import run_ids
-
     for run_id in run_ids(store, job.id):
         out.runs += 1
         run = work / "runs" / run_id
