@@ -161,6 +161,7 @@ def status(
 
         raise typer.Exit(status_view(job_id, limit=limit, queue=queue, watch=watch, json_output=json_output))
     from producer import render
+    from shared import perstack_layout
     from shared.config import Settings
     from shared.models import check_id
     from shared.store import JobStore, StoreError
@@ -178,6 +179,8 @@ def status(
         fail(f"job {job_id} not found", EXIT_BAD_INPUT)
     assert job is not None
     checkpoints, problems = store.list_checkpoints(job.id, messages=False)
+    # a record Perstack wrote names no head: show the one a continuation would resume
+    job.head_checkpoint_id = perstack_layout.head_checkpoint_id(job, checkpoints)
     render.job_detail(job, checkpoints, problems, json_output=json_output)
 
 

@@ -95,7 +95,10 @@ def lacks_head(job: Job) -> bool:
 
 
 def head_checkpoint_id(job: Job, checkpoints: list[Checkpoint]) -> str | None:
-    """The coordinator's latest checkpoint (by step number), which a continuation resumes when the record
-    names none. A delegate's checkpoint is never the head, even when it is the job's latest."""
+    """The checkpoint a continuation resumes: the one the record names, else for a record Perstack wrote the
+    coordinator's latest (by step number) among the job's `checkpoints`. A delegate's checkpoint is never the
+    head, even when it is the job's latest."""
+    if not lacks_head(job):
+        return job.head_checkpoint_id
     own = [c for c in checkpoints if c.delegated_by is None and c.expert.key == job.coordinator_expert_key]
     return max(own, key=lambda c: c.step_number).id if own else None

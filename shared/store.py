@@ -437,12 +437,15 @@ class JobStore:
             return changed
 
     def load_job(self, job_id: str) -> Job | None:
-        """The job record; for a record Perstack wrote, with the head checkpoint it does not name."""
-        job = self._load(f"{self._job(job_id)}/job.json", Job)
-        if job is not None and perstack_layout.lacks_head(job):
-            checkpoints, _ = self.list_checkpoints(job_id, messages=False)
-            job.head_checkpoint_id = perstack_layout.head_checkpoint_id(job, checkpoints)
-        return job
+        return self._load(f"{self._job(job_id)}/job.json", Job)
+
+    def head_checkpoint_id(self, job: Job) -> str | None:
+        """The checkpoint a continuation of `job` resumes: the one its record names, or for a record Perstack
+        wrote (which names none) the coordinator's latest, found among the job's checkpoints."""
+        if not perstack_layout.lacks_head(job):
+            return job.head_checkpoint_id
+        checkpoints, _ = self.list_checkpoints(job.id, messages=False)
+        return perstack_layout.head_checkpoint_id(job, checkpoints)
 
     def job_exists(self, job_id: str) -> bool:
         return bool(self.backend.list(self._job(job_id)))
@@ -486,8 +489,8 @@ class JobStore:
         for job_id in unindexed + ids:
             if wanted is not None and len(jobs) >= wanted:
                 break
-            try:  # a listing shows no head checkpoint: Perstack's records are read without finding theirs
-                job = self._load(f"{self._job(job_id)}/job.json", Job)
+            try:
+                job = self.load_job(job_id)
             except (StoreError, ValueError) as e:
                 problems.append(str(e))
                 continue
@@ -498,7 +501,7 @@ class JobStore:
 
     def latest_job(self) -> Job | None:
         listing = self.list_jobs(limit=1)
-        return self.load_job(listing.jobs[0].id) if listing.jobs else None
+        return listing.jobs[0] if listing.jobs else None
 
     # --- messages -----------------------------------------------------------------------------------
 
