@@ -234,10 +234,10 @@ def export(
         fail("name jobs or use --all, not both", EXIT_BAD_INPUT)
     store = JobStore.open(Settings().storage)
     destination = Path(to).expanduser()
+    jobs = []
     try:
         check_destination(store, destination)
         if all_jobs:  # every job folder: a store Perstack wrote may hold jobs without a record
-            jobs = []
             for job_id in sorted(store.backend.list("jobs")):
                 try:
                     found = find_job(store, job_id)
@@ -247,7 +247,6 @@ def export(
                 if found is not None:
                     jobs.append(found)
         else:
-            jobs = []
             for job_id in job_ids or []:
                 job = find_job(store, check_id(job_id, "job id"))
                 if job is None:
