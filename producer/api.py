@@ -228,7 +228,9 @@ def _continuation_start(request: RunRequest, store: JobStore) -> tuple[Job, Chec
             f"job {job.id} belongs to expert {job.coordinator_expert_key!r}, not {request.expert_key!r}"
         )
     checkpoint_id = (
-        check_id(request.resume_from, "checkpoint id") if request.resume_from else job.head_checkpoint_id
+        check_id(request.resume_from, "checkpoint id")
+        if request.resume_from
+        else store.head_checkpoint_id(job)
     )
     if checkpoint_id is None:
         raise RequestError(f"No checkpoint found for job {job.id}")

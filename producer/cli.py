@@ -161,6 +161,7 @@ def status(
 
         raise typer.Exit(status_view(job_id, limit=limit, queue=queue, watch=watch, json_output=json_output))
     from producer import render
+    from shared import perstack_layout
     from shared.config import Settings
     from shared.models import check_id
     from shared.store import JobStore, StoreError
@@ -178,6 +179,8 @@ def status(
         fail(f"job {job_id} not found", EXIT_BAD_INPUT)
     assert job is not None
     checkpoints, problems = store.list_checkpoints(job.id, messages=False)
+    # a record Perstack wrote names no head: show the one a continuation would resume
+    job.head_checkpoint_id = perstack_layout.head_checkpoint_id(job, checkpoints)
     render.job_detail(job, checkpoints, problems, json_output=json_output)
 
 
@@ -207,6 +210,69 @@ def cancel(
                 print(f"{job.id} cancelled")
 
     asyncio.run(go())
+
+
+@app.command()
+def export(
+    job_ids: Annotated[list[str] | None, typer.Argument(metavar="JOB", help="The jobs to export")] = None,
+    to: Annotated[str, typer.Option("--to", help="Directory to write into (DIR/jobs/{jobId}/...)")] = "",
+    all_jobs: Annotated[bool, typer.Option("--all", help="Export every job of the store")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+) -> None:
+    """Write jobs in Perstack's own layout (whole checkpoints, one file per event), without secrets."""
+    from pathlib import Path
+
+    from producer.export import ExportError, check_destination, export_jobs
+    from producer.log import find_job
+    from shared.config import Settings
+    from shared.models import check_id
+    from shared.store import JobStore, StoreError
+
+    if not to:
+        fail("--to DIR is needed: the directory to write the jobs into", EXIT_BAD_INPUT)
+    if job_ids and all_jobs:
+        fail("name jobs or use --all, not both", EXIT_BAD_INPUT)
+    store = JobStore.open(Settings().storage)
+    destination = Path(to).expanduser()
+    jobs = []
+    try:
+        check_destination(store, destination)
+        if all_jobs:  # every job folder: a store Perstack wrote may hold jobs without a record
+            for job_id in sorted(store.backend.list("jobs")):
+                try:
+                    found = find_job(store, job_id)
+                except (ValueError, StoreError) as e:
+                    print(f"perq: skipped {e}", file=sys.stderr)
+                    continue
+                if found is not None:
+                    jobs.append(found)
+        else:
+            for job_id in job_ids or []:
+                job = find_job(store, check_id(job_id, "job id"))
+                if job is None:
+                    fail(f"job {job_id} not found", EXIT_BAD_INPUT)
+                assert job is not None
+                jobs.append(job)
+    except (ExportError, ValueError, StoreError) as e:
+        fail(str(e), EXIT_BAD_INPUT)
+    if not jobs:
+        fail("nothing to export: name jobs, or use --all on a store that has jobs", EXIT_BAD_INPUT)
+    exported = export_jobs(store, jobs, destination)
+    for done in exported:
+        for problem in done.problems:
+            print(f"perq: skipped {problem}", file=sys.stderr)
+    if json_output:
+        _print_json(
+            {
+                "jobs": [
+                    {"jobId": d.job_id, "path": str(d.path), "checkpoints": d.checkpoints, "events": d.events}
+                    for d in exported
+                ]
+            }
+        )
+        return
+    for d in exported:
+        print(f"{d.job_id}: {d.checkpoints} checkpoints, {d.events} events, {d.runs} runs -> {d.path}")
 
 
 @app.command()

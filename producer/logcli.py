@@ -12,6 +12,9 @@ import typer
 
 
 def log(
+    job_id: Annotated[
+        str | None, typer.Argument(metavar="JOB", help="Show the events of this job (as --job)")
+    ] = None,
     job: Annotated[str | None, typer.Option(help="Show the events of this job")] = None,
     run: Annotated[str | None, typer.Option(help="Show the events of this run")] = None,
     checkpoint: Annotated[
@@ -50,10 +53,15 @@ def log(
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
     pretty: Annotated[bool, typer.Option(help="Indent the JSON")] = False,
 ) -> None:
-    """Show a job's events: the latest job's, or the --job, --run or --checkpoint given (Perstack's log)."""
+    """Show a job's events: the latest job's, or the JOB, --run or --checkpoint given (Perstack's log)."""
     import sys
 
     from producer.cli import EXIT_BAD_INPUT, fail
+
+    if job_id is not None:
+        if job is not None and job != job_id:
+            fail(f"two jobs given: {job_id} and --job {job}", EXIT_BAD_INPUT)
+        job = job_id
     from producer.log import (
         CheckpointNotFound,
         LogError,

@@ -14,7 +14,7 @@ import string
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 from pydantic.alias_generators import to_camel
 
 
@@ -318,6 +318,7 @@ class McpSseSkill(_Skill):
 
 
 class InteractiveTool(PerqModel):
+    name: str | None = None  # its key in the skill's `tools`; Perstack's readers require it
     description: str | None = None
     input_json_schema: str = '{"type": "object", "properties": {}}'
 
@@ -325,6 +326,13 @@ class InteractiveTool(PerqModel):
 class InteractiveSkill(_Skill):
     type: Literal["interactiveSkill"] = "interactiveSkill"
     tools: dict[str, InteractiveTool] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _name_tools(self) -> InteractiveSkill:
+        for key, tool in self.tools.items():
+            if tool.name is None:
+                tool.name = key
+        return self
 
 
 Skill = Annotated[McpStdioSkill | McpSseSkill | InteractiveSkill, Field(discriminator="type")]
@@ -382,7 +390,7 @@ class DelegatedBy(PerqModel):
     tool_call_id: str
     tool_name: str
     checkpoint_id: str
-    run_id: str
+    run_id: str | None = None  # the parent's run; Perstack's format before it had runs per segment has none
 
 
 class RunError(PerqModel):
@@ -525,6 +533,43 @@ class RunSetting(PerqModel):
     # perq: when the submission this run descends from was made (ms); `perq cancel` stops the runs of
     # submissions made before it, and a later continuation (a new epoch) runs on
     epoch: int = Field(default_factory=now_ms)
+
+
+# --- Perstack's own form of the records: what `perq export` writes -----------------------------------
+
+PerstackJobStatus = Literal[
+    "running", "completed", "stoppedByInteractiveTool", "stoppedByMaxSteps", "stoppedByError"
+]
+# perq's two job statuses that Perstack lacks: a queued job was submitted and has not stopped (Perstack's
+# job is `running` from the moment its run is called); a cancelled job stopped before its end, which
+# Perstack can only say as an error
+PERSTACK_JOB_STATUS: dict[str, PerstackJobStatus] = {"queued": "running", "cancelled": "stoppedByError"}
+PERSTACK_API_BASE_URL = "https://api.perstack.ai"
+
+
+class PerstackJob(Job):
+    status: PerstackJobStatus
+
+
+class PerstackProviderConfig(ProviderConfig):
+    """Perstack keeps a provider's credentials in its run settings and its readers require the fields:
+    they are present here, and always empty."""
+
+    api_key: Literal[""] = ""
+    access_key_id: Literal[""] | None = None  # amazon-bedrock's
+    secret_access_key: Literal[""] | None = None
+    region: str | None = None
+
+
+class PerstackRunSetting(RunSetting):
+    """A run setting with the fields Perstack's readers require and perq has no use for."""
+
+    provider_config: PerstackProviderConfig
+    # Perstack's format before reasoning budgets required a temperature; perq sets none, and 0 was that
+    # format's default
+    temperature: float = 0.0
+    perstack_api_base_url: str = PERSTACK_API_BASE_URL
+    env: dict[str, str] = Field(default_factory=dict, max_length=0)  # Perstack's copy of the environment
 
 
 # --- steps and events (spec §1.5, §1.13) --------------------------------------------------------------

@@ -15,7 +15,8 @@ bytes grow with the square of its length (a 200-step job that reads a 2 KB file 
 0.55 MB of conversation). Here a step appends only the messages it added, as one chunk that names the chunk
 it follows, and the checkpoint names its last chunk; a continuation or a branch names its base conversation
 the same way instead of copying it. Readers get whole checkpoints: `load_checkpoint` follows the chain.
-Checkpoints written with their messages inline (older perq, Perstack) load as they are.
+Checkpoints written with their messages inline (older perq, Perstack) load as they are, and so do the
+rest of a store Perstack wrote (shared/perstack_layout.py): events one per file, records without a head.
 
 Why a step's commit is create-only: a worker can pause past its lease (GC, VM migration, SIGSTOP) and
 wake up still running a step that another worker has finished. The checkpoint file is the commit point and
@@ -44,6 +45,7 @@ from typing import Any, Protocol, TypeVar
 
 from pydantic import TypeAdapter, ValidationError
 
+from shared import perstack_layout
 from shared.flush import GroupFlush
 from shared.models import (
     FINAL_JOB_STATUSES,
@@ -437,6 +439,14 @@ class JobStore:
     def load_job(self, job_id: str) -> Job | None:
         return self._load(f"{self._job(job_id)}/job.json", Job)
 
+    def head_checkpoint_id(self, job: Job) -> str | None:
+        """The checkpoint a continuation of `job` resumes: the one its record names, or for a record Perstack
+        wrote (which names none) the coordinator's latest, found among the job's checkpoints."""
+        if not perstack_layout.lacks_head(job):
+            return job.head_checkpoint_id
+        checkpoints, _ = self.list_checkpoints(job.id, messages=False)
+        return perstack_layout.head_checkpoint_id(job, checkpoints)
+
     def job_exists(self, job_id: str) -> bool:
         return bool(self.backend.list(self._job(job_id)))
 
@@ -628,12 +638,20 @@ class JobStore:
             self.backend.append(events.key, events.data, events.order)
 
     def read_events(self, job_id: str, run_id: str) -> tuple[list[Event], list[str]]:
-        """A run's events in order: those of committed attempts, and untagged ones (older stores). A
-        step-ending event's checkpoint is read back from its file in place of the id the line holds."""
-        key = f"{self._run(job_id, run_id)}/events.jsonl"
+        """A run's events in order: those of committed attempts, and untagged ones (older stores, and
+        Perstack's, one file per event). A step-ending event's checkpoint is read back from its file in place
+        of the id the line holds."""
+        folder = self._run(job_id, run_id)
+        key = f"{folder}/events.jsonl"
         data = self.backend.read(key)
         events: list[Event] = []
         problems: list[str] = []
+        if data is None:  # no log: a run Perstack wrote (the folder is listed only then)
+            events, problems = perstack_layout.read_event_files(
+                self.backend.list(folder),
+                lambda name: self.backend.read(f"{folder}/{name}"),
+                lambda name: self.backend.describe(f"{folder}/{name}"),
+            )
         if data:
             # lines a step wrote leave out the job and run ids; in a line that has them, they win (last key)
             where = b'{"jobId":"%s","runId":"%s",' % (job_id.encode(), run_id.encode())
