@@ -255,14 +255,17 @@ def drain_rate(
 
 
 def peak_rss_mb(pid: int) -> float | None:
-    """The process's peak resident set (VmHWM), read while it still runs."""
+    """The peak resident set (VmHWM) of a process and its children together, read while they still run."""
+    total = 0.0
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
+                total += int(line.split()[1]) / 1024
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     except OSError:
         return None
-    return None
+    # a supervisor's children are the workers (`perq worker --processes N`)
+    return total + sum(peak_rss_mb(int(child)) or 0.0 for child in children)
 
 
 def timed_process(argv: list[str], *, cwd: Path, env: dict[str, str]) -> float:
