@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tests.conftest import Perq, script_toml
 from tests.test_resilience import CONFIG, SCRIPT, tool_turns, traced, wait_until
+from worker.supervisor import HEALTHY_AFTER_S, Supervisor
 
 
 def children(pid: int) -> set[int]:
@@ -101,3 +102,24 @@ def test_sigterm_to_the_supervisor_drains_every_child(perq: Perq) -> None:
     for job_id in jobs:
         job = perq.wait_job(job_id)
         assert job.status == "completed" and job.total_steps == 3
+
+
+def test_restart_delay_doubles_while_a_child_dies_young_and_starts_over_after_a_healthy_life() -> None:
+    supervisor = Supervisor(1, [])
+    child = supervisor.children[0]
+    delays = []
+    for lived in (1, 1, 1, 1, 1, 1, 1, HEALTHY_AFTER_S + 1, 1):
+        child.started_at = 100.0
+        supervisor._ended(child, -signal.SIGKILL, 100.0 + lived)
+        assert child.restart_at is not None
+        delays.append(child.restart_at - (100.0 + lived))
+    assert delays == [1, 2, 4, 8, 16, 30, 30, 1, 1]
+
+
+def test_a_burst_child_that_found_the_queue_empty_is_not_restarted() -> None:
+    supervisor = Supervisor(2, ["--burst"], burst=True)
+    first, second = supervisor.children
+    supervisor._ended(first, 0, 1.0)
+    supervisor._ended(second, 1, 1.0)  # a burst child that failed is started again
+    assert first.finished and first.restart_at is None
+    assert not second.finished and second.restart_at is not None
