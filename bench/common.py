@@ -155,7 +155,7 @@ class Area:
             PERQ_STORAGE=str(self.storage),
             PERQ_QUEUE=self.queue,
             PERQ_LOG_LEVEL="WARNING",
-            # one process per `perq worker` unless a figure asks for more (concurrency does, on the command line)
+            # one process per `perq worker` unless a figure asks for more on the command line (concurrency)
             PERQ_PROCESSES="1",
             # bench.* modules run from the scratch folder, so the checkout must be importable from there
             PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
