@@ -82,15 +82,12 @@ class Supervisor:
     # --- children -----------------------------------------------------------------------------------
 
     def _start(self, child: Child) -> None:
-        child.proc = subprocess.Popen(
-            self.argv,
-            process_group=0,
-            preexec_fn=self._die_with_parent,
-            env={**os.environ, "PERQ_PROCESSES": "1"},
-        )
+        child.proc = subprocess.Popen(self.argv, process_group=0, preexec_fn=self._die_with_parent)
         child.started_at = time.monotonic()
         child.restart_at = None
         log.info("worker process %d started (pid %d)", child.slot, child.proc.pid)
+        if self.stopping is not None:  # the signal came while this child was being started: pass it on too
+            child.proc.send_signal(self.stopping)
 
     def _look(self) -> None:
         now = time.monotonic()
