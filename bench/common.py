@@ -270,6 +270,21 @@ def peak_rss_mb(pid: int) -> float | None:
     return total + sum(peak_rss_mb(int(child)) or 0.0 for child in children)
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system) a process and its live children have used so far, read while they run.
+
+    Unlike wall time it barely moves when other work shares the machine, so it tells what a step costs.
+    """
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime: fields 14 and 15 of stat
+    return own + sum(cpu_seconds(int(child)) or 0.0 for child in children)
+
+
 def timed_process(argv: list[str], *, cwd: Path, env: dict[str, str]) -> float:
     """Wall seconds of one fresh process, which must succeed."""
     t0 = time.perf_counter()

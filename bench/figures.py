@@ -18,6 +18,7 @@ from bench.common import (
     BenchError,
     Row,
     alternate,
+    cpu_seconds,
     drain_rate,
     peak_rss_mb,
     run_async,
@@ -305,8 +306,9 @@ def _arq_chains(bench: Bench) -> float:
     return float(end) - float(start)  # type: ignore[arg-type]
 
 
-def _perq_concurrency(bench: Bench, processes: int | None) -> tuple[float, float | None]:
-    """Wall seconds of the 500 jobs on one `perq worker` (`processes` None: its default), and peak RSS."""
+def _perq_concurrency(bench: Bench, processes: int | None) -> tuple[float, float | None, float | None]:
+    """Wall seconds of the 500 jobs on one `perq worker` (`processes` None: its default), its peak RSS, and
+    the CPU seconds its processes used."""
     label = "default" if processes is None else str(processes)
     area = bench.area(f"concurrency-{label}")
     request = one_expert(area, tool_steps(CONCURRENT_STEPS, delay_ms=CONCURRENT_DELAY_MS))
@@ -323,6 +325,7 @@ def _perq_concurrency(bench: Bench, processes: int | None) -> tuple[float, float
                 lambda: area.queue_length(client) == 0, 300, "the 500 jobs did not finish", proc, interval=0.1
             )
         rss = peak_rss_mb(proc.pid)
+        cpu = cpu_seconds(proc.pid)
     finally:
         bench.stop(proc)
     need_completed(area, CONCURRENT_JOBS)
@@ -332,15 +335,15 @@ def _perq_concurrency(bench: Bench, processes: int | None) -> tuple[float, float
         events = area.run_events(job.id)
         starts.append(min(e.timestamp for e in events if e.type == "startRun"))
         ends.append(max(e.timestamp for e in events if e.type == "completeRun"))
-    return (max(ends) - min(starts)) / 1000, rss
+    return (max(ends) - min(starts)) / 1000, rss, cpu
 
 
 def concurrency(bench: Bench) -> list[Row]:
     arq_wall = _arq_chains(bench)
     bench.flush()
-    wall, rss = _perq_concurrency(bench, None)
+    wall, rss, cpu = _perq_concurrency(bench, None)
     bench.flush()
-    wall_one, _ = _perq_concurrency(bench, 1)
+    wall_one, _, cpu_one = _perq_concurrency(bench, 1)
     ideal = CONCURRENT_STEPS * CONCURRENT_DELAY_MS / 1000
     ratio = wall / ideal
     steps = CONCURRENT_JOBS * CONCURRENT_STEPS
@@ -373,6 +376,15 @@ def concurrency(bench: Bench) -> list[Row]:
             None,
             f"500 chains of 10 arq tasks that sleep {CONCURRENT_DELAY_MS} ms and enqueue their successor, "
             f"one process, max_jobs {CONCURRENT_JOBS}: {arq_wall:.2f} s (arq's own ceiling on one core)",
+        ),
+        Row(
+            "concurrency: worker CPU per step",
+            None if cpu_one is None else cpu_one / steps * 1000,
+            "ms",
+            "reported",
+            None,
+            f"CPU time (user + system) of the one worker process over the {steps} steps, start-up included; "
+            f"default processes: {'?' if cpu is None else f'{cpu / steps * 1000:.2f}'} ms (all processes)",
         ),
         Row(
             "concurrency: peak worker RSS",
