@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import statistics
@@ -211,7 +210,6 @@ def _handoff_queue(bench: Bench) -> float:
 
 def _handoff_in_process(bench: Bench) -> float:
     """The same job driven by the worker's Runtime in this process: next step runs at once, no Redis."""
-    from worker.eventloop import loop_factory
     from worker.runtime import Runtime
     from worker.step_queue import LocalQueue
 
@@ -231,9 +229,7 @@ def _handoff_in_process(bench: Bench) -> float:
         while queue.pending:
             await runtime.run_step(queue.pending.popleft())
 
-    # on the loop a worker runs on, so that the ratio measures the queue and nothing else
-    with asyncio.Runner(loop_factory=loop_factory()) as runner:
-        runner.run(drive())
+    run_async(drive())
     job = store.load_job(plan.job.id)
     if job is None or job.status != "completed":
         raise BenchError(f"in-process job ended {job.status if job else 'without a record'}")

@@ -34,7 +34,6 @@ from shared.queue import (
     serialize,
 )
 from shared.store import JobStore
-from worker import eventloop
 from worker.heartbeat import heartbeat, new_worker_id
 from worker.loop import StepInterrupted
 from worker.redis_queue import RedisStepQueue
@@ -285,6 +284,5 @@ def run_worker(*, burst: bool = False, concurrency: int | None = None, processes
         raise SystemExit(Supervisor(processes, args, burst=burst).run())
     # arq logs two lines per arq job, that is per step: only when asked for DEBUG
     logging.getLogger("arq.worker").setLevel(level if level == logging.DEBUG else max(level, logging.WARNING))
-    eventloop.install()
     worker = PerqWorker(settings, burst=burst)
     worker.run()
