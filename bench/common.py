@@ -155,6 +155,8 @@ class Area:
             PERQ_STORAGE=str(self.storage),
             PERQ_QUEUE=self.queue,
             PERQ_LOG_LEVEL="WARNING",
+            # one process per `perq worker` unless a figure asks for more on the command line (concurrency)
+            PERQ_PROCESSES="1",
             # bench.* modules run from the scratch folder, so the checkout must be importable from there
             PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
         )
@@ -255,14 +257,32 @@ def drain_rate(
 
 
 def peak_rss_mb(pid: int) -> float | None:
-    """The process's peak resident set (VmHWM), read while it still runs."""
+    """The peak resident set (VmHWM) of a process and its children together, read while they still run."""
+    total = 0.0
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
+                total += int(line.split()[1]) / 1024
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     except OSError:
         return None
-    return None
+    # a supervisor's children are the workers (`perq worker --processes N`)
+    return total + sum(peak_rss_mb(int(child)) or 0.0 for child in children)
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system) a process and its live children have used so far, read while they run.
+
+    Unlike wall time it barely moves when other work shares the machine, so it tells what a step costs.
+    """
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime: fields 14 and 15 of stat
+    return own + sum(cpu_seconds(int(child)) or 0.0 for child in children)
 
 
 def timed_process(argv: list[str], *, cwd: Path, env: dict[str, str]) -> float:

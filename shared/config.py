@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(default=10.0, gt=0)
     # concurrent steps per worker process (arq's max_jobs); steps mostly wait on the model
     concurrency: int = Field(default=200, ge=1)
+    # worker processes one `perq worker` runs on this machine (None: one per CPU it may use); each runs up
+    # to `concurrency` steps, so a machine runs processes x concurrency steps at once
+    processes: int | None = Field(default=None, ge=1)
     # on SIGTERM, how long in-flight steps may run before they are handed back to the queue
     grace_seconds: float = Field(default=20.0, ge=0)
     # fsync each store file before the name that publishes it, and its folder after: what a step committed

@@ -56,6 +56,9 @@ class Perq:
             PERQ_LEASE_SECONDS="3",
             PERQ_GRACE_SECONDS="5",
             PERQ_LOG_LEVEL="WARNING",
+            # one worker process per `perq worker`, as the tests that kill or stop a worker mean it
+            # (tests/test_supervisor.py asks for more)
+            PERQ_PROCESSES="1",
         )
         env.update(extra)
         return env

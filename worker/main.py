@@ -41,6 +41,7 @@ from worker.loop import StepInterrupted
 from worker.reconcile import reconcile_forever
 from worker.redis_queue import RedisStepQueue
 from worker.runtime import UNKNOWN, Runtime
+from worker.supervisor import Supervisor, default_processes
 
 log = logging.getLogger("perq.worker")
 REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError)
@@ -288,12 +289,17 @@ def _skill_pool() -> Any:
     return McpSkillPool()
 
 
-def run_worker(*, burst: bool = False, concurrency: int | None = None) -> None:
+def run_worker(*, burst: bool = False, concurrency: int | None = None, processes: int | None = None) -> None:
     settings = Settings()
     if concurrency is not None:
         settings.concurrency = concurrency
     level = logging.getLevelName(os.environ.get("PERQ_LOG_LEVEL", "INFO").upper())
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    processes = processes or settings.processes or default_processes()
+    if processes > 1:
+        # one worker per process beside each other, each with its own event loop, leases and heartbeat
+        args = [*(["--burst"] if burst else []), "--concurrency", str(settings.concurrency)]
+        raise SystemExit(Supervisor(processes, args, burst=burst).run())
     # arq logs two lines per arq job, that is per step: only when asked for DEBUG
     logging.getLogger("arq.worker").setLevel(level if level == logging.DEBUG else max(level, logging.WARNING))
     worker = PerqWorker(settings, burst=burst)

@@ -57,7 +57,7 @@ log = logging.getLogger("perq.worker")
 P = ParamSpec("P")
 R = TypeVar("R")
 # threads for a blocking store's calls: each concurrent step holds one while it waits on the store
-REMOTE_STORE_THREADS = 64
+STORE_THREADS = 64
 
 
 class Unknown(enum.Enum):
@@ -90,7 +90,7 @@ class Runtime:
 
     def __post_init__(self) -> None:
         if self.store.backend.blocking and self._executor is None:
-            self._executor = ThreadPoolExecutor(REMOTE_STORE_THREADS, thread_name_prefix="perq-store")
+            self._executor = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="perq-store")
         self.hand_on = HandOn(self.store, self.run_setting, self.checkpoint)
 
     async def io(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
