@@ -7,6 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
+from producer import run_options as opt
+
 app = typer.Typer(
     name="perq",
     help="Run Perstack experts as durable background jobs on arq workers.",
@@ -38,35 +40,19 @@ def run(
     query: Annotated[
         str, typer.Argument(help="The query (or, with -i, the answer to the waiting tool call)")
     ],
-    config: Annotated[str | None, typer.Option(help="Path to perstack.toml (default: search upward)")] = None,
-    provider: Annotated[
-        str | None, typer.Option(help="anthropic, openai, ollama, deepseek, script, ...")
-    ] = None,
-    model: Annotated[
-        str | None, typer.Option(help="Model name; for --provider script, the script file")
-    ] = None,
-    max_steps: Annotated[int | None, typer.Option(help="Job-wide step limit (default 100)")] = None,
-    max_retries: Annotated[
-        int | None, typer.Option(help="Failed generations allowed in a row (default 5)")
-    ] = None,
-    timeout: Annotated[int | None, typer.Option(help="Per-generation timeout in ms (default 300000)")] = None,
-    reasoning_budget: Annotated[
-        str | None, typer.Option(help="none, minimal, low, medium, high or tokens")
-    ] = None,
+    config: opt.Config = None,
+    provider: opt.Provider = None,
+    model: opt.Model = None,
+    max_steps: opt.MaxSteps = None,
+    max_retries: opt.MaxRetries = None,
+    timeout: opt.Timeout = None,
+    reasoning_budget: opt.ReasoningBudget = None,
     job_id: Annotated[str | None, typer.Option(help="Id for a new job")] = None,
-    workspace: Annotated[
-        str | None, typer.Option(help="Directory the file tools work in (default .)")
-    ] = None,
-    continue_latest: Annotated[bool, typer.Option("--continue", help="Continue the latest job")] = False,
-    continue_job: Annotated[
-        str | None, typer.Option(help="Continue this job from its head checkpoint")
-    ] = None,
-    resume_from: Annotated[
-        str | None, typer.Option(help="Branch from this checkpoint (needs --continue-job)")
-    ] = None,
-    interactive: Annotated[
-        bool, typer.Option("-i", "--interactive-tool-call-result", help="QUERY answers the waiting tool call")
-    ] = False,
+    workspace: opt.Workspace = None,
+    continue_latest: opt.ContinueLatest = False,
+    continue_job: opt.ContinueJob = None,
+    resume_from: opt.ResumeFrom = None,
+    interactive: opt.Interactive = False,
     wait: Annotated[bool, typer.Option(help="Follow the job until it stops; exit code tells how")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
 ) -> None:

@@ -30,6 +30,7 @@ from producer.log import run_ids
 from shared import perstack_layout
 from shared.models import (
     PERSTACK_JOB_STATUS,
+    STEP_ENDING_EVENTS,
     Checkpoint,
     Event,
     Job,
@@ -178,17 +179,6 @@ def _initial_messages(store: JobStore, job_id: str, run_id: str) -> list[dict[st
 
 # --- events made whole ------------------------------------------------------------------------------
 
-_STEP_ENDS = frozenset(
-    {
-        "continueToNextStep",
-        "stopRunByInteractiveTool",
-        "stopRunByDelegate",
-        "stopRunByExceededMaxSteps",
-        "stopRunByError",
-        "completeRun",
-    }
-)
-
 
 def whole_events(
     events: list[Event],
@@ -223,7 +213,7 @@ def whole_events(
                 data["toolCall"] = calls[0]  # Perstack's format before the list named one call
             elif "toolCall" in data and not calls:
                 data["toolCalls"] = [data["toolCall"]]
-        elif event.type in _STEP_ENDS:
+        elif event.type in STEP_ENDING_EVENTS:
             named = data.get("checkpoint") or {}
             end = forms.get(named.get("id", ""))
             if end is None:

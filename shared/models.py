@@ -625,6 +625,19 @@ EventType = Literal[
 ]
 
 
+# the events that end a step: each carries the step's checkpoint
+STEP_ENDING_EVENTS: frozenset[str] = frozenset(
+    {
+        "continueToNextStep",
+        "stopRunByInteractiveTool",
+        "stopRunByDelegate",
+        "stopRunByExceededMaxSteps",
+        "stopRunByError",
+        "completeRun",
+    }
+)
+
+
 # What an event leaves out of its line, because the store holds it once elsewhere. Perstack repeats the
 # whole conversation in every step's events, which makes a long job's events grow with the square of its
 # length. Here:

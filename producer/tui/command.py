@@ -10,6 +10,8 @@ from typing import Annotated
 
 import typer
 
+from producer import run_options as opt
+
 
 def start(
     expert_key: Annotated[
@@ -18,35 +20,19 @@ def start(
     query: Annotated[
         str | None, typer.Argument(help="The query: given with EXPERT, the run starts at once")
     ] = None,
-    config: Annotated[str | None, typer.Option(help="Path to perstack.toml (default: search upward)")] = None,
-    provider: Annotated[
-        str | None, typer.Option(help="anthropic, openai, ollama, deepseek, script, ...")
-    ] = None,
-    model: Annotated[
-        str | None, typer.Option(help="Model name; for --provider script, the script file")
-    ] = None,
-    max_steps: Annotated[int | None, typer.Option(help="Job-wide step limit (default 100)")] = None,
-    max_retries: Annotated[
-        int | None, typer.Option(help="Failed generations allowed in a row (default 5)")
-    ] = None,
-    timeout: Annotated[int | None, typer.Option(help="Per-generation timeout in ms (default 300000)")] = None,
-    reasoning_budget: Annotated[
-        str | None, typer.Option(help="none, minimal, low, medium, high or tokens")
-    ] = None,
+    config: opt.Config = None,
+    provider: opt.Provider = None,
+    model: opt.Model = None,
+    max_steps: opt.MaxSteps = None,
+    max_retries: opt.MaxRetries = None,
+    timeout: opt.Timeout = None,
+    reasoning_budget: opt.ReasoningBudget = None,
     job_id: Annotated[str | None, typer.Option(help="Id for the new job the first run makes")] = None,
-    workspace: Annotated[
-        str | None, typer.Option(help="Directory the file tools work in (default .)")
-    ] = None,
-    continue_latest: Annotated[bool, typer.Option("--continue", help="Continue the latest job")] = False,
-    continue_job: Annotated[
-        str | None, typer.Option(help="Continue this job from its head checkpoint")
-    ] = None,
-    resume_from: Annotated[
-        str | None, typer.Option(help="Branch from this checkpoint (needs --continue-job)")
-    ] = None,
-    interactive: Annotated[
-        bool, typer.Option("-i", "--interactive-tool-call-result", help="QUERY answers the waiting tool call")
-    ] = False,
+    workspace: opt.Workspace = None,
+    continue_latest: opt.ContinueLatest = False,
+    continue_job: opt.ContinueJob = None,
+    resume_from: opt.ResumeFrom = None,
+    interactive: opt.Interactive = False,
 ) -> None:
     """The terminal UI: browse jobs, checkpoints and events; start, follow, answer, resume and cancel runs."""
     try:

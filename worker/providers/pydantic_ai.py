@@ -40,6 +40,7 @@ from pydantic_ai.models import Model, ModelRequestParameters
 from pydantic_ai.settings import ModelSettings
 from pydantic_ai.tools import ToolDefinition as PaiToolDefinition
 
+from shared.config import PROVIDERS
 from shared.models import (
     ExpertMessage,
     FileBinaryPart,
@@ -72,16 +73,7 @@ from worker.llm import (
 
 # --- provider settings --------------------------------------------------------------------------------
 
-SUPPORTED_PROVIDERS = (
-    "anthropic",
-    "openai",
-    "google",
-    "ollama",
-    "azure-openai",
-    "amazon-bedrock",
-    "google-vertex",
-    "deepseek",
-)
+SUPPORTED_PROVIDERS = tuple(p for p in PROVIDERS if p != "script")  # the script provider is perq's own
 
 # Providers whose SDK is not installed with perq itself: the extra that brings it, and a module it provides
 PROVIDER_EXTRAS: dict[str, tuple[str, str]] = {
