@@ -98,10 +98,12 @@ def test_perq_start_in_a_real_terminal(perq: Perq, terminal: Terminal) -> None:
     terminal.wait_for("New job of hello")
     terminal.type("Say hello")
     terminal.keys("Enter")
-    screen = terminal.wait_for("completed: hello - 3 steps")
+    terminal.wait_for("completed: hello - 3 steps")
+    # the footer is painted after the body: wait for it rather than read the screen mid-paint
+    screen = terminal.wait_for("Ctrl+C Cancel job")
+    assert "completed: hello - 3 steps" in screen
     assert "Hello from the terminal!" in screen
     assert "Todos (hello): [x] say hello" in screen
-    assert "Ctrl+C Cancel job" in screen
 
     terminal.keys("Escape")
     screen = terminal.wait_for("perq: 1 jobs, newest first")
