@@ -18,10 +18,10 @@ from typing import Any, cast
 
 import redis as redis_sync
 
-from producer.localredis import LocalRedis
 from shared.config import Settings
 from shared.models import Event
 from shared.store import JobStore
+from tests.support.localredis import LocalRedis
 
 REPO = Path(__file__).resolve().parent.parent
 PERQ = [sys.executable, "-m", "producer"]

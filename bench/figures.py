@@ -39,7 +39,7 @@ Figure = Callable[[Bench], list[Row]]
 
 
 def turn(*, text: str | None = None, tool: str | None = None, args: str = "{}", delay_ms: int = 0) -> str:
-    """One script-provider turn as TOML (format: worker/providers/script.py)."""
+    """One script-provider turn as TOML (format: worker/models/script.py)."""
     return turn_for("e", text=text, tool=tool, args=args, delay_ms=delay_ms)
 
 

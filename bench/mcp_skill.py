@@ -77,8 +77,8 @@ class Harness:
 
     def __init__(self, root: Path) -> None:
         from shared.store import JobStore
-        from worker.mcp_pool import McpSkillPool
         from worker.runtime import Runtime
+        from worker.skills.mcp.pool import McpSkillPool
         from worker.step_queue import LocalQueue
 
         self.root = root

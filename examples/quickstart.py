@@ -12,7 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from producer.localredis import LocalRedis, reachable
+# the private Redis is the tests' own (tests/support/localredis.py): the quick start runs from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.support.localredis import LocalRedis, reachable
 
 HERE = Path(__file__).resolve().parent / "hello"
 PERQ = [sys.executable, "-m", "producer"]

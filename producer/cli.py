@@ -99,7 +99,7 @@ def run(
                     print(job.id)
                 return 0
             from producer.follow import EXIT_CODES
-            from producer.render import follow_with_progress
+            from producer.views.status import follow_with_progress
 
             status = await follow_with_progress(
                 client, job.id, start, quiet=json_output, submitted_at=submitted_at
@@ -142,11 +142,11 @@ def status(
     ] = False,
 ) -> None:
     """List jobs newest first, or show one job with its checkpoints."""
-    if watch or queue:  # live views, in producer/watch.py
-        from producer.watch import status_view
+    if watch or queue:  # live views, in producer/views/watch.py
+        from producer.views.watch import status_view
 
         raise typer.Exit(status_view(job_id, limit=limit, queue=queue, watch=watch, json_output=json_output))
-    from producer import render
+    from producer.views import status as render
     from shared import perstack_layout
     from shared.config import Settings
     from shared.models import check_id
@@ -209,7 +209,7 @@ def export(
     from pathlib import Path
 
     from producer.export import ExportError, check_destination, export_jobs
-    from producer.log import find_job
+    from producer.log_query import find_job
     from shared.config import Settings
     from shared.models import check_id
     from shared.store import JobStore, StoreError

@@ -26,7 +26,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from producer.log import run_ids
+from producer.log_query import run_ids
 from shared import perstack_layout
 from shared.models import (
     PERSTACK_JOB_STATUS,

@@ -11,7 +11,7 @@ from typing import Any
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from producer.log import job_events
+from producer.log_query import job_events
 from shared.events import follow_events
 from shared.models import FINAL_JOB_STATUSES, JOB_STATUS_AFTER, Event, Job, Usage
 from shared.queue import cancel_key, events_channel

@@ -62,7 +62,7 @@ def log(
         if job is not None and job != job_id:
             fail(f"two jobs given: {job_id} and --job {job}", EXIT_BAD_INPUT)
         job = job_id
-    from producer.log import (
+    from producer.log_query import (
         CheckpointNotFound,
         LogError,
         LogFilters,
@@ -71,7 +71,7 @@ def log(
         parse_step_filter,
         select,
     )
-    from producer.logview import console, print_log, render_json
+    from producer.views.log import console, print_log, render_json
     from shared.config import Settings
     from shared.store import JobStore, StoreError
 

@@ -19,9 +19,9 @@ from rich.spinner import Spinner
 from rich.text import Text
 
 from producer.follow import EXIT_CODES, Progress, segment_start, wait_for_job
-from producer.log import LogFilters, find_job, job_events, latest_job
-from producer.logview import console, print_event, status_style
-from producer.render import error_line
+from producer.log_query import LogFilters, find_job, job_events, latest_job
+from producer.views.log import console, print_event, status_style
+from producer.views.status import error_line
 from shared.config import Settings
 from shared.models import FINAL_JOB_STATUSES, Event, check_id
 from shared.queue import events_channel

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from producer.render import error_line
+from producer.views.status import error_line
 from shared.config import Settings
 from shared.store import JobStore
 

@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from producer.localredis import LocalRedis
 from shared.models import Checkpoint, Event, Job
 from shared.store import JobStore
+from tests.support.localredis import LocalRedis
 
 PERQ = [sys.executable, "-m", "producer"]
 

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from shared.models import FileInlinePart, ImageInlinePart, TextPart, Todo
-from worker.tools.base import BASE_SKILL, BASE_TOOL_DEFINITIONS, ToolContext, call_base_tool
-from worker.tools.paths import ParentDirectoryMissing, PathDenied, resolve_in_workspace
+from worker.skills.base import BASE_SKILL, BASE_TOOL_DEFINITIONS, ToolContext, call_base_tool
+from worker.skills.paths import ParentDirectoryMissing, PathDenied, resolve_in_workspace
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 32
 SECRET = "top secret"

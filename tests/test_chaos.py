@@ -11,10 +11,10 @@ from collections import Counter
 from pathlib import Path
 
 from producer.api import Client, RunRequest
-from producer.localredis import LocalRedis
 from shared.config import Settings
 from shared.models import Usage
 from tests.conftest import Perq, script_toml
+from tests.support.localredis import LocalRedis
 
 JOBS = 30
 DELAY_MS = 800

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from worker.envfilter import filtered_env
+from worker.skills.envfilter import filtered_env
 
 WORKER_ENV = {
     "PATH": "/usr/bin:/bin",

@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
-from producer.localredis import LocalRedis
 from shared.perstack_layout import event_files
 from tests.conftest import Perq, script_toml
+from tests.support.localredis import LocalRedis
 
 KIT = Path(__file__).resolve().parents[1].parent / "shared" / "interop"
 VALIDATE = KIT / "validate"

@@ -19,11 +19,11 @@ from typer.testing import CliRunner
 
 from producer.cli import app
 from producer.follow import segment_start, wait_for_job
-from producer.localredis import LocalRedis
 from shared.events import publish_events
 from shared.models import Event, Job, now_ms
 from shared.store import JobStore
 from tests.conftest import PERQ, Perq, script_toml
+from tests.support.localredis import LocalRedis
 from tests.test_resilience import wait_until
 
 SCRIPT = ("--provider", "script", "--model", "script.toml")

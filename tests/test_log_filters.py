@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from producer.log import (
+from producer.log_query import (
     CheckpointNotFound,
     LogError,
     LogFilters,
@@ -21,7 +21,7 @@ from producer.log import (
     select,
     summarize,
 )
-from producer.logview import event_lines, print_log, render_json
+from producer.views.log import event_lines, print_log, render_json
 from shared.models import Checkpoint, Event, ExpertRef, Job, Usage
 from shared.store import JobStore
 

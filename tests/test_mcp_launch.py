@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from shared.models import McpSseSkill, McpStdioSkill
-from worker.mcp_launch import (
+from worker.skills.mcp.launch import (
     ALLOW_LOOPBACK_VARIABLE,
     RemoteLaunch,
     SkillLaunchError,
@@ -18,7 +18,7 @@ from worker.mcp_launch import (
     remote_launch,
     stdio_launch,
 )
-from worker.skills import SkillError
+from worker.skills.toolset import SkillError
 
 WORKER_ENV = {
     "PATH": "/usr/bin:/bin",

@@ -16,10 +16,10 @@ import pytest
 
 from shared.models import Event, Expert, McpSseSkill, McpStdioSkill, Skill, TextPart, ToolCall
 from tests.mcp_servers import PROBE, remote_server
-from worker.mcp_pool import McpSettings, McpSkillPool
-from worker.skill_scope import SkillScope, set_skill_scope
-from worker.skills import SkillError, build_skill_set
-from worker.tools.base import ToolContext
+from worker.skills.base import ToolContext
+from worker.skills.mcp.pool import McpSettings, McpSkillPool
+from worker.skills.scope import SkillScope, set_skill_scope
+from worker.skills.toolset import SkillError, build_skill_set
 
 PROBE_TOOLS = ["pid", "environ", "cwd", "echo", "sleep", "fail", "shapes", "nothing", "exit_now"]
 WORKER_ENV = {

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 import redis as redis_sync
 
-from producer.localredis import LocalRedis
 from tests.conftest import Perq, script_toml
+from tests.support.localredis import LocalRedis
 from tests.test_resilience import traced, wait_until
 
 SCRIPT = ("--provider", "script", "--model", "script.toml")

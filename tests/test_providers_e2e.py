@@ -1,7 +1,7 @@
 """Every provider end to end: `perq run` → Redis → a real worker → the provider's SDK → a local server
-speaking that provider's HTTP API (tests/fake_providers.py). Each run makes a tool call, sends its result back
-in the provider's format, adds up exact usage and ends with the model's text; no key, token or credential
-reaches the store or Redis. Also: one retry budget (a provider that always answers 429 gets exactly
+speaking that provider's HTTP API (tests/support/fake_providers.py). Each run makes a tool call, sends its
+result back in the provider's format, adds up exact usage and ends with the model's text; no key, token or
+credential reaches the store or Redis. Also: one retry budget (a provider that always answers 429 gets exactly
 max_retries + 1 requests), a timeout per attempt, a 401 that stops at once, and a missing key."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import PERQ, Perq, toml_value
-from tests.fake_providers import (
+from tests.support.fake_providers import (
     ACCESS_TOKEN,
     FINAL_TEXT,
     FIRST_USAGE,

@@ -17,6 +17,7 @@ import pytest
 from pydantic_ai import messages as pai
 from pydantic_ai.exceptions import ModelConnectionError, ModelHTTPError, UnexpectedModelBehavior
 from pydantic_ai.usage import RequestUsage
+from worker.models import pydantic_ai as prov
 
 from shared.models import (
     ExpertMessage,
@@ -36,8 +37,7 @@ from shared.models import (
     ToolResultPart,
     UserMessage,
 )
-from worker.llm import GenerationError, GenerationRequest
-from worker.providers import pydantic_ai as prov
+from worker.models.contract import GenerationError, GenerationRequest
 
 PNG = b"\x89PNG\r\n\x1a\nfake"
 PNG_B64 = base64.b64encode(PNG).decode()
@@ -530,7 +530,7 @@ def test_http_errors(status: int, retryable: bool) -> None:
 
 
 def test_retry_delay_honours_retry_after_else_backs_off_exponentially() -> None:
-    from worker.llm import RETRY_AFTER_MAX_SECONDS, retry_delay
+    from worker.models.contract import RETRY_AFTER_MAX_SECONDS, retry_delay
 
     def error(retry_after: float | None) -> GenerationError:
         return GenerationError("busy", is_retryable=True, retry_after=retry_after)

@@ -16,9 +16,9 @@ import pytest
 import redis as redis_sync
 
 from producer.api import Client, RunRequest
-from producer.localredis import LocalRedis, free_port, reachable, redis_server_binary
 from shared.config import Settings
 from tests.conftest import PERQ, Perq, script_toml
+from tests.support.localredis import LocalRedis, free_port, reachable, redis_server_binary
 from tests.test_resilience import CONFIG, SCRIPT, tool_turns, wait_until
 
 # a pass every 2 s here (3 leases by default): the bound on recovery below follows from it and the lease

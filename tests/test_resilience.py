@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import redis as redis_sync
 
-from producer.localredis import LocalRedis
 from shared.models import Job
 from tests.conftest import Perq, script_toml
+from tests.support.localredis import LocalRedis
 
 SCRIPT = ("--provider", "script", "--model", "script.toml")
 CONFIG = """

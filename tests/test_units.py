@@ -27,11 +27,11 @@ from shared.models import (
     new_id,
 )
 from shared.queue import PayloadError, StepTask, deserialize, serialize
-from worker.llm import GeneratedToolCall, GenerationError, GenerationRequest, GenerationResult
 from worker.loop import StepRunner
-from worker.providers.script import ScriptModel, answers_so_far
-from worker.skills import build_skill_set
-from worker.tools.base import ToolContext
+from worker.models.contract import GeneratedToolCall, GenerationError, GenerationRequest, GenerationResult
+from worker.models.script import ScriptModel, answers_so_far
+from worker.skills.base import ToolContext
+from worker.skills.toolset import build_skill_set
 
 PERSTACK_CHECKPOINT = {
     "id": "ckpt1",

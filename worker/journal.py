@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 
 from shared.models import ThinkingPart, Usage
-from worker.llm import GeneratedToolCall, GenerationResult
 from worker.loop import AnswerJournal, StepInterrupted
+from worker.models.contract import GeneratedToolCall, GenerationResult
 from worker.step_queue import StepQueue
 
 

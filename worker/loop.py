@@ -36,8 +36,14 @@ from shared.models import (
     tool_message,
 )
 from worker.instruction import build_instruction
-from worker.llm import GenerationError, GenerationRequest, GenerationResult, ModelClient, retry_delay
-from worker.skills import SkillSet, error_result, text_result
+from worker.models.contract import (
+    GenerationError,
+    GenerationRequest,
+    GenerationResult,
+    ModelClient,
+    retry_delay,
+)
+from worker.skills.toolset import SkillSet, error_result, text_result
 
 KIND_ORDER = {"mcp": 0, "delegate": 1, "interactive": 2}
 

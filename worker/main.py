@@ -283,7 +283,7 @@ class PerqWorker(Worker):
 def _skill_pool() -> Any:
     """The MCP skill pool, when the mcp SDK is installed (it is imported only by workers)."""
     try:
-        from worker.mcp_pool import McpSkillPool
+        from worker.skills.mcp.pool import McpSkillPool
     except ImportError:
         return None
     return McpSkillPool()

@@ -46,12 +46,13 @@ from shared.queue import StepTask
 from shared.store import JobStore
 from worker.handon import HandOn
 from worker.journal import QueueAnswerJournal
-from worker.llm import ModelClient, get_model_client
 from worker.loop import StepRunner
-from worker.skill_scope import SkillScope, set_skill_scope
-from worker.skills import SkillPool, build_skill_set
+from worker.models.contract import ModelClient
+from worker.models.select import get_model_client
+from worker.skills.base import ToolContext
+from worker.skills.scope import SkillScope, set_skill_scope
+from worker.skills.toolset import SkillPool, build_skill_set
 from worker.step_queue import HandOver, StepQueue
-from worker.tools.base import ToolContext
 
 log = logging.getLogger("perq.worker")
 P = ParamSpec("P")
@@ -203,7 +204,7 @@ class Runtime:
         )
         journal = QueueAnswerJournal(self.queue, task.run_id, task.step_number, first_attempt=attempt == 1)
         runner = StepRunner(setting=setting, expert=expert, journal=journal)
-        # skill servers started or heard from during this step report into its events (worker/skill_scope.py)
+        # skill servers started or heard from during this step report into its events (worker/skills/scope.py)
         set_skill_scope(
             SkillScope(
                 runner.events, task.job_id, task.run_id, expert.key, task.step_number, setting.workspace

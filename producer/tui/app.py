@@ -23,8 +23,8 @@ from textual.widgets.option_list import Option
 
 from producer.api import Client, QueueUnavailable, RunRequest, plan_submission
 from producer.follow import Progress
-from producer.render import STATUS_STYLE, checkpoint_line
 from producer.tui import live, source
+from producer.views.status import STATUS_STYLE, checkpoint_line
 from shared.config import ConfigError, Settings
 from shared.models import Checkpoint, Event, Job, now_ms
 from shared.store import StoreError

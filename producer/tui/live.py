@@ -70,7 +70,7 @@ async def follow(
 
 async def workers_alive(client: Client) -> int:
     """How many workers of this queue have a live heartbeat."""
-    from producer.queueview import queue_stats
+    from producer.views.queue import queue_stats
 
     stats = await queue_stats(await client.redis(), client.settings.queue)
     return len(stats.workers)

@@ -2,8 +2,8 @@
 
 Every reader returns what it could read and names what it could not (a damaged file, a missing config), so
 that a view shows a message instead of failing. The store is read only through `JobStore`'s reader methods
-and `producer.log`; lines are made by `producer.render` and `producer.logview`, as `perq status` and
-`perq log` print them.
+and `producer.log_query`; lines are made by `producer.views.status` and `producer.views.log`, as
+`perq status` and `perq log` print them.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from pathlib import Path
 
 from rich.text import Text
 
-from producer.log import run_events
-from producer.logview import event_details, event_lines
-from producer.render import STATUS_STYLE, checkpoint_line, job_line
+from producer.log_query import run_events
+from producer.views.log import event_details, event_lines
+from producer.views.status import STATUS_STYLE, checkpoint_line, job_line
 from shared.config import ConfigError, build_experts, find_config, load_config
 from shared.models import Checkpoint, Event, Expert, Job, ToolCall
 from shared.store import JobStore, StoreError

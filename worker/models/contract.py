@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from shared.models import Message, ProviderConfig, ReasoningBudget, ThinkingPart, ToolDefinition, Usage
+from shared.models import Message, ReasoningBudget, ThinkingPart, ToolDefinition, Usage
 
 FinishReason = Literal["stop", "tool-calls", "length", "other"]
 
@@ -104,15 +104,3 @@ def retry_delay(error: GenerationError, failures_before: int) -> float:
     if error.retry_after is not None:
         return min(max(error.retry_after, 0.0), RETRY_AFTER_MAX_SECONDS)
     return min(BACKOFF_BASE_SECONDS * 2**failures_before, BACKOFF_MAX_SECONDS)
-
-
-def get_model_client(provider: ProviderConfig, model: str) -> ModelClient:
-    """The client for a provider; SDK modules are imported here, on first use, never at import time."""
-    name = provider.provider_name
-    if name == "script":
-        from worker.providers.script import ScriptModel
-
-        return ScriptModel(model)
-    from worker.providers.pydantic_ai import PydanticAIModel
-
-    return PydanticAIModel(provider, model)

@@ -30,9 +30,9 @@ from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.shared.exceptions import MCPError
 from mcp.shared.message import SessionMessage
 
-from worker.mcp_launch import Launch, RemoteLaunch, StdioLaunch, check_resolved
-from worker.skill_scope import SkillScope
-from worker.skills import SkillError
+from worker.skills.mcp.launch import Launch, RemoteLaunch, StdioLaunch, check_resolved
+from worker.skills.scope import SkillScope
+from worker.skills.toolset import SkillError
 
 log = logging.getLogger("perq.skills")
 

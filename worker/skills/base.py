@@ -34,8 +34,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
 from shared.models import BASE_SKILL_NAME, FileInlinePart, ImageInlinePart, TextPart, Todo, ToolDefinition
-from worker.envfilter import filtered_env
-from worker.tools.paths import PathDenied, is_symlink, reserved_entries, resolve_in_workspace
+from worker.skills.envfilter import filtered_env
+from worker.skills.paths import PathDenied, is_symlink, reserved_entries, resolve_in_workspace
 
 BASE_SKILL = BASE_SKILL_NAME  # what perstack.toml calls the in-process tools
 

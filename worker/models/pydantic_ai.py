@@ -2,9 +2,9 @@
 
 perq keeps Perstack-shaped messages; this module converts them to pydantic-ai messages at the boundary, sends
 exactly one request (no agent loop, no tool execution, no SDK retries: the loop owns retrying) and converts
-the response back. It is imported only by `worker.llm.get_model_client`, so the CLI never pays for pydantic-ai
-or the provider SDKs, and each SDK (openai, anthropic, google-genai, boto3) is imported only when a provider
-that needs it is first used. google-genai and boto3 come with the `google` and `bedrock` extras.
+the response back. It is imported only by `worker.models.select.get_model_client`, so the CLI never pays for
+pydantic-ai or the provider SDKs, and each SDK (openai, anthropic, google-genai, boto3) is imported only when
+a provider that needs it is first used. google-genai and boto3 come with the `google` and `bedrock` extras.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ from shared.models import (
     UserMessage,
     new_id,
 )
-from worker.llm import (
+from worker.models.contract import (
     FinishReason,
     GeneratedToolCall,
     GenerationError,
@@ -904,7 +904,7 @@ _SDK_MODULES: dict[str, tuple[str, ...]] = {
 
 
 class PydanticAIModel:
-    """A ModelClient (worker.llm) for every provider Perstack has, through pydantic-ai."""
+    """A ModelClient (worker.models.contract) for every provider Perstack has, through pydantic-ai."""
 
     def __init__(self, provider: ProviderConfig, model: str) -> None:
         self.provider = provider

@@ -19,7 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from producer.follow import REDIS_ERRORS
-from producer.render import STATUS_STYLE, error_line
+from producer.views.status import STATUS_STYLE, error_line
 from shared.config import Settings
 from shared.models import Job, check_id
 from shared.store import JobStore, Listing, StoreError
@@ -73,7 +73,7 @@ async def _queue(settings: Settings, *, watch: bool, json_output: bool) -> int:
     import json
 
     from producer.api import QueueUnavailable, _create_pool_quiet
-    from producer.queueview import queue_stats, render
+    from producer.views.queue import queue_stats, render
 
     try:
         redis = await _create_pool_quiet(settings)

@@ -1,4 +1,4 @@
-"""A worker's MCP skill servers, kept connected across steps and jobs (the `SkillPool` of worker/skills.py).
+"""A worker's MCP skill servers, kept connected across steps and jobs (`SkillPool`, toolset.py).
 
 A server is keyed by its launch (command, arguments, filtered environment and working directory, or
 endpoint), so every step that needs the same server reuses one session and its cached tool list instead of
@@ -25,11 +25,11 @@ from mcp.shared.exceptions import MCPError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.models import McpStdioSkill, ToolDefinition, ToolResultContent
-from worker.mcp_convert import call_error_text, result_contents, tool_definitions
-from worker.mcp_launch import Launch, remote_launch, stdio_launch
-from worker.mcp_session import Listener, SkillConnectionLost, SkillSession, describe_error
-from worker.skill_scope import SkillScope, current_skill_scope
-from worker.skills import McpSkill, SkillError
+from worker.skills.mcp.convert import call_error_text, result_contents, tool_definitions
+from worker.skills.mcp.launch import Launch, remote_launch, stdio_launch
+from worker.skills.mcp.session import Listener, SkillConnectionLost, SkillSession, describe_error
+from worker.skills.scope import SkillScope, current_skill_scope
+from worker.skills.toolset import McpSkill, SkillError
 
 log = logging.getLogger("perq.skills")
 

@@ -12,8 +12,8 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
-from producer.log import DELEGATION_TYPES, ERROR_TYPES, TOOL_TYPES, LogOutput
-from producer.render import STATUS_STYLE, clock, timestamp
+from producer.log_query import DELEGATION_TYPES, ERROR_TYPES, TOOL_TYPES, LogOutput
+from producer.views.status import STATUS_STYLE, clock, timestamp
 from shared.models import Checkpoint, Event, Job
 
 RULE = "─" * 50

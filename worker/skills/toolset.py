@@ -26,7 +26,7 @@ from shared.models import (
     ToolResultContent,
 )
 from worker.instruction import delegate_tool_name
-from worker.tools.base import BASE_TOOL_DEFINITIONS, ToolContext, call_base_tool
+from worker.skills.base import BASE_TOOL_DEFINITIONS, ToolContext, call_base_tool
 
 McpSkill = McpStdioSkill | McpSseSkill
 

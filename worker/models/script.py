@@ -27,7 +27,7 @@ from typing import Any
 from pydantic import Field, ValidationError
 
 from shared.models import ExpertMessage, PerqModel, ThinkingPart, Usage, UserMessage
-from worker.llm import GeneratedToolCall, GenerationError, GenerationRequest, GenerationResult
+from worker.models.contract import GeneratedToolCall, GenerationError, GenerationRequest, GenerationResult
 
 
 class ScriptToolCall(PerqModel):

@@ -18,8 +18,8 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from shared.models import McpSseSkill, McpStdioSkill
-from worker.envfilter import filtered_env
-from worker.skills import SkillError
+from worker.skills.envfilter import filtered_env
+from worker.skills.toolset import SkillError
 
 ALLOW_LOOPBACK_VARIABLE = "PERQ_ALLOW_LOOPBACK_SKILLS"
 
