@@ -1,4 +1,4 @@
-"""The instruction (system) message of a fresh run (spec §2.7)."""
+"""The instruction (system) message of a fresh run, worded as Perstack's, with the run's start as "now"."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ META_INSTRUCTION = """You are an expert agent running in a loop. Rules:
 
 
 def delegate_tool_name(expert_name: str) -> str:
-    """A delegate is offered as a tool named after the last path segment of its name (spec §6.2)."""
+    """A delegate is offered as a tool named after the last path segment of its name, as Perstack names
+    delegate tools."""
     return expert_name.rsplit("/", 1)[-1]
 
 

@@ -1,12 +1,14 @@
-"""The `@perstack/base` tools, run in-process (spec §6.3).
+"""The `@perstack/base` tools, run in-process, answering as Perstack's own base server does.
 
 Each tool answers with one text part holding JSON, as Perstack's base server does; readImageFile and
 readPdfFile answer with the file itself inlined (Perstack's runtime does that after the tool; here it
-happens under the same workspace checks as every other read, spec §6.4 and §9 #30). A failure is an
+happens under the same workspace checks as every other read; a symlink out of the workspace is refused
+wherever a file is read). A failure is an
 answer too, `{"error": <name>, "message": ...}`, so a model can read it and try again; only an unknown
 tool name raises, because that is the caller's bug, not the model's.
 
-Todos are per run (spec §9 #23): the caller owns the list, keeps it in the checkpoint and hands it in.
+Todos are per run, not per process (parallel runs must not see each other's list): the caller owns the list,
+keeps it in the checkpoint and hands it in.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The environment a child process (exec, stdio MCP skill) may see (spec §6.5).
+"""The environment a child process (exec, stdio MCP skill) may see: Perstack's safe list, plus what a skill
+declares.
 
 A worker's environment holds provider API keys and other secrets; a child gets only the few variables it
 needs to run plus what the caller passes on purpose. The caller cannot override the variables that decide

@@ -1,4 +1,4 @@
-"""Workspace confinement for the base file tools (spec §6.4, §9 #30).
+"""Workspace confinement for the base file tools (Perstack's rules, and a hole in them closed).
 
 Every path a model names is resolved to its real path (symlinks followed) and checked after resolution, so
 a link inside the workspace that points outside is refused like any outside path. The checks raise and

@@ -3,7 +3,8 @@
 The pool is shared by every step a worker runs, so it cannot hold "the current run". The runtime sets a
 `SkillScope` in a context variable at the start of each step; asyncio copies context into the tasks a step
 spawns (the concurrent `list_tools` / `call_tool` calls), so the pool reads the scope of the step that is
-calling it, and parallel steps never see each other's scope (spec §9 #14).
+calling it, and parallel steps never see each other's scope: a shared "current run" would attribute one step's
+events to another.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The tools one step offers the model, and who answers each call (spec §6.1, §6.2).
+"""The tools one step offers the model, and who answers each call, in Perstack's lookup order and naming.
 
 Four kinds of tool, in Perstack's lookup order: the in-process base tools, MCP servers (through the
 worker's skill pool), interactive tools (coordinator only), and delegates (one tool per delegate expert).
@@ -58,7 +58,8 @@ def is_base_skill(skill: McpSkill) -> bool:
 
 
 def filter_tools(tools: list[ToolDefinition], pick: list[str], omit: list[str]) -> list[ToolDefinition]:
-    """omit first, then pick; picking a tool that does not exist is ignored (spec §1.10)."""
+    """omit first, then pick; picking a tool that does not exist is ignored, as Perstack does (its own example
+    experts pick removed tools)."""
     if omit:
         tools = [t for t in tools if t.name not in omit]
     if pick:
@@ -147,7 +148,8 @@ class SkillSet:
         )
 
     async def call_all(self, calls: list[ToolCall]) -> list[ToolResult]:
-        """MCP and base calls of one response run concurrently (spec §2.3)."""
+        """MCP and base calls of one response run concurrently, as in Perstack; delegates and interactive
+        tools end the step instead."""
         if len(calls) == 1:
             return [await self.call(calls[0])]
         return list(await asyncio.gather(*(self.call(c) for c in calls)))
@@ -204,7 +206,7 @@ async def build_skill_set(
             else:
                 mcp_skills[skill.name] = skill
                 tools.extend(filter_tools(listed[skill.name], skill.pick, skill.omit))
-    if coordinator:  # interactive skills are for the coordinator only (spec §6.1)
+    if coordinator:  # interactive skills are for the coordinator only: a delegate has no user to ask
         for skill in expert.skills.values():
             if isinstance(skill, InteractiveSkill):
                 defs = [

@@ -1,4 +1,4 @@
-"""MCP's shapes to perq's: tool listings to ToolDefinitions, tool results to message parts (spec §6.2)."""
+"""MCP's shapes to perq's: tool listings to ToolDefinitions, tool results to message parts."""
 
 from __future__ import annotations
 

@@ -52,7 +52,8 @@ Launch = StdioLaunch | RemoteLaunch
 
 
 def command_args(skill: McpStdioSkill) -> tuple[str, list[str]]:
-    """`packageName` xor `args`, and `-y` for npx so it never waits on an install prompt (spec §1.10)."""
+    """`packageName` xor `args`, and `-y` for npx so it never waits on an install prompt, as Perstack checks a
+    skill definition."""
     name, package, args = skill.name, skill.package_name, skill.args or []
     # a base skill replaced by perstackBaseSkillCommand may be a bare command: it has neither, by design
     if not package and not args and not skill.external_base:
@@ -68,7 +69,8 @@ def command_args(skill: McpStdioSkill) -> tuple[str, list[str]]:
 
 
 def skill_env(skill: McpStdioSkill, worker_env: Mapping[str, str]) -> dict[str, str]:
-    """The safe variables plus the skill's declared ones; a missing declared one fails (spec §6.5)."""
+    """The safe variables plus the skill's declared ones; a missing declared one fails at launch, not
+    mid-call."""
     declared: dict[str, str] = {}
     for variable in skill.required_env:
         value = worker_env.get(variable)
@@ -133,7 +135,8 @@ def _host_addresses(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Add
 
 
 def remote_launch(skill: McpSseSkill, *, allow_loopback: bool) -> RemoteLaunch:
-    """Check an endpoint before connecting: https, and no internal address (spec §1.10).
+    """Check an endpoint before connecting: https, and no internal address (a model must not reach the
+    worker's network).
 
     With `allow_loopback` (PERQ_ALLOW_LOOPBACK_SKILLS=1) a loopback endpoint is allowed, over http too:
     a server on this machine for development and tests. Other internal addresses stay refused.
