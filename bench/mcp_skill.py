@@ -16,7 +16,6 @@ result alone would make its steps slower).
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import statistics
 import sys
@@ -24,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import tomli_w
 
 STEPS = 30  # tool-calling steps per job (each job then takes two more steps to finish)
 ROUNDS = 5  # alternating runs of each job; the median is reported
@@ -33,43 +34,51 @@ ROUNDS = 5  # alternating runs of each job; the median is reported
 # server's own speed (mcp-server-time answers in a few ms of Python), neither of which the pool decides.
 START_SHARE_GOAL = 5.0  # percent
 
-CONFIG = """
-[experts.base]
-instruction = "Read the note"
-[experts.base.skills."@perstack/base"]
-type = "mcpStdioSkill"
-command = "npx"
-packageName = "@perstack/base"
-pick = ["attemptCompletion", "readTextFile"]
 
-[experts.mcp]
-instruction = "Tell the time"
-[experts.mcp.skills."@perstack/base"]
-type = "mcpStdioSkill"
-command = "npx"
-packageName = "@perstack/base"
-pick = ["attemptCompletion"]
-[experts.mcp.skills.time]
-type = "mcpStdioSkill"
-command = {python}
-args = ["-m", "mcp_server_time", "--local-timezone", "UTC"]
-pick = ["get_current_time"]
-"""
+def _config() -> dict[str, Any]:
+    """Two experts on the bundled base skill, one also on a real stdio MCP server (mcp-server-time)."""
+
+    def base(*pick: str) -> dict[str, Any]:
+        return {
+            "type": "mcpStdioSkill",
+            "command": "npx",
+            "packageName": "@perstack/base",
+            "pick": list(pick),
+        }
+
+    time_server = {
+        "type": "mcpStdioSkill",
+        "command": sys.executable,
+        "args": ["-m", "mcp_server_time", "--local-timezone", "UTC"],
+        "pick": ["get_current_time"],
+    }
+    return {
+        "experts": {
+            "base": {
+                "instruction": "Read the note",
+                "skills": {"@perstack/base": base("attemptCompletion", "readTextFile")},
+            },
+            "mcp": {
+                "instruction": "Tell the time",
+                "skills": {"@perstack/base": base("attemptCompletion"), "time": time_server},
+            },
+        }
+    }
 
 
 def _script() -> str:
-    def turns(expert: str, tool: str, args: str) -> list[str]:
-        call = f'[[experts.{expert}.turns]]\ntoolCalls = [{{ toolName = "{tool}", args = {args} }}]\n'
-        done = (
-            f'[[experts.{expert}.turns]]\ntoolCalls = [{{ toolName = "attemptCompletion", args = {{}} }}]\n'
-        )
-        text = f'[[experts.{expert}.turns]]\ntext = "done"\n'
-        return [call] * STEPS + [done, text]
+    """STEPS calls of one tool, then attemptCompletion and the final text, for each expert."""
 
-    return "\n".join(
-        turns("base", "readTextFile", '{ path = "note.txt" }')
-        + turns("mcp", "get_current_time", '{ timezone = "UTC" }')
-    )
+    def turns(tool: str, args: dict[str, str]) -> dict[str, Any]:
+        call = {"toolCalls": [{"toolName": tool, "args": args}]}
+        done = {"toolCalls": [{"toolName": "attemptCompletion", "args": {}}]}
+        return {"turns": [call] * STEPS + [done, {"text": "done"}]}
+
+    experts = {
+        "base": turns("readTextFile", {"path": "note.txt"}),
+        "mcp": turns("get_current_time", {"timezone": "UTC"}),
+    }
+    return tomli_w.dumps({"experts": experts})
 
 
 class Harness:
@@ -82,7 +91,7 @@ class Harness:
         from worker.step_queue import LocalQueue
 
         self.root = root
-        (root / "perstack.toml").write_text(CONFIG.format(python=json.dumps(sys.executable)))
+        (root / "perstack.toml").write_text(tomli_w.dumps(_config()))
         (root / "script.toml").write_text(_script())
         (root / "note.txt").write_text("note")
         self.store = JobStore.open(str(root / "store"))

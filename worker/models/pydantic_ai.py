@@ -280,8 +280,6 @@ def build_model(settings: ClientSettings) -> Model:
     if name == "amazon-bedrock":
         return _bedrock_model(settings)
 
-    from pydantic_ai.models import create_async_httpx2_client
-
     headers = dict(settings.headers) or None
     if name == "anthropic":
         from anthropic import AsyncAnthropic
@@ -292,8 +290,7 @@ def build_model(settings: ClientSettings) -> Model:
             api_key=settings.api_key,
             base_url=settings.base_url,
             default_headers=headers,
-            max_retries=0,
-            http_client=create_async_httpx2_client(),
+            **_sdk_options(),
         )
         return AnthropicModel(settings.model, provider=AnthropicProvider(anthropic_client=anthropic_client))
 
@@ -311,8 +308,7 @@ def build_model(settings: ClientSettings) -> Model:
                 api_key=settings.api_key,
                 api_version=settings.api_version,
                 default_headers=headers,
-                max_retries=0,
-                http_client=create_async_httpx2_client(),
+                **_sdk_options(),
             )
             return OpenAIChatModel(settings.model, provider=AzureProvider(openai_client=azure_client))
         # Azure's v1 API: {base}/v1/chat/completions?api-version=v1, the same `api-key` header, no deployment
@@ -322,8 +318,7 @@ def build_model(settings: ClientSettings) -> Model:
             api_key=settings.api_key,
             default_headers={**(headers or {}), "api-key": settings.api_key or ""},
             default_query={"api-version": settings.api_version},
-            max_retries=0,
-            http_client=create_async_httpx2_client(),
+            **_sdk_options(),
         )
         from pydantic_ai.providers.openai import OpenAIProvider
 
@@ -335,8 +330,7 @@ def build_model(settings: ClientSettings) -> Model:
         organization=settings.organization,
         project=settings.project,
         default_headers=headers,
-        max_retries=0,
-        http_client=create_async_httpx2_client(),
+        **_sdk_options(),
     )
     if name == "ollama":
         from pydantic_ai.models.ollama import OllamaModel
@@ -381,6 +375,14 @@ def _google_model(settings: ClientSettings) -> Model:
     else:
         client = Client(api_key=settings.api_key, http_options=options)
     return GoogleModel(settings.model, provider=GoogleProvider(client=client))
+
+
+def _sdk_options() -> dict[str, Any]:
+    """What every SDK client is built with: no SDK retries (a generation is one request; the loop owns
+    retrying, so a run's retry budget counts requests) and pydantic-ai's HTTP client."""
+    from pydantic_ai.models import create_async_httpx2_client
+
+    return {"max_retries": 0, "http_client": create_async_httpx2_client()}
 
 
 def _bedrock_model(settings: ClientSettings) -> Model:
