@@ -82,10 +82,11 @@ def assert_error(result: dict[str, Any], name: str, message_part: str = "") -> N
 def test_definitions_cover_the_base_tools() -> None:
     names = [d.name for d in BASE_TOOL_DEFINITIONS]
     # Perstack's base server lists its tools in this order
-    assert names == (
-        "attemptCompletion todo clearTodo readTextFile writeTextFile appendTextFile editTextFile listDirectory "
-        "getFileInfo createDirectory deleteDirectory deleteFile moveFile exec healthCheck readImageFile readPdfFile"
-    ).split()
+    text_files = ["readTextFile", "writeTextFile", "appendTextFile", "editTextFile"]
+    listing = ["listDirectory", "getFileInfo"]
+    file_system = ["createDirectory", "deleteDirectory", "deleteFile", "moveFile"]
+    others = ["exec", "healthCheck", "readImageFile", "readPdfFile"]
+    assert names == ["attemptCompletion", "todo", "clearTodo", *text_files, *listing, *file_system, *others]
     for definition in BASE_TOOL_DEFINITIONS:
         assert definition.skill_name == BASE_SKILL
         assert definition.kind == "mcp"
