@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import time
+import tomllib
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from arq.jobs import deserialize_job_raw
@@ -17,6 +19,7 @@ from arq.jobs import deserialize_job_raw
 from shared.queue import STEP_TASK, StepTask, cancel_key, deserialize, events_channel, step_job_id
 from shared.queue.broker import ArqRedis, enqueue_step, in_progress_key_prefix, job_key_prefix, open_pool
 from tests.support.localredis import LocalRedis
+from worker.queue import scripts
 from worker.queue.leases import pick_up
 from worker.queue.steps import RedisStepQueue
 from worker.step_queue import HandOver
@@ -81,3 +84,14 @@ async def test_pick_up_takes_due_steps_once_and_marks_the_owner(redis: ArqRedis)
     # another worker gets only what is left
     again = await pick_up(redis, queue, ids, room=5, lease_s=5, owner="worker-b")
     assert [p.arq_id for p in again] == ids[2:]
+
+
+def test_every_lua_file_is_packaged() -> None:
+    """The Docker image installs perq non-editable: the scripts must be package data, or workers fail."""
+    root = Path(__file__).resolve().parent.parent
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    folder = root / "worker" / "queue"
+    packaged = {p for pattern in patterns["worker.queue"] for p in folder.glob(pattern)}
+    assert set(folder.glob("*.lua")) <= packaged
+    used = {s.name for s in vars(scripts).values() if isinstance(s, scripts.LuaScript)}
+    assert {p.stem for p in packaged} == used
