@@ -256,7 +256,8 @@ def _continuation_start(request: RunRequest, store: JobStore) -> tuple[Job, Chec
 def _run_input(request: RunRequest, start: Checkpoint | None) -> RunInput:
     if request.interactive:
         assert start is not None and start.pending_tool_calls
-        call = start.pending_tool_calls[0]  # the call perq answers is the first pending one (spec §9 #18)
+        # the call perq answers is the first pending one, found by type, not by position among the parts
+        call = start.pending_tool_calls[0]
         return RunInput(
             interactive_tool_call_result=InteractiveToolCallResult(
                 tool_call_id=call.id, tool_name=call.tool_name, skill_name=call.skill_name, text=request.query
