@@ -44,7 +44,7 @@ from shared.models import (
     new_id,
     now_ms,
 )
-from shared.queue import CANCEL_MARK_TTL_S, STEP_TASK, StepTask, cancel_key, serialize, step_job_id
+from shared.queue import CANCEL_MARK_TTL_S, StepTask, cancel_key
 from shared.store import JobStore
 
 REASONING_WORDS = ("none", "minimal", "low", "medium", "high")
@@ -311,20 +311,11 @@ def _initial_checkpoint(setting: RunSetting, expert: Expert, start: Checkpoint |
 
 
 async def _create_pool_quiet(settings: Settings) -> Any:
-    """arq's create_pool retries 5 times with 1 s sleeps and logs each; a producer wants one fast answer."""
-    import logging
+    """The queue's pool, or QueueUnavailable at once: a producer wants one fast answer, not retries."""
+    from shared.queue.broker import open_pool  # arq is imported only by commands that talk to Redis
 
-    logging.getLogger("arq.connections").setLevel(logging.ERROR)
-    from arq.connections import create_pool
-
-    from shared.redisurl import redis_settings as settings_for
-
-    redis_settings = settings_for(settings.redis_url)
-    redis_settings.conn_retries = 0
-    redis_settings.conn_timeout = 2
     try:
-        redis = await create_pool(redis_settings, job_serializer=serialize, default_queue_name=settings.queue)
-        await redis.ping()
+        redis = await open_pool(settings.redis_url, settings.queue)
     except Exception as e:
         raise QueueUnavailable(f"cannot reach Redis at {settings.redis_url}: {e}") from e
     return redis
@@ -369,6 +360,8 @@ class Client:
         return plan.job
 
     async def _write_and_enqueue(self, plan: Plan, redis: Any) -> None:
+        from shared.queue.broker import enqueue_step
+
         store = self.store
         previous: Job | None = None
         store.save_run_setting(plan.setting)
@@ -393,7 +386,7 @@ class Client:
         task = StepTask(job_id=plan.job.id, run_id=plan.setting.run_id, step_number=plan.initial.step_number)
         try:
             # a cancel mark stays: it stops runs of earlier submissions only (RunSetting.epoch)
-            await redis.enqueue_job(STEP_TASK, task.to_dict(), _job_id=step_job_id(task))
+            await enqueue_step(redis, task, self.settings.queue)
         except Exception as e:
             if plan.new_job:
                 store.delete_job(plan.job.id)

@@ -6,12 +6,14 @@ The Sentinel form is the one redis-py users know: the sentinels to ask, the name
 and the database. Clients ask a sentinel where the master is whenever they connect, so after a failover
 the producer, the workers and the followers all follow the new master. The password is the master's;
 sentinels are asked without one. `rediss+sentinel://` talks TLS to the master.
+
+Plain parsing, no Redis client: the settings validator uses it for every command. arq's RedisSettings for a
+URL are made in the queue room (`shared.queue.broker.redis_settings`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import unquote
 
 SENTINEL_SCHEMES = ("redis+sentinel://", "rediss+sentinel://")
@@ -79,21 +81,3 @@ def check_redis_url(url: str) -> str:
             f"unknown scheme {url.split('://', 1)[0]!r}: use redis://, rediss://, unix:// or redis+sentinel://"
         )
     return url
-
-
-def redis_settings(url: str) -> Any:
-    """arq's RedisSettings for the URL: arq's own Sentinel support for a Sentinel address."""
-    from arq.connections import RedisSettings  # arq is imported only by commands that talk to Redis
-
-    if not is_sentinel_url(url):
-        return RedisSettings.from_dsn(url)
-    address = parse_sentinel_url(url)
-    return RedisSettings(
-        host=address.sentinels,  # arq takes the list of sentinels here
-        sentinel=True,
-        sentinel_master=address.master,
-        database=address.database,
-        username=address.username,
-        password=address.password,
-        ssl=address.ssl,
-    )

@@ -117,7 +117,7 @@ def _late_attempts_settled(perq: Perq) -> bool:
 
 def test_lease_renewal_renews_only_the_workers_own_leases(redis_server: LocalRedis) -> None:
     """A worker that wakes up late must not extend the lease of the worker that took its step over."""
-    from worker.main import RENEW
+    from worker.queue.scripts import RENEW
 
     client = redis_sync.Redis.from_url(redis_server.url)
     try:
@@ -125,7 +125,7 @@ def test_lease_renewal_renews_only_the_workers_own_leases(redis_server: LocalRed
         client.set(mine, "worker-a", px=1000)
         client.set(theirs, "worker-b", px=1000)
         lost = "arq:in-progress:test-lost"  # Redis forgot it (flushed, restarted empty) while the step ran
-        renewed = client.eval(RENEW, 3, mine, theirs, lost, "60000", "worker-a")
+        renewed = client.eval(RENEW.body, 3, mine, theirs, lost, "60000", "worker-a")
         assert renewed == 2
         assert client.pttl(mine) > 50_000 and client.pttl(theirs) <= 1000
         assert client.get(theirs) == b"worker-b"

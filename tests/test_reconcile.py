@@ -20,7 +20,8 @@ from shared.models import (
     checkpoint_id,
     derived_id,
 )
-from shared.redisurl import check_redis_url, parse_sentinel_url, redis_settings
+from shared.queue.broker import redis_settings
+from shared.redisurl import check_redis_url, parse_sentinel_url
 from shared.store import JobStore
 from worker.reconcile import next_units
 

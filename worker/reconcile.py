@@ -28,12 +28,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from arq.constants import in_progress_key_prefix
-
 from shared.models import Checkpoint, Job, derived_id, now_ms
 from shared.queue import CANCEL_MARK_TTL_S, StepTask, cancel_key, step_job_id
+from shared.queue.broker import in_progress_key_prefix
 from shared.store import JobStore, StoreError
-from worker.redis_queue import RedisStepQueue
+from worker.queue.steps import RedisStepQueue
 from worker.step_queue import HandOver
 
 log = logging.getLogger("perq.reconcile")

@@ -2,7 +2,7 @@
 
 A step asks the queue two things: at its start, whether its job was cancelled; at its end, to hand over
 (publish its events and enqueue what follows) in one round trip. Model answers are journaled beside the
-queue so that a step run again after a crash does not ask the model twice. `worker/redis_queue.py` does
+queue so that a step run again after a crash does not ask the model twice. `worker/queue/steps.py` does
 this over Redis; `LocalQueue` does it in memory, for benchmarks and in-process tests.
 """
 

@@ -16,12 +16,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from arq.constants import health_check_key_suffix, in_progress_key_prefix
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
 from shared.queue import WORKER_KEY_PREFIX
+from shared.queue.broker import health_check_key_suffix, in_progress_key_prefix
 
 SCAN_BATCH = 1000
 PAGE = 200

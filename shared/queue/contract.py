@@ -1,4 +1,7 @@
-"""The queue contract between producer and workers: task names, payloads, ids, and the JSON serializer.
+"""The queue contract between producer and workers: task names, payloads, ids, perq's keys, the serializer.
+
+Plain data and pure functions, no arq and no Redis client: every room may import it cheaply (the producer's
+event followers, the store, the worker loop). What needs arq is in `shared/queue/broker.py`.
 
 One arq job is one step of one run. Its arq id is derived from the run and the step, so enqueuing the
 same continuation twice is a no-op (arq refuses a second job with a live id), and a worker that re-runs

@@ -1,0 +1,77 @@
+"""The worker's Lua scripts: read from their `.lua` files once, run by SHA1, loaded into Redis on demand.
+
+Lua is used only where a transaction cannot say it in one round trip: taking several ready steps
+(`pick_up.lua`), renewing only this worker's leases (`renew.lua`), and the hand-over's enqueue that refuses
+a cancelled job (`enqueue.lua`). redis-py's registered Script would do the loading too, but inside a pipeline
+it adds a SCRIPT EXISTS round trip to every `execute()`; here a pipeline sends EVALSHA only, and a Redis that
+does not know the script (restarted, flushed, failed over) gets it loaded and only the refused calls run
+again, which keeps the hand-over one round trip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any
+
+from redis.exceptions import NoScriptError
+
+Arg = str | bytes | int | float
+PACKAGE = __name__.rpartition(".")[0]  # the .lua files sit beside this module
+
+
+class LuaScript:
+    """One script of this package, by the name of its `.lua` file."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.body = resources.files(PACKAGE).joinpath(f"{name}.lua").read_text(encoding="utf-8")
+        self.sha = hashlib.sha1(self.body.encode()).hexdigest()
+
+    async def __call__(self, redis: Any, keys: Sequence[str], args: Sequence[Arg]) -> Any:
+        """Run it: one round trip, two more the first time a Redis sees it."""
+        try:
+            return await redis.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            await redis.script_load(self.body)
+            return await redis.evalsha(self.sha, len(keys), *keys, *args)
+
+    def add_to(self, pipe: Any, keys: Sequence[str], args: Sequence[Arg], calls: list[ScriptCall]) -> None:
+        """Add a call to a pipeline; `calls` remembers it for `settle`."""
+        calls.append(ScriptCall(len(pipe), tuple(keys), tuple(args)))
+        pipe.evalsha(self.sha, len(keys), *keys, *args)
+
+    async def settle(self, redis: Any, replies: list[Any], calls: list[ScriptCall]) -> list[Any]:
+        """The replies of a pipeline run with `execute(raise_on_error=False)`, with the calls Redis refused
+        for not knowing the script run again once it is loaded (a refused call did nothing, the rest of the
+        pipeline ran once). Then, like `execute()`, the first error left is raised."""
+        unknown = [c for c in calls if isinstance(replies[c.position], NoScriptError)]
+        if unknown:
+            await redis.script_load(self.body)
+            async with redis.pipeline(transaction=False) as pipe:
+                for c in unknown:
+                    pipe.evalsha(self.sha, len(c.keys), *c.keys, *c.args)
+                again = await pipe.execute(raise_on_error=False)
+            for c, reply in zip(unknown, again, strict=True):
+                replies[c.position] = reply
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
+
+
+class ScriptCall:
+    """A script call queued in a pipeline: where its reply is, and what to run again if Redis lacked it."""
+
+    __slots__ = ("args", "keys", "position")
+
+    def __init__(self, position: int, keys: tuple[str, ...], args: tuple[Arg, ...]) -> None:
+        self.position = position
+        self.keys = keys
+        self.args = args
+
+
+PICK_UP = LuaScript("pick_up")
+RENEW = LuaScript("renew")
+ENQUEUE = LuaScript("enqueue")

@@ -1,0 +1,280 @@
+"""The worker's queue loop: arq's Worker running perq's steps, with perq's pick-up, leases and wake-up.
+
+arq runs each step it is given (`run_job`: the try counter, a Retry, the finish) and handles SIGTERM and
+SIGINT (stop taking steps, wait up to the grace period, hand the rest back). perq owns everything else,
+without overriding arq's internals beyond `main`:
+
+- the poll loop takes all ready steps in one round trip, and sleeps until the next poll *or* until this
+  worker enqueued a step, so a job's next step starts at once instead of after the poll delay;
+- a step's lease is short and renewed while it runs (`leases.py`), so a worker killed mid-step hands its
+  step to another worker within `PERQ_LEASE_SECONDS`, not after arq's job timeout + 10 s;
+- losing Redis does not kill the worker: it logs and retries with a growing, jittered back-off;
+- the worker's own concurrency limit and its count of running steps (arq's `tasks`, which its signal
+  handlers read), its heartbeat key, and reconciliation (`worker/reconcile.py`) run beside the loop.
+
+What is used of arq beyond its documented API is listed in `arq_private.py` and checked at start-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import gc
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from arq.worker import Retry, Worker, func
+from redis.backoff import EqualJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from shared.config import Settings
+from shared.models import now_ms
+from shared.queue import STEP_TASK, PayloadError, StepTask, deserialize, serialize
+from shared.queue.broker import ArqRedis, open_pool
+from worker.heartbeat import heartbeat, new_worker_id
+from worker.loop import StepInterrupted
+from worker.queue.arq_private import arq_mismatches, arq_version
+from worker.queue.leases import pick_up, renew_leases
+from worker.queue.steps import RedisStepQueue
+from worker.reconcile import reconcile_forever
+from worker.runtime import UNKNOWN, Runtime
+from worker.step_queue import StepQueue
+
+log = logging.getLogger("perq.worker")
+REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError)
+REDIS_DOWN = (*REDIS_ERRORS, OSError)  # in the poll loop, socket errors mean the same
+# a step that fails outside the loop (its run could not even be loaded) is tried this often, then its job
+# is stopped with the error
+STEP_ATTEMPTS = 3
+# arq's own timeout must never fire first: a step bounds itself and ends its run with an error instead
+ARQ_STEP_TIMEOUT_S = 24 * 3600
+# health_check_interval: arq's health-check key is rewritten this often (the bench waits for it)
+HEALTH_CHECK_S = 10
+
+
+async def step(ctx: dict[str, Any], payload: Any) -> None:
+    """The arq task: one step of one run. The payload is validated before anything else happens."""
+    try:
+        task = StepTask.model_validate(payload)
+    except Exception as e:
+        log.error("rejected queue payload %r: %s", str(payload)[:200], e)
+        raise PayloadError(f"invalid step payload: {e}") from e
+    runtime: Runtime = ctx["perq"]
+    try:
+        known = runtime.cancel_marks.pop(ctx.get("job_id", ""), UNKNOWN)
+        await runtime.run_step(task, attempt=ctx.get("job_try", 1), cancel_mark=known)
+    except (*REDIS_ERRORS, StepInterrupted) as e:
+        # the step's checkpoint may be written already; running it again is safe and hands the job on
+        log.warning(
+            "redis failed during step %s of run %s (%s); it will run again", task.step_number, task.run_id, e
+        )
+        raise Retry(defer=1) from e
+    except Exception as e:
+        attempt = ctx.get("job_try", 1)
+        log.exception("step %s of run %s failed (attempt %s)", task.step_number, task.run_id, attempt)
+        if attempt < STEP_ATTEMPTS:
+            raise Retry(defer=2 * attempt) from e
+        await runtime.io(runtime.fail_job, task, e)
+        raise
+
+
+class Backoff:
+    """How long to wait while Redis is unreachable: 0.05 s at first, doubling up to `cap_s`, jittered so
+    that workers do not all come back at once; a success starts it over."""
+
+    def __init__(self, what: str, *, base_s: float = 0.05, cap_s: float = 1.0) -> None:
+        self.what = what
+        self.failures = 0
+        self.delays = EqualJitterBackoff(cap=cap_s, base=base_s)
+
+    async def wait(self, error: BaseException) -> None:
+        self.failures += 1
+        delay = self.delays.compute(self.failures)
+        log.warning("%s: redis unreachable (%s); retrying in %.2f s", self.what, error, delay)
+        await asyncio.sleep(delay)
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+class Wake:
+    """The steps this worker enqueued since its loop last looked: the loop takes them at once."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.fresh: list[str] = []  # arq ids
+
+    def __call__(self, arq_ids: list[str]) -> None:
+        self.fresh.extend(arq_ids)
+        self.event.set()
+
+    def take(self) -> list[str]:
+        self.event.clear()
+        fresh, self.fresh = self.fresh, []
+        return fresh
+
+
+class PerqWorker(Worker):
+    """arq's Worker with perq's loop (`main`); made by `serve` on an open pool with a ready runtime."""
+
+    def __init__(
+        self, settings: Settings, redis: ArqRedis, runtime: Runtime, wake: Wake, *, burst: bool = False
+    ) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.runtime = runtime
+        self.wake = wake
+        self.until_empty = burst
+        self.concurrency = settings.concurrency
+        self.read_limit = max(5 * settings.concurrency, 100)  # ids read per poll, as arq reads them
+        self.lease_owner = new_worker_id()  # the value of this worker's in-progress keys: whose lease it is
+        super().__init__(
+            functions=[func(step, name=STEP_TASK, timeout=ARQ_STEP_TIMEOUT_S, max_tries=1000)],
+            queue_name=settings.queue,
+            redis_pool=redis,
+            ctx={"redis": redis, "perq": runtime},
+            job_serializer=serialize,
+            job_deserializer=deserialize,
+            keep_result=0,
+            max_jobs=settings.concurrency,
+            job_completion_wait=int(settings.grace_seconds),
+            health_check_interval=HEALTH_CHECK_S,
+        )
+        problems = arq_mismatches(self)
+        if problems:
+            found = "; ".join(problems)
+            raise RuntimeError(f"arq {arq_version()} is not the arq perq was built for: {found}")
+
+    async def main(self) -> None:
+        """perq's poll loop, with its services beside it; returns when a burst drained the queue."""
+        queue = self.settings.queue
+        lease_s = self.settings.lease_seconds
+        services = [
+            asyncio.create_task(
+                renew_leases(self.redis, self._running, lease_s=lease_s, owner=self.lease_owner)
+            ),
+            # a heartbeat key per worker, counted by `perq status --queue`
+            asyncio.create_task(heartbeat(self.redis, queue, self.tasks, self.concurrency)),
+            # the queue rebuilt from the store after Redis forgot
+            asyncio.create_task(
+                reconcile_forever(
+                    self.redis,
+                    self.runtime.store,
+                    queue,
+                    period_s=self.settings.reconcile_period,
+                    settle_s=lease_s / 2,
+                    enqueued=self.wake,
+                    errors=REDIS_DOWN,
+                )
+            ),
+        ]
+        loop = asyncio.get_running_loop()
+        outage = Backoff("the poll loop")
+        next_poll = 0.0
+        try:
+            while True:
+                fresh = self.wake.take()
+                try:
+                    if loop.time() >= next_poll:
+                        next_poll = loop.time() + self.settings.poll_delay
+                        await self._poll()
+                    elif fresh and self.allow_pick_jobs:
+                        # steps this worker just enqueued: take them by id, without reading the queue
+                        await self._take(fresh)
+                    if self.until_empty and await self._drained():
+                        return
+                except REDIS_DOWN as e:
+                    await outage.wait(e)
+                    continue
+                outage.reset()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.event.wait(), max(next_poll - loop.time(), 0))
+        finally:
+            for service in services:
+                service.cancel()
+
+    async def _poll(self) -> None:
+        if self.allow_pick_jobs and len(self.tasks) < self.concurrency:
+            due = await self.redis.zrangebyscore(
+                self.settings.queue, min=float("-inf"), max=now_ms(), start=0, num=self.read_limit
+            )
+            await self._take([arq_id.decode() for arq_id in due])
+        await self.record_health()
+
+    async def _take(self, arq_ids: list[str]) -> None:
+        """Take what the pick-up script gives of these steps, up to the room left, and run each with arq."""
+        room = self.concurrency - len(self.tasks)
+        candidates = [i for i in arq_ids if i not in self.tasks]
+        if room <= 0 or not candidates:
+            return
+        picked = await pick_up(
+            self.redis,
+            self.settings.queue,
+            candidates,
+            room=room,
+            lease_s=self.settings.lease_seconds,
+            owner=self.lease_owner,
+        )
+        for p in picked:
+            # the job's cancel mark, read in the same round trip: the step need not ask again
+            self.runtime.cancel_marks[p.arq_id] = p.cancel_mark
+            task = asyncio.create_task(self.run_job(p.arq_id, p.score))
+            self.tasks[p.arq_id] = task
+            task.add_done_callback(functools.partial(self._finished, p.arq_id))
+
+    def _finished(self, arq_id: str, task: asyncio.Task[Any]) -> None:
+        """A step's arq task ended: its room is free at once (arq's SIGTERM drain waits for `tasks` to
+        empty). arq handles the step's own errors; one here is arq failing to record the outcome (Redis
+        lost meanwhile): the step's lease lapses and it runs again."""
+        if self.tasks.get(arq_id) is task:
+            del self.tasks[arq_id]
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("step %s: arq could not record its outcome: %r", arq_id, task.exception())
+
+    def _running(self) -> list[str]:
+        return [arq_id for arq_id, t in self.tasks.items() if not t.done()]
+
+    async def _drained(self) -> bool:
+        queue = self.settings.queue
+        if await self.redis.zcard(queue) == 0:
+            await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+            return await self.redis.zcard(queue) == 0
+        return False
+
+
+async def serve(
+    settings: Settings, runtime_for: Callable[[StepQueue], Runtime], *, burst: bool = False
+) -> None:
+    """Run a worker on the queue until a burst drained it or a signal stopped it.
+
+    Redis unreachable at start is waited for; `runtime_for` makes the step runtime on the worker's queue.
+    """
+    opening = Backoff("opening the queue")
+    while True:
+        try:
+            redis = await open_pool(settings.redis_url, settings.queue, connect_timeout_s=1)
+            break
+        except REDIS_DOWN as e:
+            await opening.wait(e)
+    wake = Wake()
+    runtime = runtime_for(RedisStepQueue(redis, settings.queue, wake))
+    try:
+        worker = PerqWorker(settings, redis, runtime, wake, burst=burst)
+        # what start-up made (modules, the skill pool) lives as long as the process: keep it out of the
+        # collector's full passes, which each step's allocations trigger (bench: step handoff, +15%)
+        gc.collect()
+        gc.freeze()
+        try:
+            await worker.async_run()
+        except asyncio.CancelledError:
+            pass  # arq's signal handler stopped the loop; close() hands back or waits for what still runs
+        finally:
+            await worker.close()
+    finally:
+        runtime.close()
+        close = getattr(runtime.pool, "close", None)
+        if close is not None:
+            await close()
