@@ -307,11 +307,9 @@ def main() -> None:
         print(f"perq: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     except Exception as e:
-        from pydantic import ValidationError  # imported only here: `perq --help` must not pay for it
+        from shared.config import ConfigError  # imported only here: `perq --help` must not pay for pydantic
 
-        if not isinstance(e, ValidationError):
+        if not isinstance(e, ConfigError):  # e.g. a PERQ_* setting that does not parse
             raise
-        first = e.errors()[0]  # PERQ_* settings that do not parse
-        where = ".".join(str(p) for p in first["loc"])
-        print(f"perq: invalid setting PERQ_{where.upper()}: {first['msg']}", file=sys.stderr)
+        print(f"perq: {e}", file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT) from None
