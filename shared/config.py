@@ -68,11 +68,16 @@ class _Section(BaseSettings):
     counts as unset. Any value that does not parse raises `SettingsError` naming the variable.
     """
 
-    model_config = SettingsConfigDict(
-        env_prefix="PERQ_", extra="ignore", env_ignore_empty=True, populate_by_name=True
-    )
+    model_config = SettingsConfigDict(env_prefix="PERQ_", extra="ignore", env_ignore_empty=True)
 
     def __init__(self, **values: Any) -> None:
+        # A field given by name is passed on under its variable: pydantic's populate_by_name would do the same
+        # but would also read prefix + name from the environment (PERQ_STORE_LOCATION), a name perq never had.
+        fields = type(self).model_fields
+        values = {
+            type(self).variable(k) if k in fields and fields[k].validation_alias else k: v
+            for k, v in values.items()
+        }
         try:
             super().__init__(**values)
         except ValidationError as e:
@@ -111,7 +116,7 @@ class RedisSection(_Section):
 
     model_config = SettingsConfigDict(env_prefix="PERQ_REDIS_")
 
-    # PERQ_REDIS_URL
+    # PERQ_REDIS_URL: redis://, rediss://, unix:// or a Sentinel address (shared/redisurl.py)
     url: str = "redis://localhost:6379/0"
     queue: str = Field(default="perq:queue", validation_alias="PERQ_QUEUE")
 

@@ -84,6 +84,20 @@ def test_defaults_and_derived_values(clean_env: pytest.MonkeyPatch) -> None:
     assert Settings().worker.processes is None and Settings().script.trace is None
 
 
+def test_only_the_documented_names_are_read(clean_env: pytest.MonkeyPatch) -> None:
+    # prefix + field name of an aliased field is not a variable perq reads
+    for name in (
+        "PERQ_STORE_LOCATION",
+        "PERQ_REDIS_QUEUE",
+        "PERQ_SKILL_ALLOW_LOOPBACK",
+        "PERQ_WORKER_CONCURRENCY",
+    ):
+        clean_env.setenv(name, "1")
+    settings = Settings()
+    assert (settings.store.location, settings.redis.queue) == ("./perstack", "perq:queue")
+    assert settings.mcp.allow_loopback is False and settings.worker.concurrency == 200
+
+
 def test_the_s3_endpoint_falls_back_to_the_aws_variables(clean_env: pytest.MonkeyPatch) -> None:
     assert StoreSection().s3_endpoint_url is None
     clean_env.setenv("AWS_ENDPOINT_URL", "http://general")
@@ -106,6 +120,12 @@ def test_one_value_given_the_rest_from_the_environment(clean_env: pytest.MonkeyP
         assert settings.store.location == "/a" and settings.store.fsync is False
         assert settings.worker.lease_seconds == 3.0
     assert McpSection(call_timeout=0.5).call_timeout == 0.5
+    # a value given by name wins over its variable, aliased or not
+    clean_env.setenv("PERQ_STORAGE", "/env")
+    clean_env.setenv("AWS_ENDPOINT_URL", "http://env")
+    given = StoreSection(location="/given", s3_endpoint_url="http://given", fsync=True)
+    assert (given.location, given.s3_endpoint_url, given.fsync) == ("/given", "http://given", True)
+    assert McpSection(allow_loopback=True).allow_loopback is True
     with pytest.raises(ValueError):  # the old flat keywords are refused, never silently ignored
         Settings(redis_url="redis://elsewhere")
 
