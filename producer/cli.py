@@ -307,9 +307,15 @@ def main() -> None:
         print(f"perq: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     except Exception as e:
-        from shared.config import ConfigError  # imported only here: `perq --help` must not pay for pydantic
+        from pydantic import ValidationError  # imported only here: `perq --help` must not pay for it
 
-        if not isinstance(e, ConfigError):  # e.g. a PERQ_* setting that does not parse
+        from shared.config import ConfigError
+
+        if isinstance(e, ValidationError):
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            e = ConfigError(f"{where}: {first['msg']}" if where else first["msg"])
+        if not isinstance(e, ConfigError):  # ConfigError: e.g. a PERQ_* setting that does not parse
             raise
         print(f"perq: {e}", file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT) from None
