@@ -48,13 +48,13 @@ def main() -> None:
     settings = Settings()
     worker = Worker(
         functions=[func(noop, name=TASK), func(chain, name=CHAIN)],
-        queue_name=settings.queue,
-        redis_settings=RedisSettings.from_dsn(settings.redis_url),
+        queue_name=settings.redis.queue,
+        redis_settings=RedisSettings.from_dsn(settings.redis.url),
         job_serializer=serialize,
         job_deserializer=deserialize,
         keep_result=0,
-        poll_delay=settings.poll_delay,
-        max_jobs=int(sys.argv[1]) if len(sys.argv) > 1 else settings.concurrency,
+        poll_delay=settings.worker.poll_delay,
+        max_jobs=int(sys.argv[1]) if len(sys.argv) > 1 else settings.worker.concurrency,
         burst=True,
     )
     worker.run()

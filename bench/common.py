@@ -18,7 +18,7 @@ from typing import Any, cast
 
 import redis as redis_sync
 
-from shared.config import Settings
+from shared.config import RedisSection, Settings, StoreSection
 from shared.models import Event
 from shared.store import JobStore
 from tests.support.localredis import LocalRedis
@@ -146,7 +146,10 @@ class Area:
 
     @property
     def settings(self) -> Settings:
-        return Settings(redis_url=self.bench.redis.url, storage=str(self.storage), queue=self.queue)
+        return Settings(
+            redis=RedisSection(url=self.bench.redis.url, queue=self.queue),
+            store=StoreSection(location=str(self.storage)),
+        )
 
     def env(self, **extra: str) -> dict[str, str]:
         env = dict(os.environ)

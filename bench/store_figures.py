@@ -23,7 +23,7 @@ from pydantic import TypeAdapter
 
 from bench.common import PERQ, Area, Bench, BenchError, Row, run_async, wait_until
 from producer.api import Client, RunRequest, plan_submission
-from shared.config import Settings
+from shared.config import RedisSection, Settings, StoreSection
 from shared.models import Checkpoint, Message
 from shared.queue import StepTask
 from shared.store import JobStore
@@ -283,7 +283,9 @@ def _timed_batch(
     todo = '[[experts.e.turns]]\ntoolCalls = [{ toolName = "todo", args = { newTodos = ["x"] } }]\n'
     area.write("script.toml", todo * (S3_STEPS - 1) + '[[experts.e.turns]]\ntext = "done"\n')
     request = RunRequest(expert_key="e", query="go", provider="script", model="script.toml", cwd=area.folder)
-    settings = Settings(redis_url=bench.redis.url, storage=storage, queue=area.queue)
+    settings = Settings(
+        redis=RedisSection(url=bench.redis.url, queue=area.queue), store=StoreSection(location=storage)
+    )
 
     async def submit_all() -> list[str]:
         async with Client(settings, store) as client:

@@ -309,9 +309,13 @@ def main() -> None:
     except Exception as e:
         from pydantic import ValidationError  # imported only here: `perq --help` must not pay for it
 
-        if not isinstance(e, ValidationError):
+        from shared.config import ConfigError
+
+        if isinstance(e, ValidationError):
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            e = ConfigError(f"{where}: {first['msg']}" if where else first["msg"])
+        if not isinstance(e, ConfigError):  # ConfigError: e.g. a PERQ_* setting that does not parse
             raise
-        first = e.errors()[0]  # PERQ_* settings that do not parse
-        where = ".".join(str(p) for p in first["loc"])
-        print(f"perq: invalid setting PERQ_{where.upper()}: {first['msg']}", file=sys.stderr)
+        print(f"perq: {e}", file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT) from None

@@ -23,18 +23,24 @@ credentials and region come from the standard AWS variables and files.
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
 import time
 from typing import TYPE_CHECKING, Any
+
+from tenacity import retry, retry_if_exception_type, stop_after_attempt
 
 if TYPE_CHECKING:
     from shared.store import Append
 
 LOG_SUFFIX = ".jsonl"
 PARTS_SUFFIX = ".parts"
+# reads of a log that keeps changing, before the reader gives up with LogChanged
 _READ_TRIES = 5
 GLOB_CHARS = ("*", "?", "[", "]")
+
+
+class LogChanged(OSError):
+    """A segment of a log vanished between its listing and its read (the log is read again)."""
 
 
 class S3Backend:
@@ -151,27 +157,28 @@ class S3Backend:
 
     # --- logs ---------------------------------------------------------------------------------------
 
+    # A rewrite that deletes a segment between our listing and our read shows as a missing segment: the log
+    # is listed and read again at once (the rewrite's own `w` segment is then in the listing).
+    @retry(retry=retry_if_exception_type(LogChanged), stop=stop_after_attempt(_READ_TRIES), reraise=True)
     def _read_log(self, key: str) -> bytes | None:
         folder = self._path(key + PARTS_SUFFIX)
-        for _ in range(_READ_TRIES):
-            parts = self._parts(key)
-            start = max((i for i, p in enumerate(parts) if _kind(p) == "w"), default=None)
-            chunks: list[bytes] = []
-            if start is None:
-                try:
-                    chunks.append(self.fs.cat_file(self._path(key)))
-                except FileNotFoundError:
-                    if not parts:
-                        return None
-                start = 0
-            paths = [f"{folder}/{p}" for p in parts[start:]]
-            found: dict[str, Any] = self.fs.cat(paths, on_error="return") if paths else {}
-            if any(not isinstance(found.get(p), bytes) for p in paths):
-                continue  # a rewrite deleted a segment we listed: read the log again
-            chunks.extend(found[p] for p in paths)
-            # each segment is whole lines; one without its last newline must not run into the next
-            return b"".join(c if c.endswith(b"\n") else c + b"\n" for c in chunks if c)
-        raise OSError(f"{self.describe(key)} kept changing while it was read")
+        parts = self._parts(key)
+        start = max((i for i, p in enumerate(parts) if _kind(p) == "w"), default=None)
+        chunks: list[bytes] = []
+        if start is None:
+            try:
+                chunks.append(self.fs.cat_file(self._path(key)))
+            except FileNotFoundError:
+                if not parts:
+                    return None
+            start = 0
+        paths = [f"{folder}/{p}" for p in parts[start:]]
+        found: dict[str, Any] = self.fs.cat(paths, on_error="return") if paths else {}
+        if any(not isinstance(found.get(p), bytes) for p in paths):
+            raise LogChanged(f"{self.describe(key)} kept changing while it was read")
+        chunks.extend(found[p] for p in paths)
+        # each segment is whole lines; one without its last newline must not run into the next
+        return b"".join(c if c.endswith(b"\n") else c + b"\n" for c in chunks if c)
 
 
 def _kind(name: str) -> str:
@@ -184,11 +191,8 @@ def _filesystem() -> Any:
         import s3fs
     except ImportError as e:  # the s3 extra is optional: say how to get it
         raise ValueError("PERQ_STORAGE is an s3:// URL but s3fs is missing: pip install 'perq[s3]'") from e
-    endpoint = (
-        os.environ.get("PERQ_S3_ENDPOINT_URL")
-        or os.environ.get("AWS_ENDPOINT_URL_S3")
-        or os.environ.get("AWS_ENDPOINT_URL")
-        or None
-    )
+    from shared.config import StoreSection
+
+    endpoint = StoreSection().s3_endpoint_url
     # listings must never come from a cache: other machines write the same store
     return s3fs.S3FileSystem(endpoint_url=endpoint, use_listings_cache=False, skip_instance_cache=True)

@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 from producer.api import Client, RunRequest
-from shared.config import Settings
+from shared.config import RedisSection, Settings, StoreSection
 from shared.models import Usage
 from tests.conftest import Perq, script_toml
 from tests.support.localredis import LocalRedis
@@ -67,7 +67,10 @@ def test_chaos(tmp_path: Path) -> None:
 
 
 def run_chaos(perq: Perq, redis_server: LocalRedis) -> None:
-    settings = Settings(redis_url=redis_server.url, storage=str(perq.storage), queue=perq.queue)
+    settings = Settings(
+        redis=RedisSection(url=redis_server.url, queue=perq.queue),
+        store=StoreSection(location=str(perq.storage)),
+    )
 
     async def submit_all() -> list[str]:
         async with Client(settings) as client:

@@ -14,10 +14,11 @@ from typing import Any
 
 import pytest
 
+from shared.config import McpSection
 from shared.models import Event, Expert, McpSseSkill, McpStdioSkill, Skill, TextPart, ToolCall
 from tests.mcp_servers import PROBE, remote_server
 from worker.skills.base import ToolContext
-from worker.skills.mcp.pool import McpSettings, McpSkillPool
+from worker.skills.mcp.pool import McpSkillPool
 from worker.skills.scope import SkillScope, set_skill_scope
 from worker.skills.toolset import SkillError, build_skill_set
 
@@ -47,7 +48,7 @@ def events(tmp_path: Path) -> list[Event]:
 
 @pytest.fixture
 async def pool(events: list[Event]) -> AsyncIterator[McpSkillPool]:
-    p = McpSkillPool(env=WORKER_ENV, settings=McpSettings(skill_call_timeout=5, skill_connect_timeout=20))
+    p = McpSkillPool(env=WORKER_ENV, settings=McpSection(call_timeout=5, connect_timeout=20))
     yield p
     await p.close()
 
@@ -209,7 +210,7 @@ async def test_server_dying_during_a_call_becomes_a_result(pool: McpSkillPool, e
 
 
 async def test_a_slow_call_times_out_and_the_server_stays(events: list[Event]) -> None:
-    pool = McpSkillPool(env=WORKER_ENV, settings=McpSettings(skill_call_timeout=0.3))
+    pool = McpSkillPool(env=WORKER_ENV, settings=McpSection(call_timeout=0.3))
     try:
         skill = probe()
         first = await text_of(pool, skill, "pid")
@@ -222,7 +223,7 @@ async def test_a_slow_call_times_out_and_the_server_stays(events: list[Event]) -
 
 
 async def test_idle_servers_are_closed_and_come_back(events: list[Event]) -> None:
-    pool = McpSkillPool(env=WORKER_ENV, settings=McpSettings(skill_idle_seconds=0.3))
+    pool = McpSkillPool(env=WORKER_ENV, settings=McpSection(idle_seconds=0.3))
     try:
         skill = probe()
         first = int(await text_of(pool, skill, "pid"))
@@ -298,7 +299,7 @@ async def test_start_failures_name_the_skill(pool: McpSkillPool) -> None:
 
 
 async def test_a_server_that_never_answers_times_out(events: list[Event]) -> None:
-    pool = McpSkillPool(env=WORKER_ENV, settings=McpSettings(skill_connect_timeout=0.5))
+    pool = McpSkillPool(env=WORKER_ENV, settings=McpSection(connect_timeout=0.5))
     try:
         mute = McpStdioSkill(name="mute", command=sys.executable, args=["-c", "import time; time.sleep(60)"])
         with pytest.raises(SkillError, match=r"Skill mute did not connect within 0\.5 s"):
@@ -318,7 +319,7 @@ def remote_port() -> Iterator[int]:
 
 @pytest.mark.parametrize("path", ["/mcp", "/sse"])
 async def test_remote_skill_over_http(remote_port: int, path: str, events: list[Event]) -> None:
-    pool = McpSkillPool(env=WORKER_ENV, settings=McpSettings(allow_loopback_skills=True))
+    pool = McpSkillPool(env=WORKER_ENV, settings=McpSection(allow_loopback=True))
     try:
         skill = McpSseSkill(name="remote", endpoint=f"http://127.0.0.1:{remote_port}{path}", omit=["pid"])
         ctx = ToolContext(workspace=Path("."), store_root=None, todos=[])
@@ -343,7 +344,7 @@ async def test_remote_skill_over_http(remote_port: int, path: str, events: list[
 
 
 async def test_loopback_endpoint_refused_without_the_setting(remote_port: int, events: list[Event]) -> None:
-    pool = McpSkillPool(env=WORKER_ENV, settings=McpSettings(allow_loopback_skills=False))
+    pool = McpSkillPool(env=WORKER_ENV, settings=McpSection(allow_loopback=False))
     try:
         skill = McpSseSkill(name="remote", endpoint=f"http://127.0.0.1:{remote_port}/mcp")
         with pytest.raises(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import Settings
+from shared.config import RedisSection, Settings, SettingsError
 from shared.models import (
     Checkpoint,
     DelegatedBy,
@@ -260,5 +260,6 @@ def test_bad_redis_urls_say_what_is_wrong(url: str, says: str) -> None:
     with pytest.raises(ValueError) as e:
         check_redis_url(url)
     assert says in str(e.value)
-    with pytest.raises(ValueError):  # pydantic's ValidationError: every command refuses it at start
-        Settings(redis_url=url)
+    with pytest.raises(SettingsError, match="PERQ_REDIS_URL") as refused:  # every command refuses it at start
+        Settings(redis=RedisSection(url=url))
+    assert says in str(refused.value) and "\n" not in str(refused.value)

@@ -16,7 +16,7 @@ import pytest
 import redis as redis_sync
 
 from producer.api import Client, RunRequest
-from shared.config import Settings
+from shared.config import RedisSection, Settings, StoreSection
 from tests.conftest import PERQ, Perq, script_toml
 from tests.support.localredis import LocalRedis, free_port, reachable, redis_server_binary
 from tests.test_resilience import CONFIG, SCRIPT, tool_turns, wait_until
@@ -50,7 +50,10 @@ def submit(perq: Perq, count: int, query: str = "go", expert: str = "worker-test
     """Submit `count` jobs through the producer API in one process (a `perq run` each costs a start-up)."""
 
     async def go() -> list[str]:
-        settings = Settings(redis_url=perq.redis.url, storage=str(perq.storage), queue=perq.queue)
+        settings = Settings(
+            redis=RedisSection(url=perq.redis.url, queue=perq.queue),
+            store=StoreSection(location=str(perq.storage)),
+        )
         request = RunRequest(
             expert_key=expert, query=query, provider="script", model="script.toml", cwd=perq.root
         )

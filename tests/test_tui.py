@@ -29,7 +29,7 @@ from producer.tui.app import (
     QueryScreen,
     StartApp,
 )
-from shared.config import Settings
+from shared.config import RedisSection, Settings, StoreSection
 from shared.models import Job, Usage, now_ms
 from tests.conftest import Perq, script_toml
 
@@ -82,7 +82,10 @@ def make_app(perq: Perq, *, redis_url: str | None = None, **options: Any) -> Sta
         cwd=perq.root,
         **options,
     )
-    settings = Settings(redis_url=redis_url or perq.redis.url, storage=str(perq.storage), queue=perq.queue)
+    settings = Settings(
+        redis=RedisSection(url=redis_url or perq.redis.url, queue=perq.queue),
+        store=StoreSection(location=str(perq.storage)),
+    )
     return StartApp(request, settings)
 
 

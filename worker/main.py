@@ -46,13 +46,13 @@ def runtime_maker(settings: Settings) -> Callable[[StepQueue], Runtime]:
 def run_worker(*, burst: bool = False, concurrency: int | None = None, processes: int | None = None) -> None:
     settings = Settings()
     if concurrency is not None:
-        settings.concurrency = concurrency
-    level = logging.getLevelName(os.environ.get("PERQ_LOG_LEVEL", "INFO").upper())
+        settings.worker.concurrency = concurrency
+    level = logging.getLevelName(settings.worker.log_level)
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    processes = processes or settings.processes or default_processes()
+    processes = processes or settings.worker.processes or default_processes()
     if processes > 1:
         # one worker per process beside each other, each with its own event loop, leases and heartbeat
-        args = [*(["--burst"] if burst else []), "--concurrency", str(settings.concurrency)]
+        args = [*(["--burst"] if burst else []), "--concurrency", str(settings.worker.concurrency)]
         raise SystemExit(Supervisor(processes, args, burst=burst).run())
     # arq logs two lines per arq job, that is per step: only when asked for DEBUG
     logging.getLogger("arq.worker").setLevel(level if level == logging.DEBUG else max(level, logging.WARNING))

@@ -19,6 +19,7 @@ With PERQ_SCRIPT_TRACE=FILE, each answered request appends one JSON line (expert
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import tomllib
@@ -26,6 +27,7 @@ from typing import Any
 
 from pydantic import Field, ValidationError
 
+from shared.config import ScriptSection
 from shared.models import ExpertMessage, PerqModel, ThinkingPart, Usage, UserMessage
 from worker.models.contract import GeneratedToolCall, GenerationError, GenerationRequest, GenerationResult
 
@@ -97,6 +99,12 @@ def answers_so_far(request: GenerationRequest) -> int:
     )
 
 
+@functools.cache
+def _trace_file() -> str | None:
+    """PERQ_SCRIPT_TRACE, read once per process: the worker's environment does not change while it runs."""
+    return ScriptSection().trace
+
+
 class ScriptModel:
     def __init__(self, path: str) -> None:
         self.path = path
@@ -116,7 +124,7 @@ class ScriptModel:
                 name="ScriptExhausted",
                 is_retryable=False,
             )
-        trace = os.environ.get("PERQ_SCRIPT_TRACE")
+        trace = _trace_file()
         if trace:  # one line per model request answered, for checking that nothing is asked twice
             line = json.dumps({"expert": request.expert_key, "turn": k, "pid": os.getpid()}) + "\n"
             with open(trace, "a") as f:  # noqa: ASYNC230 - a debugging aid; one short line

@@ -22,8 +22,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from mcp.shared.exceptions import MCPError
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.config import McpSection
 from shared.models import McpStdioSkill, ToolDefinition, ToolResultContent
 from worker.skills.mcp.convert import call_error_text, result_contents, tool_definitions
 from worker.skills.mcp.launch import Launch, remote_launch, stdio_launch
@@ -34,26 +34,11 @@ from worker.skills.toolset import McpSkill, SkillError
 log = logging.getLogger("perq.skills")
 
 
-class McpSettings(BaseSettings):
-    """PERQ_* settings of the skill pool."""
-
-    model_config = SettingsConfigDict(env_prefix="PERQ_", extra="ignore")
-
-    # a server nobody used for this long is closed (0: keep servers until the worker stops)
-    skill_idle_seconds: float = 300.0
-    # a tool call without an answer after this long becomes an error result; the server stays up
-    skill_call_timeout: float = 60.0
-    # starting a server (spawn or connect, handshake, tool listing) longer than this fails the run
-    skill_connect_timeout: float = 60.0
-    # allow remote skills on loopback addresses, over http too: local development and tests only
-    allow_loopback_skills: bool = False
-
-
 class McpSkillPool:
-    def __init__(self, env: Mapping[str, str] | None = None, settings: McpSettings | None = None) -> None:
+    def __init__(self, env: Mapping[str, str] | None = None, settings: McpSection | None = None) -> None:
         # The worker's environment: requiredEnv is looked up here, and filtered before a server sees it.
         self.env = dict(os.environ if env is None else env)
-        self.settings = settings or McpSettings()
+        self.settings = settings or McpSection()
         self._sessions: dict[Launch, SkillSession] = {}
         self._starting: dict[Launch, asyncio.Lock] = {}
         self._reaper: asyncio.Task[None] | None = None
@@ -74,7 +59,7 @@ class McpSkillPool:
             session = await self._session(skill, scope)
         except SkillError as e:
             return call_error_text(tool_name, str(e))
-        limit = self.settings.skill_call_timeout
+        limit = self.settings.call_timeout
         try:
             result = await session.call_tool(
                 tool_name, args, limit_s=limit, listener=Listener(scope, skill.name)
@@ -109,7 +94,7 @@ class McpSkillPool:
             # A stdio server works in the job's workspace, as Perstack's does in the directory it runs in.
             cwd = scope.workspace if scope and scope.workspace and os.path.isdir(scope.workspace) else None
             return stdio_launch(skill, self.env, cwd)
-        return remote_launch(skill, allow_loopback=self.settings.allow_loopback_skills)
+        return remote_launch(skill, allow_loopback=self.settings.allow_loopback)
 
     @property
     def sessions(self) -> dict[Launch, SkillSession]:
@@ -134,8 +119,8 @@ class McpSkillPool:
                     scope.emit("skillDisconnected", skillName=skill.name)
                 del self._sessions[launch]
                 await session.close()
-            session = SkillSession(launch, allow_loopback=self.settings.allow_loopback_skills)
-            await session.start(skill.name, scope, limit_s=self.settings.skill_connect_timeout)
+            session = SkillSession(launch, allow_loopback=self.settings.allow_loopback)
+            await session.start(skill.name, scope, limit_s=self.settings.connect_timeout)
             if self._closed:  # the worker began shutting down while this server started
                 await session.close()
                 raise SkillError(f"Skill {skill.name} cannot start: the worker is shutting down")
@@ -144,12 +129,12 @@ class McpSkillPool:
             return session
 
     def _start_reaper(self) -> None:
-        if self._reaper is None and self.settings.skill_idle_seconds > 0:
+        if self._reaper is None and self.settings.idle_seconds > 0:
             # Its own context, like the sessions: it belongs to the worker, not to the step that started it.
             self._reaper = asyncio.get_running_loop().create_task(self._reap(), context=contextvars.Context())
 
     async def _reap(self) -> None:
-        idle = self.settings.skill_idle_seconds
+        idle = self.settings.idle_seconds
         while True:
             await asyncio.sleep(min(max(idle / 4, 0.05), 30.0))
             now = time.monotonic()
