@@ -20,13 +20,13 @@ from worker.step_queue import StepQueue
 from worker.supervisor import Supervisor, default_processes
 
 
-def _skill_pool() -> Any:
+def _skill_pool(settings: Settings) -> Any:
     """The MCP skill pool, when the mcp SDK is installed (it is imported only by workers)."""
     try:
         from worker.skills.mcp.pool import McpSkillPool
     except ImportError:
         return None
-    return McpSkillPool()
+    return McpSkillPool(settings=settings.mcp)
 
 
 def runtime_maker(settings: Settings) -> Callable[[StepQueue], Runtime]:
@@ -34,9 +34,9 @@ def runtime_maker(settings: Settings) -> Callable[[StepQueue], Runtime]:
 
     def make(queue: StepQueue) -> Runtime:
         return Runtime(
-            store=JobStore.open(settings.storage, fsync=settings.store_fsync),
+            store=JobStore.open(settings.store.location, fsync=settings.store.fsync),
             queue=queue,
-            pool=_skill_pool(),
+            pool=_skill_pool(settings),
             env=dict(os.environ),
         )
 

@@ -128,19 +128,19 @@ class PerqWorker(Worker):
         self.runtime = runtime
         self.wake = wake
         self.until_empty = burst
-        self.concurrency = settings.concurrency
-        self.read_limit = max(5 * settings.concurrency, 100)  # ids read per poll, as arq reads them
+        self.concurrency = settings.worker.concurrency
+        self.read_limit = max(5 * settings.worker.concurrency, 100)  # ids read per poll, as arq reads them
         self.lease_owner = new_worker_id()  # the value of this worker's in-progress keys: whose lease it is
         super().__init__(
             functions=[func(step, name=STEP_TASK, timeout=ARQ_STEP_TIMEOUT_S, max_tries=1000)],
-            queue_name=settings.queue,
+            queue_name=settings.redis.queue,
             redis_pool=redis,
             ctx={"redis": redis, "perq": runtime},
             job_serializer=serialize,
             job_deserializer=deserialize,
             keep_result=0,
-            max_jobs=settings.concurrency,
-            job_completion_wait=int(settings.grace_seconds),
+            max_jobs=settings.worker.concurrency,
+            job_completion_wait=int(settings.worker.grace_seconds),
             health_check_interval=HEALTH_CHECK_S,
         )
         problems = arq_mismatches(self)
@@ -150,8 +150,8 @@ class PerqWorker(Worker):
 
     async def main(self) -> None:
         """perq's poll loop, with its services beside it; returns when a burst drained the queue."""
-        queue = self.settings.queue
-        lease_s = self.settings.lease_seconds
+        queue = self.settings.redis.queue
+        lease_s = self.settings.worker.lease_seconds
         services = [
             asyncio.create_task(
                 renew_leases(self.redis, self._running, lease_s=lease_s, owner=self.lease_owner)
@@ -164,7 +164,7 @@ class PerqWorker(Worker):
                     self.redis,
                     self.runtime.store,
                     queue,
-                    period_s=self.settings.reconcile_period,
+                    period_s=self.settings.worker.reconcile_period,
                     settle_s=lease_s / 2,
                     enqueued=self.wake,
                     errors=REDIS_DOWN,
@@ -179,7 +179,7 @@ class PerqWorker(Worker):
                 fresh = self.wake.take()
                 try:
                     if loop.time() >= next_poll:
-                        next_poll = loop.time() + self.settings.poll_delay
+                        next_poll = loop.time() + self.settings.worker.poll_delay
                         await self._poll()
                     elif fresh and self.allow_pick_jobs:
                         # steps this worker just enqueued: take them by id, without reading the queue
@@ -199,7 +199,7 @@ class PerqWorker(Worker):
     async def _poll(self) -> None:
         if self.allow_pick_jobs and len(self.tasks) < self.concurrency:
             due = await self.redis.zrangebyscore(
-                self.settings.queue, min=float("-inf"), max=now_ms(), start=0, num=self.read_limit
+                self.settings.redis.queue, min=float("-inf"), max=now_ms(), start=0, num=self.read_limit
             )
             await self._take([arq_id.decode() for arq_id in due])
         await self.record_health()
@@ -212,10 +212,10 @@ class PerqWorker(Worker):
             return
         picked = await pick_up(
             self.redis,
-            self.settings.queue,
+            self.settings.redis.queue,
             candidates,
             room=room,
-            lease_s=self.settings.lease_seconds,
+            lease_s=self.settings.worker.lease_seconds,
             owner=self.lease_owner,
         )
         for p in picked:
@@ -238,7 +238,7 @@ class PerqWorker(Worker):
         return [arq_id for arq_id, t in self.tasks.items() if not t.done()]
 
     async def _drained(self) -> bool:
-        queue = self.settings.queue
+        queue = self.settings.redis.queue
         if await self.redis.zcard(queue) == 0:
             await asyncio.gather(*self.tasks.values(), return_exceptions=True)
             return await self.redis.zcard(queue) == 0
@@ -255,12 +255,12 @@ async def serve(
     opening = Backoff("opening the queue")
     while True:
         try:
-            redis = await open_pool(settings.redis_url, settings.queue, connect_timeout_s=1)
+            redis = await open_pool(settings.redis.url, settings.redis.queue, connect_timeout_s=1)
             break
         except REDIS_DOWN as e:
             await opening.wait(e)
     wake = Wake()
-    runtime = runtime_for(RedisStepQueue(redis, settings.queue, wake))
+    runtime = runtime_for(RedisStepQueue(redis, settings.redis.queue, wake))
     try:
         worker = PerqWorker(settings, redis, runtime, wake, burst=burst)
         # what start-up made (modules, the skill pool) lives as long as the process: keep it out of the
