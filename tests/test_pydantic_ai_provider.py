@@ -17,7 +17,6 @@ import pytest
 from pydantic_ai import messages as pai
 from pydantic_ai.exceptions import ModelConnectionError, ModelHTTPError, UnexpectedModelBehavior
 from pydantic_ai.usage import RequestUsage
-from worker.models import pydantic_ai as prov
 
 from shared.models import (
     ExpertMessage,
@@ -37,6 +36,7 @@ from shared.models import (
     ToolResultPart,
     UserMessage,
 )
+from worker.models import pydantic_ai as prov
 from worker.models.contract import GenerationError, GenerationRequest
 
 PNG = b"\x89PNG\r\n\x1a\nfake"
