@@ -571,6 +571,15 @@ async def test_a_cancelled_job_runs_no_further_step(local: Perq) -> None:
 # --- any failure in a state ends the run with a checkpoint -------------------------------------------------
 
 
+async def test_a_step_whose_skills_cannot_be_set_up_stops_the_run(local: Perq) -> None:
+    config = CONFIG + '[experts.e.skills.calc]\ntype = "mcpStdioSkill"\ncommand = "calc"\nargs = []\n'
+    job = await run(local, [{"text": "never asked"}], config=config)
+    assert job.status == "stoppedByError"
+    assert flow(local, job.id) == ["stopRunByError"]
+    [cp] = local.checkpoints(job.id)
+    assert cp.error is not None and cp.error.name == "SkillError" and '"calc"' in cp.error.message
+
+
 @pytest.mark.parametrize(
     ("status", "given", "message"),
     [
