@@ -18,7 +18,6 @@ import pytest
 import worker.loop
 from shared.models import (
     Checkpoint,
-    Event,
     Expert,
     ExpertRef,
     InteractiveToolCallResult,
@@ -119,8 +118,10 @@ def by_step(local: Perq, job_id: str) -> dict[int, list[str]]:
     return steps
 
 
-def last_event(local: Perq, job_id: str, type_: str) -> Event:
-    return [e for e in local.events(job_id) if e.type == type_][-1]
+def last_event(local: Perq, job_id: str, type_: str) -> dict[str, Any]:
+    """The job's last event of `type_`, as stored: its JSON in Perstack's camelCase."""
+    event = [e for e in local.events(job_id) if e.type == type_][-1]
+    return json.loads(event.to_json())  # type: ignore[no-any-return]
 
 
 def tool_results(cp: Checkpoint) -> list[Any]:
@@ -143,8 +144,8 @@ async def test_a_tool_step_calls_resolves_and_continues_to_the_next_step(local: 
         1: ["startRun", *TOOL_STEP],
         2: ["startGeneration", "completeRun"],
     }
-    start = local.events(job.id)[0]
-    assert [m["type"] for m in start.inputMessages] == ["instructionMessage", "userMessage"]  # type: ignore[attr-defined]
+    start = last_event(local, job.id, "startRun")
+    assert [m["type"] for m in start["inputMessages"]] == ["instructionMessage", "userMessage"]
     first, second = local.checkpoints(job.id)
     assert (first.status, second.status) == ("proceeding", "completed")
     assert [m.type for m in first.messages] == [
@@ -154,7 +155,7 @@ async def test_a_tool_step_calls_resolves_and_continues_to_the_next_step(local: 
         "toolMessage",
     ]
     assert tool_results(first)[0].tool_name == "healthCheck"
-    following = last_event(local, job.id, "continueToNextStep").nextCheckpoint  # type: ignore[attr-defined]
+    following = last_event(local, job.id, "continueToNextStep")["nextCheckpoint"]
     assert following == {"id": second.id, "stepNumber": 2}
 
 
@@ -172,7 +173,7 @@ async def test_tool_calls_are_ordered_mcp_then_delegate_then_interactive(local: 
     local.script({"asker": turns, "helper": [{"text": "helped"}]})
     job = local.start("asker", "go")
     await local.drain()
-    calls = last_event(local, job.id, "callTools").toolCalls  # type: ignore[attr-defined]
+    calls = last_event(local, job.id, "callTools")["toolCalls"]
     assert [c["toolName"] for c in calls] == ["healthCheck", "helper", "askUser"]
 
 
@@ -190,7 +191,7 @@ async def test_text_without_tool_calls_completes_the_run(local: Perq) -> None:
     job = await run(local, [{"text": "Hello!", "thinking": "say hi"}])
     assert job.status == "completed" and job.total_steps == 1
     assert flow(local, job.id) == ["startRun", "startGeneration", "completeRun"]
-    assert last_event(local, job.id, "completeRun").text == "Hello!"  # type: ignore[attr-defined]
+    assert last_event(local, job.id, "completeRun")["text"] == "Hello!"
     [cp] = local.checkpoints(job.id)
     assert cp.status == "completed" and cp.retry_count == 0
     assert [p.type for p in cp.messages[-1].contents] == ["thinkingPart", "textPart"]
@@ -233,7 +234,7 @@ async def test_retryable_errors_are_retried_and_success_resets_the_count(local: 
     assert steps[3] == ["startGeneration", "completeRun"]
     retries = [c.retry_count for c in local.checkpoints(job.id)]
     assert retries == [1, 2, 0]
-    reason = json.loads(last_event(local, job.id, "retry").reason)  # type: ignore[attr-defined]
+    reason = json.loads(last_event(local, job.id, "retry")["reason"])
     assert reason == {"error": "APICallError", "message": "rate limit"}
     note = local.checkpoints(job.id)[0].messages[-1]
     assert note.type == "userMessage" and note.retry  # type: ignore[union-attr]
@@ -252,8 +253,8 @@ async def test_a_generation_timeout_is_retried(local: Perq, monkeypatch: pytest.
     monkeypatch.setattr(worker.loop, "retry_delay", lambda error, failures: 0.0)
     job = await run(local, [{"text": "slow", "delayMs": 2000}, {"text": "fast"}], timeout=100)
     assert job.status == "completed"
-    assert "timeout" in last_event(local, job.id, "retry").reason  # type: ignore[attr-defined]
-    assert last_event(local, job.id, "completeRun").text == "fast"  # type: ignore[attr-defined]
+    assert "timeout" in last_event(local, job.id, "retry")["reason"]
+    assert last_event(local, job.id, "completeRun")["text"] == "fast"
 
 
 @pytest.mark.parametrize("retryable", [True, False])
@@ -281,7 +282,7 @@ async def test_an_empty_answer_is_retried(local: Perq) -> None:
     first = local.checkpoints(job.id)[0]
     assert first.retry_count == 1
     assert first.messages[-1].type == "userMessage" and first.messages[-1].retry  # type: ignore[union-attr]
-    assert "No tool call or text generated" in last_event(local, job.id, "retry").reason  # type: ignore[attr-defined]
+    assert "No tool call or text generated" in last_event(local, job.id, "retry")["reason"]
 
 
 async def test_an_empty_answer_with_no_retries_left_stops(local: Perq) -> None:
@@ -346,7 +347,7 @@ async def test_attempt_completion_with_text_completes_without_another_request(lo
     job = await run(local, [answer])
     assert job.status == "completed"
     assert flow(local, job.id) == ["startRun", "startGeneration", "callTools", "completeRun"]
-    assert last_event(local, job.id, "completeRun").text == "All done."  # type: ignore[attr-defined]
+    assert last_event(local, job.id, "completeRun")["text"] == "All done."
     [cp] = local.checkpoints(job.id)
     results = tool_results(cp)
     # the call beside attemptCompletion is answered, not left dangling
@@ -374,7 +375,7 @@ async def test_attempt_completion_without_text_generates_the_run_result(local: P
         "attemptCompletion",
         "completeRun",
     ]
-    assert last_event(local, job.id, "completeRun").text == "The result."  # type: ignore[attr-defined]
+    assert last_event(local, job.id, "completeRun")["text"] == "The result."
     [cp] = local.checkpoints(job.id)
     assert [m.type for m in cp.messages[-2:]] == ["toolMessage", "expertMessage"]
     assert [p.type for p in cp.messages[-1].contents] == ["thinkingPart", "textPart"]
@@ -498,7 +499,7 @@ async def test_a_delegate_runs_and_its_result_returns_to_the_caller(local: Perq)
         "startGeneration:asker",
         "completeRun:asker",
     ]
-    stop = last_event(local, job.id, "stopRunByDelegate").checkpoint  # type: ignore[attr-defined]
+    stop = last_event(local, job.id, "stopRunByDelegate")["checkpoint"]
     assert stop["status"] == "stoppedByDelegate"
     assert [(t["toolName"], t["query"]) for t in stop["delegateTo"]] == [("helper", "help me")]
     final = local.checkpoints(job.id)[-1]
@@ -520,7 +521,7 @@ async def test_mixed_calls_run_tools_then_delegates_then_ask(local: Perq) -> Non
     job = local.start("asker", "start")
     await local.drain()
     assert local.job(job.id).status == "stoppedByInteractiveTool"
-    by_delegate = last_event(local, job.id, "stopRunByDelegate").checkpoint  # type: ignore[attr-defined]
+    by_delegate = last_event(local, job.id, "stopRunByDelegate")["checkpoint"]
     assert [r["toolName"] for r in by_delegate["partialToolResults"]] == ["healthCheck"]
     assert [c["toolName"] for c in by_delegate["pendingToolCalls"]] == ["askUser"]
     # back from the delegate, the pending interactive call is resumed within the returning step
@@ -545,8 +546,8 @@ async def test_a_continuation_adds_a_user_turn_and_starts_clean(local: Perq) -> 
     # the old error and retry count do not carry over: the new turn gets its retry, and succeeds
     assert local.job(job.id).status == "completed"
     start = last_event(local, job.id, "startRun")
-    assert [m["type"] for m in start.inputMessages] == ["userMessage"]  # type: ignore[attr-defined]
-    assert start.initialCheckpoint["status"] == "stoppedByError"  # type: ignore[attr-defined]
+    assert [m["type"] for m in start["inputMessages"]] == ["userMessage"]
+    assert start["initialCheckpoint"]["status"] == "stoppedByError"
     final = local.checkpoints(job.id)[-1]
     assert final.error is None and final.retry_count == 0
     assert [m.type for m in final.messages].count("instructionMessage") == 1
