@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tomli_w
 
-from tests.conftest import PERQ, Perq, toml_value
+from tests.conftest import PERQ, Perq
 from tests.support.fake_providers import (
     ACCESS_TOKEN,
     FINAL_TEXT,
@@ -58,11 +59,10 @@ class Case:
 
 
 def _config(provider: str, setting: dict[str, Any]) -> str:
-    lines = [f'[provider]\nproviderName = "{provider}"']
+    table: dict[str, Any] = {"providerName": provider}
     if setting:
-        lines.append("[provider.setting]")
-        lines.extend(f"{key} = {toml_value(value)}" for key, value in setting.items())
-    return EXPERT + "\n" + "\n".join(lines) + "\n"
+        table["setting"] = setting
+    return EXPERT + "\n" + tomli_w.dumps({"provider": table})
 
 
 # --- what each provider's requests must look like ---------------------------------------------------------

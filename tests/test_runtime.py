@@ -3,59 +3,23 @@ with real workers, such as a finished step run again, or delegates nested inside
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from producer.api import RunRequest, plan_submission
-from shared.models import Job, Usage
-from shared.queue import StepTask
-from shared.store import JobStore
-from tests.conftest import script_toml
-from worker.runtime import Runtime
-from worker.step_queue import LocalQueue
+from shared.models import Usage
+from tests.conftest import Perq
 
 
-class Harness:
-    def __init__(self, root: Path, config: str, script: dict[str, list[dict[str, object]]]) -> None:
-        (root / "perstack.toml").write_text(config)
-        (root / "script.toml").write_text(script_toml(script))
-        self.root = root
-        self.store = JobStore.open(str(root / "perstack"))
-        self.queue = LocalQueue()
-        self.runtime = Runtime(store=self.store, queue=self.queue)
-        self.ran: list[StepTask] = []
-
-    def submit(self, expert: str, query: str, **options: object) -> Job:
-        request = RunRequest(
-            expert_key=expert, query=query, provider="script", model="script.toml", cwd=self.root, **options
-        )  # type: ignore[arg-type]
-        plan = plan_submission(request, self.store)
-        self.store.save_run_setting(plan.setting)
-        self.store.save_initial_checkpoint(plan.initial)
-        self.store.save_job(plan.job, new=plan.new_job)
-        self.queue.pending.append(
-            StepTask(job_id=plan.job.id, run_id=plan.setting.run_id, step_number=plan.initial.step_number)
-        )
-        return plan.job
-
-    async def drain(self) -> None:
-        while self.queue.pending:
-            task = self.queue.pending.popleft()
-            self.ran.append(task)
-            await self.runtime.run_step(task)
-
-    def job(self, job_id: str) -> Job:
-        job = self.store.load_job(job_id)
-        assert job is not None
-        return job
+def setup(local: Perq, config: str, script: dict[str, list[dict[str, object]]]) -> Perq:
+    local.write("perstack.toml", config)
+    local.script(script)
+    return local
 
 
 def u(i: int, o: int) -> dict[str, int]:
     return {"inputTokens": i, "outputTokens": o}
 
 
-async def test_a_finished_step_run_again_does_not_roll_the_job_back(tmp_path: Path) -> None:
-    h = Harness(
-        tmp_path,
+async def test_a_finished_step_run_again_does_not_roll_the_job_back(local: Perq) -> None:
+    h = setup(
+        local,
         '[experts.e]\ninstruction = "x"\n',
         {
             "e": [
@@ -65,7 +29,7 @@ async def test_a_finished_step_run_again_does_not_roll_the_job_back(tmp_path: Pa
             ]
         },
     )
-    job = h.submit("e", "go")
+    job = h.start("e", "go")
     await h.drain()
     before = h.job(job.id)
     assert before.status == "completed" and before.total_steps == 3
@@ -74,10 +38,10 @@ async def test_a_finished_step_run_again_does_not_roll_the_job_back(tmp_path: Pa
     await h.drain()
     after = h.job(job.id)
     assert after == before
-    assert not h.queue.pending
+    assert not h.local.pending
 
 
-async def test_a_sequential_delegate_inside_a_parallel_branch_counts_once(tmp_path: Path) -> None:
+async def test_a_sequential_delegate_inside_a_parallel_branch_counts_once(local: Perq) -> None:
     config = """
 [experts.coord]
 instruction = "x"
@@ -93,8 +57,8 @@ instruction = "x"
 description = "g"
 instruction = "x"
 """
-    h = Harness(
-        tmp_path,
+    h = setup(
+        local,
         config,
         {
             "coord": [
@@ -115,7 +79,7 @@ instruction = "x"
             "beta": [{"text": "beta done", "usage": u(10_000, 1)}],
         },
     )
-    job = h.submit("coord", "go")
+    job = h.start("coord", "go")
     await h.drain()
     final = h.job(job.id)
     assert final.status == "completed"
@@ -123,7 +87,7 @@ instruction = "x"
     assert final.usage == Usage(input_tokens=111_111, output_tokens=6, total_tokens=111_117)
 
 
-async def test_a_parallel_delegate_at_max_steps_stops_the_job(tmp_path: Path) -> None:
+async def test_a_parallel_delegate_at_max_steps_stops_the_job(local: Perq) -> None:
     config = """
 [experts.coord]
 instruction = "x"
@@ -135,8 +99,8 @@ instruction = "x"
 description = "b"
 instruction = "x"
 """
-    h = Harness(
-        tmp_path,
+    h = setup(
+        local,
         config,
         {
             "coord": [
@@ -152,16 +116,16 @@ instruction = "x"
             "beta": [{"text": "beta done"}],
         },
     )
-    job = h.submit("coord", "go", max_steps=3)
+    job = h.start("coord", "go", max_steps=3)
     await h.drain()
     final = h.job(job.id)
     assert final.status == "stoppedByMaxSteps"
     assert final.finished_at is not None
 
 
-async def test_cancel_stops_earlier_submissions_only(tmp_path: Path) -> None:
-    h = Harness(
-        tmp_path,
+async def test_cancel_stops_earlier_submissions_only(local: Perq) -> None:
+    h = setup(
+        local,
         '[experts.e]\ninstruction = "x"\n',
         {
             "e": [
@@ -172,26 +136,24 @@ async def test_cancel_stops_earlier_submissions_only(tmp_path: Path) -> None:
             ]
         },
     )
-    job = h.submit("e", "go")
-    first = h.queue.pending.popleft()
+    job = h.start("e", "go")
+    first = h.local.pending.popleft()
     await h.runtime.run_step(first)
     # cancelled after step 1: the step queued next belongs to the cancelled submission and does not run
     record = h.job(job.id)
     record.status = "cancelled"
     h.store.save_job(record)
-    h.queue.cancelled[job.id] = h.store.load_run_setting(job.id, first.run_id).epoch + 1  # type: ignore[union-attr]
+    h.local.cancelled[job.id] = h.store.load_run_setting(job.id, first.run_id).epoch + 1  # type: ignore[union-attr]
     await h.drain()
     assert h.job(job.id).status == "cancelled" and h.job(job.id).total_steps == 1
     # a continuation is a new submission: it runs although the cancel mark stays
-    h.submit("e", "carry on", continue_job=job.id)
-    h.queue.cancelled[job.id] -= 1  # the mark predates the continuation's epoch
+    h.start("e", "carry on", continue_job=job.id)
+    h.local.cancelled[job.id] -= 1  # the mark predates the continuation's epoch
     await h.drain()
     assert h.job(job.id).status == "completed"
 
 
-async def test_a_delegate_stopped_at_max_steps_is_recorded_when_its_step_is_found_done(
-    tmp_path: Path,
-) -> None:
+async def test_a_delegate_stopped_at_max_steps_is_recorded_when_its_step_is_found_done(local: Perq) -> None:
     """The worker died between a delegate's last checkpoint and the job record: the step's re-run finds the
     checkpoint, and the record must still learn that the job stopped (else it stays running forever)."""
     config = """
@@ -202,15 +164,15 @@ delegates = ["alpha"]
 description = "a"
 instruction = "x"
 """
-    h = Harness(
-        tmp_path,
+    h = setup(
+        local,
         config,
         {
             "coord": [{"toolCalls": [{"toolName": "alpha", "args": {"query": "a"}}]}, {"text": "never"}],
             "alpha": [{"toolCalls": [{"toolName": "healthCheck"}]}] * 5,
         },
     )
-    job = h.submit("coord", "go", max_steps=3)
+    job = h.start("coord", "go", max_steps=3)
     await h.drain()
     stopped = h.job(job.id)
     assert stopped.status == "stoppedByMaxSteps"
@@ -218,4 +180,4 @@ instruction = "x"
     h.store.save_job(stopped.model_copy(update={"status": "running", "finished_at": None}))
     await h.runtime.run_step(h.ran[-1], attempt=2)
     assert h.job(job.id).status == "stoppedByMaxSteps"
-    assert not h.queue.pending
+    assert not h.local.pending

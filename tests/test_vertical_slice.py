@@ -1,4 +1,6 @@
-"""The vertical slice against a real Redis and real `perq` processes: enqueue, run, checkpoint, status."""
+"""The vertical slice against a real Redis and real `perq` processes: enqueue, run, checkpoint, status.
+
+How the loop itself goes (retries, their cap, errors, max steps) is tested in-process: tests/test_loop.py."""
 
 from __future__ import annotations
 
@@ -13,17 +15,19 @@ HELLO_CONFIG = """
 instruction = "Say hello"
 """
 
-HELLO_SCRIPT = """
-[[experts.hello.turns]]
-toolCalls = [{ toolName = "todo", args = { newTodos = ["say hello"] } }]
-usage = { inputTokens = 120, outputTokens = 12 }
-[[experts.hello.turns]]
-toolCalls = [{ toolName = "todo", args = { completedTodos = [0] } }]
-[[experts.hello.turns]]
-toolCalls = [{ toolName = "attemptCompletion", args = {} }]
-[[experts.hello.turns]]
-text = "Hello!"
-"""
+HELLO_SCRIPT = script_toml(
+    {
+        "hello": [
+            {
+                "toolCalls": [{"toolName": "todo", "args": {"newTodos": ["say hello"]}}],
+                "usage": {"inputTokens": 120, "outputTokens": 12},
+            },
+            {"toolCalls": [{"toolName": "todo", "args": {"completedTodos": [0]}}]},
+            {"toolCalls": [{"toolName": "attemptCompletion", "args": {}}]},
+            {"text": "Hello!"},
+        ]
+    }
+)
 
 
 def setup_hello(perq: Perq, script: str = HELLO_SCRIPT) -> None:
@@ -88,112 +92,6 @@ def test_checkpoint_carries_perstack_fields(perq: Perq) -> None:
         "totalTokens",
         "cachedInputTokens",
     }
-
-
-def test_retryable_errors_then_text(perq: Perq) -> None:
-    perq.write("perstack.toml", HELLO_CONFIG)
-    perq.write(
-        "script.toml",
-        script_toml(
-            {
-                "hello": [
-                    {"error": {"message": "overloaded", "retryable": True, "statusCode": 529}},
-                    {"error": {"message": "rate limit", "retryable": True, "statusCode": 429}},
-                    {"text": "done"},
-                ]
-            }
-        ),
-    )
-    job_id = perq.submit("hello", "hi", "--provider", "script", "--model", "script.toml")
-    perq.burst()
-    job = perq.job(job_id)
-    assert job.status == "completed"
-    assert job.total_steps == 3
-    last = perq.checkpoints(job_id)[-1]
-    assert last.step_number == 3
-    assert last.retry_count == 0
-    assert [e.type for e in perq.events(job_id)].count("retry") == 2
-
-
-def test_retries_are_capped(perq: Perq) -> None:
-    perq.write("perstack.toml", HELLO_CONFIG)
-    perq.write("script.toml", script_toml({"hello": [{"error": {"message": "overloaded"}}] * 5}))
-    job_id = perq.submit(
-        "hello", "hi", "--provider", "script", "--model", "script.toml", "--max-retries", "2"
-    )
-    perq.burst()
-    job = perq.job(job_id)
-    assert job.status == "stoppedByError"
-    last = perq.checkpoints(job_id)[-1]
-    assert last.step_number == 3
-    assert last.error is not None and last.error.message.startswith("Max retries (2) exceeded")
-
-
-def test_non_retryable_error_stops_at_once(perq: Perq) -> None:
-    perq.write("perstack.toml", HELLO_CONFIG)
-    perq.write(
-        "script.toml",
-        script_toml(
-            {
-                "hello": [
-                    {"error": {"message": "invalid x-api-key", "retryable": False, "statusCode": 401}},
-                    {"text": "never"},
-                ]
-            }
-        ),
-    )
-    job_id = perq.submit("hello", "hi", "--provider", "script", "--model", "script.toml")
-    perq.burst()
-    job = perq.job(job_id)
-    assert job.status == "stoppedByError"
-    [cp] = perq.checkpoints(job_id)
-    assert cp.step_number == 1
-    assert cp.status == "stoppedByError"
-    assert cp.error is not None and cp.error.message == "invalid x-api-key" and cp.error.status_code == 401
-    assert job.error is not None and job.error.message == "invalid x-api-key"
-
-
-def test_max_steps_is_checked_at_step_end(perq: Perq) -> None:
-    perq.write("perstack.toml", HELLO_CONFIG)
-    perq.write(
-        "script.toml",
-        script_toml(
-            {
-                "hello": [
-                    {"toolCalls": [{"toolName": "todo", "args": {"newTodos": [f"item {i}"]}}]}
-                    for i in range(10)
-                ]
-            }
-        ),
-    )
-    job_id = perq.submit("hello", "hi", "--provider", "script", "--model", "script.toml", "--max-steps", "4")
-    perq.burst()
-    job = perq.job(job_id)
-    assert job.status == "stoppedByMaxSteps"
-    assert job.total_steps == 4
-    assert [c.step_number for c in perq.checkpoints(job_id)] == [1, 2, 3, 4]
-    assert perq.checkpoints(job_id)[-1].status == "stoppedByExceededMaxSteps"
-
-
-def test_generation_timeout_is_retryable(perq: Perq) -> None:
-    perq.write("perstack.toml", HELLO_CONFIG)
-    perq.write("script.toml", script_toml({"hello": [{"text": "slow", "delayMs": 2000}, {"text": "fast"}]}))
-    job_id = perq.submit("hello", "hi", "--provider", "script", "--model", "script.toml", "--timeout", "200")
-    perq.burst()
-    job = perq.job(job_id)
-    assert job.status == "completed"
-    retry = next(e for e in perq.events(job_id) if e.type == "retry")
-    assert "timeout" in retry.reason  # type: ignore[attr-defined]
-
-
-def test_script_out_of_turns_names_expert_and_turn(perq: Perq) -> None:
-    perq.write("perstack.toml", HELLO_CONFIG)
-    perq.write("script.toml", script_toml({"hello": [{"toolCalls": [{"toolName": "healthCheck"}]}]}))
-    job_id = perq.submit("hello", "hi", "--provider", "script", "--model", "script.toml")
-    perq.burst()
-    cp = perq.checkpoints(job_id)[-1]
-    assert cp.status == "stoppedByError"
-    assert cp.error is not None and "'hello'" in cp.error.message and "turn 2" in cp.error.message
 
 
 @pytest.mark.parametrize(

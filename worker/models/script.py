@@ -9,9 +9,10 @@ Format (stable; tests, examples and benchmarks depend on it):
     text = "Hello!"
 
 A turn may hold `text`, `thinking`, `toolCalls` (`{toolName, args, id?}`), `error` (`{message, retryable =
-true, statusCode?, retryAfterMs = 0}`), `delayMs` and `usage`. Turn k answers a request whose conversation
-already holds k model answers (expert messages plus retry notes), so an answer depends only on the
-conversation: a step re-run after a crash gets the same answer.
+true, statusCode?, retryAfterMs = 0}`), `delayMs`, `usage` and `finishReason` (why the answer ended, as a
+provider would say it: "tool-calls" when the turn calls tools and "stop" otherwise, unless given). Turn k
+answers a request whose conversation already holds k model answers (expert messages plus retry notes), so
+an answer depends only on the conversation: a step re-run after a crash gets the same answer.
 
 With PERQ_SCRIPT_TRACE=FILE, each answered request appends one JSON line (expert, turn, pid) to FILE.
 """
@@ -29,7 +30,13 @@ from pydantic import Field, ValidationError
 
 from shared.config import ScriptSection
 from shared.models import ExpertMessage, PerqModel, ThinkingPart, Usage, UserMessage
-from worker.models.contract import GeneratedToolCall, GenerationError, GenerationRequest, GenerationResult
+from worker.models.contract import (
+    FinishReason,
+    GeneratedToolCall,
+    GenerationError,
+    GenerationRequest,
+    GenerationResult,
+)
 
 
 class ScriptToolCall(PerqModel):
@@ -60,6 +67,7 @@ class ScriptTurn(PerqModel):
     error: ScriptError | None = None
     delay_ms: int = 0
     usage: ScriptUsage = Field(default_factory=ScriptUsage)
+    finish_reason: FinishReason | None = None
 
 
 class ScriptExpert(PerqModel):
@@ -147,7 +155,7 @@ class ScriptModel:
                 GeneratedToolCall(id=c.id or f"call-{k + 1}-{i + 1}", tool_name=c.tool_name, args=c.args)
                 for i, c in enumerate(turn.tool_calls)
             ],
-            finish_reason="tool-calls" if turn.tool_calls else "stop",
+            finish_reason=turn.finish_reason or ("tool-calls" if turn.tool_calls else "stop"),
             usage=Usage(
                 input_tokens=u.input_tokens,
                 output_tokens=u.output_tokens,
