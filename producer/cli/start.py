@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from producer import run_options as opt
+from producer.cli import options as opt
 
 
 def start(

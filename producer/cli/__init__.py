@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from producer import run_options as opt
+from producer.cli import options as opt
 
 app = typer.Typer(
     name="perq",
@@ -283,18 +283,18 @@ def recover(
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
 ) -> None:
     """Re-enqueue the work of queued or running jobs that Redis lost (what workers do every few leases)."""
-    from producer.recover import recover as run_recover
+    from producer.cli.recover import recover as run_recover
 
     raise typer.Exit(run_recover(dry_run=dry_run, json_output=json_output))
 
 
-# `perq log` lives in producer/logcli.py (its options are many); that module imports only typer at load
-from producer.logcli import log as _log  # noqa: E402
+# `perq log` lives in producer/cli/log.py (its options are many); that module imports only typer at load
+from producer.cli.log import log as _log  # noqa: E402
 
 app.command(name="log")(_log)
 
-# `perq start`, the terminal UI, lives in producer/tui/ (Textual is imported only when it runs)
-from producer.tui.command import start as _start  # noqa: E402
+# `perq start`, the terminal UI, is registered from producer/cli/start.py (Textual is imported when it runs)
+from producer.cli.start import start as _start  # noqa: E402
 
 app.command(name="start")(_start)
 
