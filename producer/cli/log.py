@@ -1,14 +1,16 @@
-"""The `perq log` command: its options, and how it ties selection, filters, rendering and --follow together.
+"""`perq log`: its options, and how it ties selection, filters, rendering and --follow together.
 
-Kept apart from producer/cli.py so that the command's many options live with it; like every command, its
-imports stay inside the function, so `perq --help` starts at once.
+Which events is `producer.log_query`; how they look is `producer.views.log`; following a job as it runs is
+`producer.follow`. Like every command, its imports stay inside the function, so `perq --help` starts at once.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+
+from producer.cli.exit import ExitCode, fail, refusals
 
 
 def log(
@@ -54,13 +56,9 @@ def log(
     pretty: Annotated[bool, typer.Option(help="Indent the JSON")] = False,
 ) -> None:
     """Show a job's events: the latest job's, or the JOB, --run or --checkpoint given (Perstack's log)."""
-    import sys
-
-    from producer.cli import EXIT_BAD_INPUT, fail
-
     if job_id is not None:
         if job is not None and job != job_id:
-            fail(f"two jobs given: {job_id} and --job {job}", EXIT_BAD_INPUT)
+            fail(f"two jobs given: {job_id} and --job {job}", ExitCode.BAD_INPUT)
         job = job_id
     from producer.log_query import (
         CheckpointNotFound,
@@ -71,9 +69,10 @@ def log(
         parse_step_filter,
         select,
     )
-    from producer.views.log import console, print_log, render_json
+    from producer.views.log import print_output
+    from producer.views.terminal import console
     from shared.config import Settings
-    from shared.store import JobStore, StoreError
+    from shared.store import JobStore
 
     try:
         filters = LogFilters(
@@ -88,26 +87,81 @@ def log(
             context=context,
         )
     except LogError as e:
-        fail(str(e), EXIT_BAD_INPUT)
+        fail(str(e), ExitCode.BAD_INPUT)
     store = JobStore.open(Settings().storage)
     if follow:
-        from producer.logfollow import follow_log
-
         if run is not None or checkpoint is not None:
-            fail("--follow follows a whole job (--job JOB, or the latest): not --run or --checkpoint", 2)
-        raise typer.Exit(follow_log(store, job, filters, verbose=verbose, json_output=json_output))
+            fail(
+                "--follow follows a whole job (--job JOB, or the latest): not --run or --checkpoint",
+                ExitCode.BAD_INPUT,
+            )
+        raise typer.Exit(_follow(store, job, filters, verbose=verbose, json_output=json_output))
+    with refusals():
+        try:
+            output = select(store, LogSelection(job=job, run=run, checkpoint=checkpoint), filters)
+        except CheckpointNotFound as e:
+            fail(str(e), ExitCode.FAILED)
+    print_output(
+        console(),
+        output,
+        json_output=json_output,
+        pretty=pretty,
+        verbose=verbose,
+        messages=messages,
+        summary=summary,
+    )
+
+
+def _follow(store: Any, job_id: str | None, filters: Any, *, verbose: bool, json_output: bool) -> ExitCode:
+    """`perq log --follow`: the job's events as they happen, from Redis, then its final status.
+
+    The events come from the job's Redis stream, so the follower needs no access to the job store; when its
+    store does hold the job, it is used only to pick the job (latest) and to tell whether it still runs.
+    """
+    import asyncio
+
+    from producer.api import _create_pool_quiet
+    from producer.follow import Progress, follow_job
+    from producer.log_query import find_job, latest_job
+    from producer.views.log import live_printer
+    from producer.views.progress import outcome_json, outcome_line, progress_line
+    from producer.views.terminal import console, print_json, say
+    from shared.config import Settings
+    from shared.models import Event, check_id
+
+    async def go() -> ExitCode:
+        with refusals():
+            if job_id is not None:
+                followed = check_id(job_id, "job id")
+                record = find_job(store, followed)
+            else:
+                record = latest_job(store)
+                if record is None:
+                    fail("no job to follow: the store has no jobs (name one with --job)", ExitCode.BAD_INPUT)
+                followed = record.id
+        if record is None:
+            say(f"job {followed} is not in this store; following its events in Redis")
+        with refusals():
+            redis = await _create_pool_quiet(Settings())
+        out = console()
+        show = live_printer(out, filters, verbose=verbose, json_output=json_output)
+        try:
+            with progress_line(out, console(stderr=True), f"following job {followed}") as update:
+
+                def on_event(event: Event, progress: Progress) -> None:
+                    update(progress.line())
+                    show(event)
+
+                status, progress = await follow_job(redis, store, followed, record, on_event)
+        finally:
+            await redis.aclose()
+        if json_output:
+            print_json(outcome_json(status, followed, progress), indent=None)
+        else:
+            out.print(outcome_line(status, followed, progress))
+        return ExitCode.of_status(status)
+
     try:
-        output = select(store, LogSelection(job=job, run=run, checkpoint=checkpoint), filters)
-    except CheckpointNotFound as e:
-        fail(str(e), 1)
-    except (ValueError, StoreError) as e:
-        fail(str(e), EXIT_BAD_INPUT)
-    if output is None:
-        print("No data found")
-        return
-    for problem in output.problems:
-        print(f"perq: skipped {problem}", file=sys.stderr)
-    if json_output:
-        print(render_json(output, pretty=pretty))
-    else:
-        print_log(console(), output, verbose=verbose, messages=messages, summary=summary)
+        return asyncio.run(go())
+    except KeyboardInterrupt:
+        return ExitCode.INTERRUPTED

@@ -8,46 +8,38 @@ an orphan.
 
 from __future__ import annotations
 
-import asyncio
-import json
+from typing import Annotated
 
-from producer.views.status import error_line
-from shared.config import Settings
-from shared.store import JobStore
+import typer
+
+from producer.cli.exit import refusals
 
 
-def recover(*, dry_run: bool, json_output: bool) -> int:
-    """The exit code of `perq recover`: 0 when done (whether or not anything was orphaned)."""
-    from producer.api import QueueUnavailable, _create_pool_quiet
+def recover(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would be re-enqueued")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+) -> None:
+    """Re-enqueue the work of queued or running jobs that Redis lost (what workers do every few leases)."""
+    import asyncio
+
+    from producer.api import _create_pool_quiet
+    from producer.views import report
+    from shared.config import Settings
+    from shared.store import JobStore
     from worker.reconcile import reconcile
 
     settings = Settings()
     store = JobStore.open(settings.storage)
 
-    async def go() -> int:
-        try:
+    async def go() -> None:
+        with refusals():
             redis = await _create_pool_quiet(settings)
-        except QueueUnavailable as e:
-            return error_line(str(e), 1)
         try:
             found = await reconcile(
                 redis, store, settings.queue, settle_s=settings.lease_seconds / 2, dry_run=dry_run
             )
         finally:
             await redis.aclose()
-        if json_output:
-            print(json.dumps({"dryRun": dry_run, "units": [r.to_dict() for r in found]}, indent=2))
-            return 0
-        for r in found:
-            task = r.unit.task
-            print(
-                f"{task.job_id}  step {task.step_number} of run {task.run_id}: {r.outcome} ({r.unit.reason})"
-            )
-        jobs = len({r.unit.task.job_id for r in found})
-        verb = "would re-enqueue" if dry_run else "re-enqueued"
-        print(
-            f"{verb} {len(found)} steps of {jobs} jobs" if found else "nothing to recover: no orphaned jobs"
-        )
-        return 0
+        report.recovered(found, dry_run=dry_run, json_output=json_output)
 
-    return asyncio.run(go())
+    asyncio.run(go())

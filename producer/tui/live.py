@@ -36,7 +36,7 @@ async def position_before(client: Client, request: RunRequest) -> str:
 
     The same position `perq run --wait` starts from.
     """
-    from producer.cli import _stream_position
+    from producer.follow import stream_position as _stream_position
 
     return await _stream_position(client, request)
 
