@@ -1,7 +1,8 @@
 """Following a job while it runs: from the Redis event stream (any machine), or the store as a fallback.
 
 `perq run --wait`, `perq log --follow` and `perq start`'s live view follow jobs through here; how progress
-looks on a terminal is `producer.views.progress`, so that this module knows only streams and records.
+looks on a terminal is `producer.views.progress`, so that this module knows streams and records, and prints
+nothing but the notice that a stream was lost (to stderr, unless the caller shows it its own way).
 """
 
 from __future__ import annotations
@@ -188,25 +189,36 @@ async def wait_for_job(
 
 
 async def follow_job(
-    redis: Any, store: JobStore, job_id: str, record: Job | None, on_event: Callable[[Event, Progress], None]
+    redis: Any,
+    store: JobStore,
+    job_id: str,
+    on_event: Callable[[Event, Progress], None],
+    *,
+    start: str | None = None,
+    record: Job | None = None,
+    cancelled_since: int = 0,
 ) -> tuple[str, Progress]:
-    """Follow the current segment of a job until it stops (`perq log --follow`); its final status and what
-    its events said. `record` is the store's, if it has the job: a stopped job whose stream has expired is
-    read from the store, a job the store does not know is followed in Redis alone."""
-    progress = Progress()
-    if (
-        record is not None
-        and record.status in FINAL_JOB_STATUSES
-        and not await redis.exists(events_channel(job_id))
-    ):
-        # the stream has expired: the store still has every event of the stopped job
-        for event in job_events(store, job_id, []):
-            progress.update(event)
-            on_event(event, progress)
-        return record.status, progress
-    running = None if record is None else record.status not in FINAL_JOB_STATUSES
-    start = await segment_start(redis, job_id, running=running)
-    return await wait_for_job(redis, store, job_id, on_event, start=start, progress=progress), progress
+    """Follow a job until it stops, as `perq run --wait` and `perq log --follow` do; return its final status
+    and what its events said.
+
+    From `start` in its stream when the caller knows where (a submission: `stream_position`), else from the
+    start of its current segment. `record` is the store's, if it has the job: a stopped job whose stream has
+    expired is then read from the store; a job the store does not know is followed in Redis alone.
+    """
+    seen = Progress()
+    if start is None:
+        stopped = record is not None and record.status in FINAL_JOB_STATUSES
+        if record is not None and stopped and not await redis.exists(events_channel(job_id)):
+            # the stream has expired: the store still has every event of the stopped job
+            for event in job_events(store, job_id, []):
+                seen.update(event)
+                on_event(event, seen)
+            return record.status, seen
+        start = await segment_start(redis, job_id, running=None if record is None else not stopped)
+    status = await wait_for_job(
+        redis, store, job_id, on_event, start=start, progress=seen, cancelled_since=cancelled_since
+    )
+    return status, seen
 
 
 async def stream_position(client: Any, request: Any) -> str:

@@ -152,7 +152,7 @@ def _follow(store: Any, job_id: str | None, filters: Any, *, verbose: bool, json
                     update(progress.line())
                     show(event)
 
-                status, progress = await follow_job(redis, store, followed, record, on_event)
+                status, progress = await follow_job(redis, store, followed, on_event, record=record)
         finally:
             await redis.aclose()
         if json_output:

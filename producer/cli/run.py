@@ -55,13 +55,12 @@ async def _wait(client: Any, job_id: str, start: str, *, quiet: bool, submitted_
     final status. A cancel mark older than `submitted_at` stopped an earlier submission, not this one."""
     from contextlib import nullcontext
 
-    from producer.follow import Progress, wait_for_job
+    from producer.follow import Progress, follow_job
     from producer.views.progress import event_line, outcome_line, progress_line
     from producer.views.terminal import console
     from shared.models import Event
 
     err = console(stderr=True)
-    progress = Progress()
     with nullcontext(None) if quiet else progress_line(err, err, f"job {job_id} queued") as update:
 
         def on_event(event: Event, progress: Progress) -> None:
@@ -73,14 +72,8 @@ async def _wait(client: Any, job_id: str, start: str, *, quiet: bool, submitted_
                 err.print(line)
 
         redis = await client.redis()
-        status = await wait_for_job(
-            redis,
-            client.store,
-            job_id,
-            on_event,
-            start=start,
-            progress=progress,
-            cancelled_since=submitted_at,
+        status, progress = await follow_job(
+            redis, client.store, job_id, on_event, start=start, cancelled_since=submitted_at
         )
     if not quiet:
         err.print(outcome_line(status, job_id, progress, client.store.load_job(job_id)))

@@ -1,8 +1,8 @@
 """A job followed while it runs, on the terminal: the one spinner line, the events `perq run --wait` shows
 beside it, and the line that ends with the job's final status.
 
-`perq run --wait`, `perq log --follow` and the views kept current show progress this way; the following
-itself (reading the job's Redis stream) is `producer.follow`, which knows nothing of terminals.
+`perq run --wait` and `perq log --follow` show progress this way; the following itself (reading the job's
+Redis stream) is `producer.follow`, which knows nothing of terminals.
 """
 
 from __future__ import annotations
