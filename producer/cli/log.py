@@ -6,11 +6,15 @@ Which events is `producer.log_query`; how they look is `producer.views.log`; fol
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from producer.cli.exit import ExitCode, fail, refusals
+
+if TYPE_CHECKING:
+    from producer.log_query import LogFilters
+    from shared.store import JobStore
 
 
 def log(
@@ -112,7 +116,9 @@ def log(
     )
 
 
-def _follow(store: Any, job_id: str | None, filters: Any, *, verbose: bool, json_output: bool) -> ExitCode:
+def _follow(
+    store: JobStore, job_id: str | None, filters: LogFilters, *, verbose: bool, json_output: bool
+) -> ExitCode:
     """`perq log --follow`: the job's events as they happen, from Redis, then its final status.
 
     The events come from the job's Redis stream, so the follower needs no access to the job store; when its
