@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from producer.cli.exit import refusals
+from producer.cli.exit import exits_on_refusal
 
 
 def cancel(
@@ -21,7 +21,7 @@ def cancel(
 
     async def go() -> None:
         async with Client() as client:
-            with refusals():
+            with exits_on_refusal():
                 job = await client.cancel(job_id)
             report.cancelled(job, json_output=json_output)
 

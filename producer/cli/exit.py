@@ -53,7 +53,7 @@ def fail(message: str, code: ExitCode) -> NoReturn:
 
 
 @contextmanager
-def refusals() -> Iterator[None]:
+def exits_on_refusal() -> Iterator[None]:
     """End the command on a refused request: bad input exits 2, an unreachable Redis exits 1.
 
     Bad input is what `producer.api` refuses (`RequestError`, a `ConfigError`), an id or value that does not

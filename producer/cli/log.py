@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from producer.cli.exit import ExitCode, fail, refusals
+from producer.cli.exit import ExitCode, exits_on_refusal, fail
 
 if TYPE_CHECKING:
     from producer.log_query import LogFilters
@@ -100,7 +100,7 @@ def log(
                 ExitCode.BAD_INPUT,
             )
         raise typer.Exit(_follow(store, job, filters, verbose=verbose, json_output=json_output))
-    with refusals():
+    with exits_on_refusal():
         try:
             output = select(store, LogSelection(job=job, run=run, checkpoint=checkpoint), filters)
         except CheckpointNotFound as e:
@@ -136,7 +136,7 @@ def _follow(
     from shared.models import Event, check_id
 
     async def go() -> ExitCode:
-        with refusals():
+        with exits_on_refusal():
             if job_id is not None:
                 followed = check_id(job_id, "job id")
                 record = find_job(store, followed)
@@ -147,7 +147,7 @@ def _follow(
                 followed = record.id
         if record is None:
             say(f"job {followed} is not in this store; following its events in Redis")
-        with refusals():
+        with exits_on_refusal():
             redis = await _create_pool_quiet(Settings())
         out = console()
         show = live_printer(out, filters, verbose=verbose, json_output=json_output)

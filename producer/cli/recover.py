@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from producer.cli.exit import refusals
+from producer.cli.exit import exits_on_refusal
 
 
 def recover(
@@ -32,7 +32,7 @@ def recover(
     store = JobStore.open(settings.storage)
 
     async def go() -> None:
-        with refusals():
+        with exits_on_refusal():
             redis = await _create_pool_quiet(settings)
         try:
             found = await reconcile(

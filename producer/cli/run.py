@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from producer.cli import options as opt
-from producer.cli.exit import ExitCode, refusals
+from producer.cli.exit import ExitCode, exits_on_refusal
 
 
 @opt.run_options
@@ -36,7 +36,7 @@ def run(
 
     async def go() -> ExitCode:
         async with Client() as client:
-            with refusals():
+            with exits_on_refusal():
                 submitted_at = now_ms()
                 start = await stream_position(client, request)
                 job = await client.submit(request)

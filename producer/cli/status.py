@@ -3,11 +3,17 @@ on the terminal (--watch). What is drawn is `producer.views.status`, `.watch` an
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from producer.cli.exit import ExitCode, fail, refusals
+from producer.cli.exit import ExitCode, exits_on_refusal, fail
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
+
+    from shared.config import Settings
 
 
 def status(
@@ -47,7 +53,7 @@ def status(
 
         render.job_list(store.list_jobs(limit=limit or None), json_output=json_output)
         return
-    with refusals():
+    with exits_on_refusal():
         job = store.load_job(check_id(job_id, "job id"))
     if job is None:
         fail(f"job {job_id} not found", ExitCode.BAD_INPUT)
@@ -65,18 +71,18 @@ def status(
     render.job_detail(job, checkpoints, problems, json_output=json_output)
 
 
-def _until_interrupted(frame: Any) -> None:
+def _until_interrupted(frame: Callable[[], RenderableType]) -> None:
     """Keep `frame` drawn and current until Ctrl-C, which ends the command normally."""
     from producer.views.watch import keep_current
 
-    with refusals():  # a record the store can no longer read, while the view runs
+    with exits_on_refusal():  # a record the store can no longer read, while the view runs
         try:
             keep_current(frame)
         except KeyboardInterrupt:
             return
 
 
-def _queue(settings: Any, *, watch: bool, json_output: bool) -> None:
+def _queue(settings: Settings, *, watch: bool, json_output: bool) -> None:
     """`perq status --queue`: the queue's counts from Redis, once (as a table or JSON) or kept current."""
     import asyncio
 
@@ -86,7 +92,7 @@ def _queue(settings: Any, *, watch: bool, json_output: bool) -> None:
     from producer.views.watch import keep_current_async, queue_frame
 
     async def go() -> None:
-        with refusals():
+        with exits_on_refusal():
             redis = await _create_pool_quiet(settings)
         try:
             if json_output:
