@@ -315,9 +315,9 @@ async def _create_pool_quiet(settings: Settings) -> Any:
     from shared.queue.broker import open_pool  # arq is imported only by commands that talk to Redis
 
     try:
-        redis = await open_pool(settings.redis_url, settings.queue)
+        redis = await open_pool(settings.redis.url, settings.redis.queue)
     except Exception as e:
-        raise QueueUnavailable(f"cannot reach Redis at {settings.redis_url}: {e}") from e
+        raise QueueUnavailable(f"cannot reach Redis at {settings.redis.url}: {e}") from e
     return redis
 
 
@@ -326,7 +326,7 @@ class Client:
 
     def __init__(self, settings: Settings | None = None, store: JobStore | None = None) -> None:
         self.settings = settings or Settings()
-        self.store = store or JobStore.open(self.settings.storage, fsync=self.settings.store_fsync)
+        self.store = store or JobStore.open(self.settings.store.location, fsync=self.settings.store.fsync)
         self._redis: Any = None
 
     async def redis(self) -> Any:
@@ -386,7 +386,7 @@ class Client:
         task = StepTask(job_id=plan.job.id, run_id=plan.setting.run_id, step_number=plan.initial.step_number)
         try:
             # a cancel mark stays: it stops runs of earlier submissions only (RunSetting.epoch)
-            await enqueue_step(redis, task, self.settings.queue)
+            await enqueue_step(redis, task, self.settings.redis.queue)
         except Exception as e:
             if plan.new_job:
                 store.delete_job(plan.job.id)
@@ -397,7 +397,7 @@ class Client:
                     store.update_job(
                         plan.job.id, lambda now: restored if now.epoch == plan.job.epoch else None
                     )
-            raise QueueUnavailable(f"cannot reach Redis at {self.settings.redis_url}: {e}") from e
+            raise QueueUnavailable(f"cannot reach Redis at {self.settings.redis.url}: {e}") from e
 
     async def status(self, job_id: str) -> Job | None:
         """The job record, as the store has it now (None for an unknown job)."""
@@ -434,4 +434,4 @@ def submit_sync(request: RunRequest, settings: Settings | None = None) -> Job:
 
 def job_status(job_id: str, settings: Settings | None = None) -> Job | None:
     """The sync twin of `Client.status`: reads the store only, no Redis needed."""
-    return JobStore.open((settings or Settings()).storage).load_job(check_id(job_id, "job id"))
+    return JobStore.open((settings or Settings()).store.location).load_job(check_id(job_id, "job id"))

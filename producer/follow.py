@@ -1,29 +1,27 @@
-"""Following a job while it runs: from the Redis event stream (any machine), or the store as a fallback."""
+"""Following a job while it runs: from the Redis event stream (any machine), or the store as a fallback.
+
+`perq run --wait`, `perq log --follow` and `perq start`'s live view follow jobs through here; how progress
+looks on a terminal is `producer.views.progress`, so that this module knows streams and records, and prints
+nothing but the notice that a stream was lost (to stderr, unless the caller shows it its own way).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
+from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer.log_query import job_events
+from producer.views.terminal import say
 from shared.events import follow_events
-from shared.models import FINAL_JOB_STATUSES, JOB_STATUS_AFTER, Event, Job, Usage
+from shared.models import FINAL_JOB_STATUSES, JOB_STATUS_AFTER, Event, Job, Usage, check_id
 from shared.queue import cancel_key, events_channel
 from shared.store import JobStore, StoreError
-
-EXIT_CODES = {
-    "completed": 0,
-    "stoppedByInteractiveTool": 3,
-    "stoppedByMaxSteps": 4,
-    "stoppedByError": 1,
-    "cancelled": 1,
-}
 
 
 def job_status_after(event: Event) -> str | None:
@@ -38,6 +36,9 @@ def job_status_after(event: Event) -> str | None:
 
 
 REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+# waits between reads of a Redis that cannot be reached: 0.5 s, then doubling up to 2 s, so that a follower
+# is back within 2 s of Redis without knocking on it four times a second while it is down for long
+RECONNECT_BACKOFF = ExponentialBackoff(cap=2.0, base=0.25)
 STOPPING_EVENTS = frozenset(
     {"completeRun", "stopRunByInteractiveTool", "stopRunByExceededMaxSteps", "stopRunByError"}
 )
@@ -95,7 +96,7 @@ async def wait_for_job(
     When Redis goes away or comes back without the job's stream, the follower says so once (`notice`, by
     default a line on stderr), shows the events it missed from the store, and learns the outcome there.
     """
-    notice = notice or _say
+    notice = notice or say
     progress = progress if progress is not None else Progress()
     shown: set[str] = set()  # event ids: after a loss the stream is read again, and the store read too
     since_ms = int(start.split("-")[0])
@@ -150,10 +151,12 @@ async def wait_for_job(
         return stored_status() or progress.status or "running"
 
     async def follow() -> str:
+        failures = 0  # reads in a row that did not reach Redis
         while True:
             try:
                 # from the segment's start each time: a Redis that came back may hold a new stream
                 async for event in follow_events(redis, job_id, start=start, block_ms=250):
+                    failures = 0
                     if event is not None:
                         if deliver(event):
                             from_store(final=True)
@@ -179,13 +182,57 @@ async def wait_for_job(
                 if status:
                     from_store(final=True)
                     return status
-                await asyncio.sleep(0.5)  # the client reconnects on its next command
+                failures += 1  # the client reconnects on its next command
+                await asyncio.sleep(RECONNECT_BACKOFF.compute(failures))
 
     return await asyncio.wait_for(follow(), timeout_s)
 
 
-def _say(message: str) -> None:
-    print(f"perq: {message}", file=sys.stderr)
+async def follow_job(
+    redis: Any,
+    store: JobStore,
+    job_id: str,
+    on_event: Callable[[Event, Progress], None],
+    *,
+    start: str | None = None,
+    record: Job | None = None,
+    cancelled_since: int = 0,
+) -> tuple[str, Progress]:
+    """Follow a job until it stops, as `perq run --wait` and `perq log --follow` do; return its final status
+    and what its events said.
+
+    From `start` in its stream when the caller knows where (a submission: `stream_position`), else from the
+    start of its current segment. `record` is the store's, if it has the job: a stopped job whose stream has
+    expired is then read from the store; a job the store does not know is followed in Redis alone.
+    """
+    seen = Progress()
+    if start is None:
+        stopped = record is not None and record.status in FINAL_JOB_STATUSES
+        if record is not None and stopped and not await redis.exists(events_channel(job_id)):
+            # the stream has expired: the store still has every event of the stopped job
+            for event in job_events(store, job_id, []):
+                seen.update(event)
+                on_event(event, seen)
+            return record.status, seen
+        start = await segment_start(redis, job_id, running=None if record is None else not stopped)
+    status = await wait_for_job(
+        redis, store, job_id, on_event, start=start, progress=seen, cancelled_since=cancelled_since
+    )
+    return status, seen
+
+
+async def stream_position(client: Any, request: Any) -> str:
+    """Where the stream of the job `request` continues stands before it is submitted, so that a follower
+    (`perq run --wait`, `perq start`) shows only what follows; "0-0" for a new job."""
+    job_id = check_id(request.continue_job, "job id") if request.continue_job else None
+    if not job_id and request.continue_latest:
+        latest = client.store.latest_job()
+        job_id = latest.id if latest else None
+    if not job_id:
+        return "0-0"
+    redis = await client.redis()
+    last = await redis.xrevrange(events_channel(job_id), count=1)
+    return last[0][0].decode() if last else "0-0"
 
 
 async def segment_start(redis: Any, job_id: str, *, running: bool | None) -> str:

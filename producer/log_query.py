@@ -1,4 +1,7 @@
-"""`perq log`: which events to show (spec §5.5). Selection reads the store; the filters are pure functions.
+"""`perq log`: which events to show. Selection reads the store; the filters are pure functions.
+
+Kept apart from the command (`producer/cli/log.py`) and its look (`producer/views/log.py`): `perq start`,
+`perq export` and the follower read jobs and events through the same functions.
 
 Filters apply in Perstack's order: --step, --type, --errors, --tools, --delegations, --filter; then
 --offset and --take paginate the matches, and --context re-adds neighbouring events around each match.

@@ -240,45 +240,6 @@ class Settings(BaseModel):
                 found[variable] = f"{name}.{key}"
         return found
 
-    # The flat names below are the ones the worker's queue code and the producer read; they are read-only
-    # views of the sections, kept so that those modules need not change while they are being moved.
-
-    @property
-    def redis_url(self) -> str:
-        return self.redis.url
-
-    @property
-    def queue(self) -> str:
-        return self.redis.queue
-
-    @property
-    def storage(self) -> str:
-        return self.store.location
-
-    @property
-    def store_fsync(self) -> bool:
-        return self.store.fsync
-
-    @property
-    def concurrency(self) -> int:
-        return self.worker.concurrency
-
-    @property
-    def poll_delay(self) -> float:
-        return self.worker.poll_delay
-
-    @property
-    def lease_seconds(self) -> float:
-        return self.worker.lease_seconds
-
-    @property
-    def grace_seconds(self) -> float:
-        return self.worker.grace_seconds
-
-    @property
-    def reconcile_period(self) -> float:
-        return self.worker.reconcile_period
-
 
 class ProviderTable(PerqModel):
     provider_name: str

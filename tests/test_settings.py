@@ -62,14 +62,6 @@ def test_every_flat_variable_fills_its_section(clean_env: pytest.MonkeyPatch) ->
     settings = Settings()
     for name, (_, path, expected) in EXAMPLES.items():
         assert setting(settings, path) == expected, name
-    # the flat names the queue code and the producer read are views of the sections
-    assert (settings.redis_url, settings.queue, settings.storage) == (
-        "redis://example:6380/2",
-        "q1",
-        "/srv/store",
-    )
-    assert (settings.store_fsync, settings.concurrency, settings.poll_delay) == (False, 7, 0.5)
-    assert (settings.lease_seconds, settings.grace_seconds, settings.reconcile_period) == (4.0, 6.0, 9.0)
 
 
 def test_defaults_and_derived_values(clean_env: pytest.MonkeyPatch) -> None:

@@ -555,8 +555,8 @@ class LiveScreen(Screen[None]):
         message = self.query_one(Notice)
         if alive == 0:
             message.say(
-                f"No worker is alive on queue {self.perq.client.settings.queue}: the job waits until one "
-                "starts (perq worker)",
+                f"No worker is alive on queue {self.perq.client.settings.redis.queue}: the job waits "
+                "until one starts (perq worker)",
                 error=True,
             )
         elif self.alive_workers == 0:

@@ -36,7 +36,7 @@ async def position_before(client: Client, request: RunRequest) -> str:
 
     The same position `perq run --wait` starts from.
     """
-    from producer.cli import _stream_position
+    from producer.follow import stream_position as _stream_position
 
     return await _stream_position(client, request)
 
@@ -72,7 +72,7 @@ async def workers_alive(client: Client) -> int:
     """How many workers of this queue have a live heartbeat."""
     from producer.views.queue import queue_stats
 
-    stats = await queue_stats(await client.redis(), client.settings.queue)
+    stats = await queue_stats(await client.redis(), client.settings.redis.queue)
     return len(stats.workers)
 
 

@@ -7,21 +7,21 @@ events the same way as they happen.
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
 from rich.text import Text
 
-from producer.log_query import DELEGATION_TYPES, ERROR_TYPES, TOOL_TYPES, LogOutput
-from producer.views.status import STATUS_STYLE, clock, timestamp
+from producer.log_query import DELEGATION_TYPES, ERROR_TYPES, TOOL_TYPES, LogFilters, LogOutput
+from producer.views.clock import time_of_day, timestamp
+from producer.views.status import STATUS_STYLE
+from producer.views.terminal import skipped
 from shared.models import Checkpoint, Event, Job
 
 RULE = "─" * 50
 TYPE_WIDTH = 24
-
-
-def console(*, stderr: bool = False) -> Console:
-    return Console(stderr=stderr, highlight=False, soft_wrap=True)
 
 
 def render_json(output: LogOutput, *, pretty: bool) -> str:
@@ -63,7 +63,7 @@ def print_log(
 
 def job_header(job: Job) -> list[Text]:
     lines = [
-        Text.assemble("Job: ", (job.id, "bold"), " (", (job.status, status_style(job.status)), ")"),
+        Text.assemble("Job: ", (job.id, "bold"), " (", (job.status, STATUS_STYLE.get(job.status, "")), ")"),
         Text(f"Expert: {job.coordinator_expert_key}"),
         Text(f"Started: {timestamp(job.started_at)}"),
         Text(f"Steps: {job.total_steps}"),
@@ -100,6 +100,45 @@ def summary_lines(summary: dict[str, Any]) -> list[Text]:
     return lines
 
 
+def print_output(
+    out: Console,
+    output: LogOutput | None,
+    *,
+    json_output: bool,
+    pretty: bool,
+    verbose: bool,
+    messages: bool,
+    summary: bool,
+) -> None:
+    """What `perq log` prints for a selection: `No data found`, its JSON, or its terminal layout."""
+    if output is None:
+        print("No data found")
+        return
+    skipped(output.problems)
+    if json_output:
+        print(render_json(output, pretty=pretty))
+    else:
+        print_log(out, output, verbose=verbose, messages=messages, summary=summary)
+
+
+def live_printer(
+    out: Console, filters: LogFilters, *, verbose: bool, json_output: bool
+) -> Callable[[Event], None]:
+    """How `perq log --follow` prints an event as it happens: the events its filters match, as `perq log`
+    shows them or as JSON lines, each flushed at once so that a reader of the pipe sees it."""
+
+    def show(event: Event) -> None:
+        if not filters.matches(event):
+            return
+        if json_output:
+            print(event.to_json())
+        else:
+            print_event(out, event, verbose=verbose)
+        sys.stdout.flush()
+
+    return show
+
+
 # --- one event ------------------------------------------------------------------------------------
 
 
@@ -113,7 +152,7 @@ def event_lines(event: Event, *, verbose: bool = False) -> list[Text]:
     header = Text.assemble(
         (f"[Step {step}] ", "dim"),
         (event.type.ljust(TYPE_WIDTH), _type_style(event.type)),
-        (clock(event.timestamp), "dim"),
+        (time_of_day(event.timestamp), "dim"),
         (f"  {event.expert_key}" if event.expert_key else "", "blue"),  # perq: whose run, with delegates
     )
     return [header, *(Text("  " + d) for d in event_details(event, verbose=verbose)), Text("")]
@@ -177,10 +216,6 @@ def first_text(contents: Any) -> str:
 
 def preview(text: str, width: int) -> str:
     return text if len(text) <= width else text[:width] + "..."
-
-
-def status_style(status: str) -> str:
-    return STATUS_STYLE.get(status, "")
 
 
 def _type_style(kind: str) -> str:

@@ -1,20 +1,19 @@
-"""Terminal output for status and progress (rich), and the JSON forms of the same data."""
+"""`perq status`: the job list and one job with its checkpoints, on the terminal (rich) or as JSON.
+
+Also the pieces other views and `perq start` show a job by: its status colour, its line, a checkpoint's line.
+"""
 
 from __future__ import annotations
 
 import json
 import shlex
-import sys
-from datetime import datetime
 from typing import Any
 
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
-from rich.text import Text
 
-from producer.follow import Progress, wait_for_job
-from shared.models import Checkpoint, Event, Job
+from producer.views.clock import timestamp
+from producer.views.terminal import console, print_json, skipped
+from shared.models import Checkpoint, Job
 from shared.store import Listing
 
 STATUS_STYLE = {
@@ -28,20 +27,6 @@ STATUS_STYLE = {
 }
 
 
-def timestamp(ms: int | None) -> str:
-    return datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S") if ms else "-"
-
-
-def clock(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000).strftime("%H:%M:%S")
-
-
-def error_line(message: str, code: int) -> int:
-    """Say what went wrong in one line on stderr; return the exit code for the caller to exit with."""
-    print(f"perq: {message}", file=sys.stderr)
-    return code
-
-
 def job_line(job: Job) -> str:
     """Perstack's job line: `expertKey - N steps (jobId) (startedAt)`."""
     return f"{job.coordinator_expert_key} - {job.total_steps} steps ({job.id}) ({timestamp(job.started_at)})"
@@ -53,18 +38,15 @@ def checkpoint_line(cp: Checkpoint) -> str:
 
 def job_list(listing: Listing, *, json_output: bool) -> None:
     if json_output:
-        print(
-            json.dumps(
-                {
-                    "jobs": [j.to_dict() for j in listing.jobs],
-                    "total": listing.total,
-                    "problems": listing.problems,
-                },
-                indent=2,
-            )
+        print_json(
+            {
+                "jobs": [j.to_dict() for j in listing.jobs],
+                "total": listing.total,
+                "problems": listing.problems,
+            }
         )
         return
-    out = Console(highlight=False, soft_wrap=True)
+    out = console()
     if not listing.jobs and not listing.problems:
         out.print("No jobs found")
     for job in listing.jobs:
@@ -72,8 +54,7 @@ def job_list(listing: Listing, *, json_output: bool) -> None:
         out.print(f"[{style}]{job.status:<24}[/{style}] {job_line(job)}")
     if listing.total > len(listing.jobs) + len(listing.problems):
         out.print(f"... {listing.total - len(listing.jobs)} older jobs not shown (--limit 0 for all)")
-    for problem in listing.problems:
-        print(f"perq: skipped {problem}", file=sys.stderr)
+    skipped(listing.problems)
 
 
 def answer_command(job: Job, cp: Checkpoint) -> str | None:
@@ -107,9 +88,9 @@ def job_detail(job: Job, checkpoints: list[Checkpoint], problems: list[str], *, 
         }
         if waiting and head:
             data["waitingFor"] = {"toolCall": waiting.to_dict(), "command": answer_command(job, head)}
-        print(json.dumps(data, indent=2))
+        print_json(data)
         return
-    out = Console(highlight=False, soft_wrap=True)
+    out = console()
     style = STATUS_STYLE.get(job.status, "")
     out.print(f"[{style}]{job.status}[/{style}] {job_line(job)}")
     u = job.usage
@@ -130,81 +111,4 @@ def job_detail(job: Job, checkpoints: list[Checkpoint], problems: list[str], *, 
     for cp in checkpoints:
         table.add_row(checkpoint_line(cp), cp.status, cp.expert.key)
     out.print(table)
-    for problem in problems:
-        print(f"perq: skipped {problem}", file=sys.stderr)
-
-
-async def follow_with_progress(
-    client: Any, job_id: str, start: str, *, quiet: bool = False, submitted_at: int = 0
-) -> str:
-    """Show a live progress line on stderr while the job runs; return its final status."""
-    redis = await client.redis()
-    if quiet:
-        return await wait_for_job(
-            redis, client.store, job_id, lambda e, p: None, start=start, cancelled_since=submitted_at
-        )
-    err = Console(stderr=True, highlight=False)
-    progress = Progress()
-    with err.status(f"job {job_id} queued") as spinner:
-
-        def on_event(event: Event, progress: Progress) -> None:
-            spinner.update(progress.line())
-            if event.type in SHOWN_EVENTS:
-                err.print(
-                    f"[dim]{clock(event.timestamp)} step {event.step_number}[/dim] "
-                    f"{event.expert_key}: {event.type}{escape(_detail(event))}"
-                )
-
-        status = await wait_for_job(
-            redis,
-            client.store,
-            job_id,
-            on_event,
-            start=start,
-            progress=progress,
-            cancelled_since=submitted_at,
-        )
-    summary = progress_summary(client, job_id, progress)
-    err.print(Text.assemble((status, STATUS_STYLE.get(status, "")), ": ", summary))
-    return status
-
-
-SHOWN_EVENTS = frozenset(
-    {
-        "callTools",
-        "callDelegate",
-        "retry",
-        "completeRun",
-        "stopRunByError",
-        "stopRunByInteractiveTool",
-        "stopRunByExceededMaxSteps",
-    }
-)
-
-
-def _detail(event: Event) -> str:
-    if event.type == "callTools":
-        names = [c.get("toolName") for c in getattr(event, "toolCalls", [])]
-        return f" {', '.join(str(n) for n in names)}"
-    if event.type == "completeRun":
-        text = str(getattr(event, "text", ""))
-        return f" {text[:80]!r}"
-    if event.type == "stopRunByError":
-        error = getattr(event, "error", {}) or {}
-        return f" {error.get('message', '')}"
-    return ""
-
-
-def progress_summary(client: Any, job_id: str, progress: Progress | None = None) -> str:
-    """The job's line and tokens: from the store's record, else from what its events said."""
-    job = client.store.load_job(job_id)
-    if job is None:
-        if progress is None:
-            return job_id
-        u = progress.usage
-        return (
-            f"{progress.expert or '-'} - {progress.step} steps ({job_id}) "
-            f"tokens in {u.input_tokens} out {u.output_tokens}"
-        )
-    u = job.usage
-    return f"{job_line(job)} tokens in {u.input_tokens} out {u.output_tokens}"
+    skipped(problems)
