@@ -37,7 +37,7 @@ from shared.models import (
 CONFIG_FILE_NAME = "perstack.toml"
 DEFAULT_PROVIDER = "anthropic"
 DEFAULT_MODEL = "claude-sonnet-4-5"
-# Perstack's provider names (spec §7.1) plus perq's offline script provider
+# Perstack's provider names plus perq's offline script provider
 PROVIDERS = (
     "anthropic",
     "openai",
@@ -334,7 +334,8 @@ def _skill(name: str, table: SkillTable) -> Skill:
     if table.type == "interactiveSkill":
         return InteractiveSkill.model_validate({**common, "tools": table.tools})
     if table.type == "mcpStdioSkill":
-        # packageName/args exclusivity is checked when the skill starts, as Perstack does (spec §1.10)
+        # packageName/args exclusivity is checked when the skill starts, as Perstack does: a config file alone
+        # never stops the others from loading
         return McpStdioSkill(
             command=table.command or "npx",
             package_name=table.package_name,
@@ -347,7 +348,7 @@ def _skill(name: str, table: SkillTable) -> Skill:
 
 
 def build_experts(config: PerstackConfig) -> dict[str, Expert]:
-    """The runtime form of every expert in the file: the table key is both key and name (spec §1.9)."""
+    """The runtime form of every expert in the file: the table key is both key and name, as in Perstack."""
     experts: dict[str, Expert] = {}
     for key, table in config.experts.items():
         skills = (

@@ -7,7 +7,7 @@ left unused for `PERQ_SKILL_IDLE_SECONDS` is closed; all are closed when the wor
 
 Setting a skill up may fail, and then the step's run stops with the message (it names the skill). A tool
 call never fails: a protocol error, a crashed server or a timeout becomes a result that tells the model what
-went wrong (spec §2.6).
+went wrong, so the model can try another way, as Perstack does.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The producer's modules import one another in one direction: no module imports one that imports it back.
+"""perq's modules import one another in one direction: no module imports one that imports it back.
 
 Imports inside functions count too: they are how commands keep `perq --help` fast, and a cycle through them
 still ties two modules together.
@@ -10,6 +10,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+ROOMS = ("shared", "producer", "worker")
 
 
 def module_name(path: Path) -> str:
@@ -18,9 +19,9 @@ def module_name(path: Path) -> str:
 
 
 def import_graph() -> dict[str, set[str]]:
-    """Each producer module and the producer modules it imports; `from a import b` imports the module `a.b`
+    """Each of perq's modules and the perq modules it imports; `from a import b` imports the module `a.b`
     when there is one, else `a`."""
-    files = {module_name(p): p for p in (ROOT / "producer").rglob("*.py")}
+    files = {module_name(p): p for room in ROOMS for p in (ROOT / room).rglob("*.py")}
     graph: dict[str, set[str]] = {name: set() for name in files}
     for name, path in files.items():
         for node in ast.walk(ast.parse(path.read_text())):
@@ -34,9 +35,11 @@ def import_graph() -> dict[str, set[str]]:
     return graph
 
 
-def test_no_import_cycle_in_producer() -> None:
+def test_no_import_cycle() -> None:
     graph = import_graph()
+    # the graph sees imports inside functions and through packages
     assert "producer.cli.run" in graph["producer.cli"]
+    assert "worker.models.script" in graph["worker.models.select"]
     cycles: list[list[str]] = []
     done: set[str] = set()
 
@@ -52,3 +55,20 @@ def test_no_import_cycle_in_producer() -> None:
         if module not in done:
             visit(module, [module])
     assert cycles == [], "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_arq_is_imported_only_by_the_queue_rooms() -> None:
+    """arq's API, and the private parts perq still uses, are reached through shared/queue and worker/queue
+    alone: an arq release that changes them changes those two rooms, nothing else."""
+    importers = set()
+    for room in ROOMS:
+        for path in (ROOT / room).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module]
+                if any(n == "arq" or n.startswith("arq.") for n in names):
+                    importers.add(module_name(path))
+    assert importers, "the walk must see the queue rooms' imports of arq"
+    outside = sorted(m for m in importers if not m.startswith(("shared.queue", "worker.queue")))
+    assert outside == []
