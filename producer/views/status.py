@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from producer.follow import Progress, wait_for_job
-from shared.models import Checkpoint, Event, Job
+from shared.models import CallTools, Checkpoint, CompleteRun, Event, Job, StopRunByError
 from shared.store import Listing
 
 STATUS_STYLE = {
@@ -183,15 +183,13 @@ SHOWN_EVENTS = frozenset(
 
 
 def _detail(event: Event) -> str:
-    if event.type == "callTools":
-        names = [c.get("toolName") for c in getattr(event, "toolCalls", [])]
-        return f" {', '.join(str(n) for n in names)}"
-    if event.type == "completeRun":
-        text = str(getattr(event, "text", ""))
-        return f" {text[:80]!r}"
-    if event.type == "stopRunByError":
-        error = getattr(event, "error", {}) or {}
-        return f" {error.get('message', '')}"
+    if isinstance(event, CallTools):
+        return f" {', '.join(c.tool_name for c in event.tool_calls)}"
+    if isinstance(event, CompleteRun):
+        return f" {event.text[:80]!r}"
+    if isinstance(event, StopRunByError):
+        error = event.error or event.checkpoint.error
+        return f" {error.message if error else ''}"
     return ""
 
 
