@@ -42,6 +42,7 @@ from shared.models import (
     RunSetting,
     StartGeneration,
     StartRun,
+    Step,
     StepEnd,
     misfit,
 )
@@ -223,7 +224,7 @@ def whole_events(
         elif isinstance(event, StepEnd):
             end = forms.get(event.checkpoint.id) or checkpoint_form(event.checkpoint, by_id)
             data["checkpoint"] = end
-            data["step"] = _whole_step(data.get("step") or {}, end, conversation, step_input)
+            data["step"] = _whole_step(event.step, end, conversation, step_input)
             if isinstance(event, ContinueToNextStep) and event.next_checkpoint is not None:
                 following = event.next_checkpoint
                 data["nextCheckpoint"] = {**end, "id": following.id, "stepNumber": following.step_number}
@@ -238,15 +239,17 @@ def _dicts(models: Sequence[PerqModel]) -> list[dict[str, Any]]:
 
 
 def _whole_step(
-    step: dict[str, Any],
+    step: Step | None,
     end: dict[str, Any],
     conversation: list[dict[str, Any]],
     step_input: list[dict[str, Any]] | None,
 ) -> dict[str, Any]:
-    messages = end.get("messages") or []
-    step.setdefault("newMessages", messages[len(conversation) :])
-    if step_input is not None:
-        step.setdefault("inputMessages", step_input)
-    if end.get("partialToolResults") and "partialToolResults" not in step:
-        step["partialToolResults"] = end["partialToolResults"]
-    return step
+    """The step's record with what perq's stored form leaves to the checkpoint and the run put back."""
+    data = step.to_dict() if step is not None else {}
+    if step is None or not step.new_messages:
+        data["newMessages"] = (end.get("messages") or [])[len(conversation) :]
+    if step_input is not None and (step is None or step.input_messages is None):
+        data["inputMessages"] = step_input
+    if end.get("partialToolResults") and (step is None or step.partial_tool_results is None):
+        data["partialToolResults"] = end["partialToolResults"]
+    return data

@@ -931,11 +931,11 @@ class SkillConnected(Event):
     type: Literal["skillConnected"] = "skillConnected"
     skill_name: str
     server_info: SkillServerInfo | None = None
-    connect_duration_ms: int | None = None
-    total_duration_ms: int | None = None
     spawn_duration_ms: int | None = None
     handshake_duration_ms: int | None = None
+    connect_duration_ms: int | None = None
     tool_discovery_duration_ms: int | None = None
+    total_duration_ms: int | None = None
 
 
 class SkillStderr(Event):
