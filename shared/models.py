@@ -663,8 +663,9 @@ class Event(PerqModel):
 
     Keys a type does not declare are kept when an event is read (`extra="allow"`): a field a newer perq or
     Perstack added survives `perq log --json` and `perq export`. Writers cannot add them: `emit` refuses a
-    payload key its type does not declare. `Event.model_validate` reads any event into its own type and
-    refuses one that does not fit; `read_event` is the tolerant reader of stores and streams.
+    payload key its type does not declare (`emit` on a step's hot path, `build` elsewhere).
+    `Event.model_validate` reads any event into its own type and refuses one that does not fit; `read_event`
+    is the tolerant reader of stores and streams.
     """
 
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
@@ -694,10 +695,7 @@ class Event(PerqModel):
 
         The payload is not validated (the loop hands over models it built, and a step is hot): only its
         keys are checked against the type's fields, so that a misspelt key fails here and not in a reader."""
-        kind = EVENT_CLASSES[type_]
-        unknown = payload.keys() - _PAYLOAD_KEYS[type_]
-        if unknown:
-            raise TypeError(f"{type_} events have no field {', '.join(sorted(unknown))}")
+        kind = _payload_checked(type_, payload)
         following = payload.get("nextCheckpoint")
         if isinstance(following, dict):  # the loop names the next step's checkpoint by id and number
             payload["nextCheckpoint"] = NextCheckpoint.model_validate(following)
@@ -714,6 +712,22 @@ class Event(PerqModel):
         exclude = _DERIVED_EXCLUDE.get(type_, _STORED_EXCLUDE)
         event._line = event.model_dump_json(by_alias=True, exclude_none=True, exclude=exclude)
         return event
+
+    @classmethod
+    def build(
+        cls,
+        type_: str,
+        job_id: str,
+        run_id: str,
+        expert_key: str | None,
+        step_number: int | None,
+        **payload: Any,
+    ) -> Event:
+        """An event made like `emit`'s, but validated: for emitters off a step's hot path whose payload holds
+        plain values (a skill server's info and timings), which become the type's models here."""
+        _payload_checked(type_, payload)
+        base = {"type": type_, "jobId": job_id, "runId": run_id, "expertKey": expert_key}
+        return Event.model_validate(base | {"stepNumber": step_number} | payload)
 
     @classmethod
     def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> Self:
@@ -1008,6 +1022,15 @@ _PAYLOAD_KEYS: dict[str, frozenset[str]] = {
     )
     for type_, cls in EVENT_CLASSES.items()
 }
+
+
+def _payload_checked(type_: str, payload: dict[str, Any]) -> type[Event]:
+    """The class of an event type, once the payload given to make one is known to have only its fields."""
+    kind = EVENT_CLASSES[type_]
+    unknown = payload.keys() - _PAYLOAD_KEYS[type_]
+    if unknown:
+        raise TypeError(f"{type_} events have no field {', '.join(sorted(unknown))}")
+    return kind
 
 
 def read_event(data: str | bytes | dict[str, Any]) -> Event:

@@ -270,8 +270,14 @@ def test_stores_written_by_others_read_as_perqs_types(root: Path, tmp_path: Path
 
 
 def test_skill_events_are_typed_from_their_emitters() -> None:
-    """The skill servers' emitters pass their payload by keyword; each becomes its type."""
-    event = Event.model_validate(
-        {"type": "skillConnected", "jobId": "j1", "runId": "r1", "skillName": "s", "serverInfo": None}
+    """The skill servers' emitters pass plain values by keyword; each event becomes its type, validated."""
+    info = {"name": "s", "version": "1"}
+    event = Event.build(
+        "skillConnected", "j1", "r1", "e", 1, skillName="s", serverInfo=info, spawnDurationMs=4
     )
-    assert isinstance(event, SkillConnected) and event.server_info is None
+    assert isinstance(event, SkillConnected) and event.server_info is not None
+    assert (event.server_info.name, event.spawn_duration_ms, event.step_number) == ("s", 4, 1)
+    with pytest.raises(TypeError, match="serverinfo"):
+        Event.build("skillConnected", "j1", "r1", "e", 1, skillName="s", serverinfo=info)
+    with pytest.raises(ValidationError):
+        Event.build("skillStderr", "j1", "r1", "e", 1, message="no skill named")

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from shared.models import ResolveToolResults, Retry, TextPart
 from tests.conftest import Perq, script_toml
 
 HELLO_CONFIG = """
@@ -182,8 +183,8 @@ def test_generation_timeout_is_retryable(perq: Perq) -> None:
     perq.burst()
     job = perq.job(job_id)
     assert job.status == "completed"
-    retry = next(e for e in perq.events(job_id) if e.type == "retry")
-    assert "timeout" in retry.reason  # type: ignore[attr-defined]
+    retry = next(e for e in perq.events(job_id) if isinstance(e, Retry))
+    assert "timeout" in retry.reason
 
 
 def test_script_out_of_turns_names_expert_and_turn(perq: Perq) -> None:
@@ -319,8 +320,8 @@ def test_file_tools_work_in_the_workspace(perq: Perq) -> None:
     job_id = perq.submit("hello", "hi", "--provider", "script", "--model", "script.toml", "--workspace", "ws")
     perq.burst()
     assert (perq.root / "ws" / "note.txt").read_text() == "hi there"
-    results = [e for e in perq.events(job_id) if e.type == "resolveToolResults"]
-    refused = results[1].toolResults[0]["result"][0]["text"]  # type: ignore[attr-defined]
-    assert "PathDenied" in refused
+    results = [e for e in perq.events(job_id) if isinstance(e, ResolveToolResults)]
+    refused = results[1].tool_results[0].result[0]
+    assert isinstance(refused, TextPart) and "PathDenied" in refused.text
     setting = perq.store.load_run_setting(job_id, perq.checkpoints(job_id)[0].run_id)
     assert setting is not None and setting.workspace == str((perq.root / "ws").resolve())
