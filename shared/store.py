@@ -728,8 +728,10 @@ class JobStore:
 
 
 def _misfits(events: list[Event]) -> list[str]:
+    """The events read as they are although perq knows their type (readers print these as "skipped …")."""
     return [
-        f"event {e.id} ({e.type}, step {e.step_number}) does not fit perq's model of its type: read as it is"
+        f"typing event {e.id} ({e.type}, step {e.step_number}): it does not fit perq's model of its type and"
+        " is shown as written"
         for e in events
         if misfit(e)
     ]
