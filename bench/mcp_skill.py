@@ -107,7 +107,7 @@ class Harness:
     async def run_job(self, expert: str) -> tuple[float, int, str, int | None]:
         """Run one job to its end; returns (seconds, steps, a tool result text, server start ms if any)."""
         from producer.api import RunRequest, plan_submission
-        from shared.models import ToolMessage
+        from shared.models import SkillConnected, ToolMessage
         from shared.queue import StepTask
 
         request = RunRequest(
@@ -135,9 +135,7 @@ class Harness:
             for part in message.contents
         )
         events, _ = self.store.read_events(plan.job.id, plan.setting.run_id)
-        start_ms = next(
-            ((e.model_extra or {}).get("totalDurationMs") for e in events if e.type == "skillConnected"), None
-        )
+        start_ms = next((e.total_duration_ms for e in events if isinstance(e, SkillConnected)), None)
         return elapsed, job.total_steps, sample, start_ms
 
 

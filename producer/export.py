@@ -20,23 +20,31 @@ import json
 import os
 import secrets
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from pydantic import ValidationError
 
 from producer.log_query import run_ids
 from shared import perstack_layout
 from shared.models import (
     PERSTACK_JOB_STATUS,
     STEP_ENDING_EVENTS,
+    CallDelegate,
     Checkpoint,
+    ContinueToNextStep,
     Event,
     Job,
+    Message,
+    PerqModel,
     PerstackJob,
     PerstackRunSetting,
     RunSetting,
+    StartGeneration,
+    StartRun,
+    Step,
+    StepEnd,
+    misfit,
 )
 from shared.store import JobStore, StoreError
 
@@ -166,7 +174,7 @@ def checkpoint_form(cp: Checkpoint, by_id: dict[str, Checkpoint]) -> dict[str, A
     return data
 
 
-def _initial_messages(store: JobStore, job_id: str, run_id: str) -> list[dict[str, Any]] | None:
+def _initial_messages(store: JobStore, job_id: str, run_id: str) -> list[Message] | None:
     """The conversation a perq run starts from (its initial checkpoint's); None for a run without one."""
     try:
         initial = store.load_initial_checkpoint(job_id, run_id)
@@ -174,7 +182,7 @@ def _initial_messages(store: JobStore, job_id: str, run_id: str) -> list[dict[st
         return None
     if initial is None:
         return None
-    return [m.model_dump(mode="json", by_alias=True, exclude_none=True) for m in initial.messages]
+    return initial.messages
 
 
 # --- events made whole ------------------------------------------------------------------------------
@@ -184,7 +192,7 @@ def whole_events(
     events: list[Event],
     by_id: dict[str, Checkpoint],
     forms: dict[str, dict[str, Any]],
-    initial: list[dict[str, Any]] | None,
+    initial: list[Message] | None,
 ) -> list[dict[str, Any]]:
     """One run's events (in order) as Perstack's runtime emits them. The conversation is followed along
     the run: a startRun sets it to the run's initial conversation and its input, a step's end to the
@@ -195,57 +203,53 @@ def whole_events(
     for event in events:
         if event.type not in perstack_layout.RUN_EVENT_TYPES or event.step_number is None:
             continue
+        if misfit(event) and event.type in STEP_ENDING_EVENTS:
+            continue  # its checkpoint is missing or damaged: the store's reader named it already
         data = event.to_dict()
-        if event.type == "startRun":
-            start = data.get("initialCheckpoint") or {}
-            if "messages" not in start:
-                start["messages"] = list(initial or [])
-            start = _checkpoint_dict(start, by_id)
-            data["initialCheckpoint"] = start
-            step_input = list(data.get("inputMessages") or [])
-            conversation = [*start["messages"], *step_input]
-        elif event.type == "startGeneration":
+        if isinstance(event, StartRun):
+            start = event.initial_checkpoint
+            if not start.messages and initial:  # perq's event leaves them to the run's initial checkpoint
+                start = start.model_copy(update={"messages": list(initial)})
+            data["initialCheckpoint"] = checkpoint_form(start, by_id)
+            step_input = _dicts(event.input_messages)
+            conversation = [*data["initialCheckpoint"].get("messages", []), *step_input]
+        elif isinstance(event, StartGeneration):
             data.pop("messageCount", None)  # perq's stand-in for the messages
             data.setdefault("messages", conversation)
-        elif event.type == "callDelegate":
-            calls = data.get("toolCalls")
-            if calls and "toolCall" not in data:
-                data["toolCall"] = calls[0]  # Perstack's format before the list named one call
-            elif "toolCall" in data and not calls:
-                data["toolCalls"] = [data["toolCall"]]
-        elif event.type in STEP_ENDING_EVENTS:
-            named = data.get("checkpoint") or {}
-            end = forms.get(named.get("id", ""))
-            if end is None:
-                try:
-                    end = _checkpoint_dict(named, by_id)
-                except ValidationError:
-                    continue  # its checkpoint is missing or damaged: the store's reader named it already
+        elif isinstance(event, CallDelegate):
+            calls = event.calls
+            if calls:  # both of Perstack's formats: one `toolCall`, later a `toolCalls` list
+                data["toolCall"] = calls[0].to_dict()
+                data["toolCalls"] = _dicts(calls)
+        elif isinstance(event, StepEnd):
+            end = forms.get(event.checkpoint.id) or checkpoint_form(event.checkpoint, by_id)
             data["checkpoint"] = end
-            data["step"] = _whole_step(data.get("step") or {}, end, conversation, step_input)
-            if event.type == "continueToNextStep":
-                following = data.get("nextCheckpoint") or {}
-                data["nextCheckpoint"] = {**end, **{k: following[k] for k in ("id", "stepNumber")}}
+            data["step"] = _whole_step(event.step, end, conversation, step_input)
+            if isinstance(event, ContinueToNextStep) and event.next_checkpoint is not None:
+                following = event.next_checkpoint
+                data["nextCheckpoint"] = {**end, "id": following.id, "stepNumber": following.step_number}
             conversation = list(end.get("messages") or [])
             step_input = None
         whole.append(data)
     return whole
 
 
-def _checkpoint_dict(data: dict[str, Any], by_id: dict[str, Checkpoint]) -> dict[str, Any]:
-    return checkpoint_form(Checkpoint.model_validate(data), by_id)
+def _dicts(models: Sequence[PerqModel]) -> list[dict[str, Any]]:
+    return [m.to_dict() for m in models]
 
 
 def _whole_step(
-    step: dict[str, Any],
+    step: Step | None,
     end: dict[str, Any],
     conversation: list[dict[str, Any]],
     step_input: list[dict[str, Any]] | None,
 ) -> dict[str, Any]:
-    messages = end.get("messages") or []
-    step.setdefault("newMessages", messages[len(conversation) :])
-    if step_input is not None:
-        step.setdefault("inputMessages", step_input)
-    if end.get("partialToolResults") and "partialToolResults" not in step:
-        step["partialToolResults"] = end["partialToolResults"]
-    return step
+    """The step's record with what perq's stored form leaves to the checkpoint and the run put back."""
+    data = step.to_dict() if step is not None else {}
+    if step is None or not step.new_messages:
+        data["newMessages"] = (end.get("messages") or [])[len(conversation) :]
+    if step_input is not None and (step is None or step.input_messages is None):
+        data["inputMessages"] = step_input
+    if end.get("partialToolResults") and (step is None or step.partial_tool_results is None):
+        data["partialToolResults"] = end["partialToolResults"]
+    return data

@@ -19,18 +19,28 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from producer.log_query import job_events
 from producer.views.terminal import say
 from shared.events import follow_events
-from shared.models import FINAL_JOB_STATUSES, JOB_STATUS_AFTER, Event, Job, Usage, check_id
+from shared.models import (
+    FINAL_JOB_STATUSES,
+    JOB_STATUS_AFTER,
+    CallTools,
+    Event,
+    Job,
+    StepEnd,
+    Usage,
+    check_id,
+    read_event,
+)
 from shared.queue import cancel_key, events_channel
 from shared.store import JobStore, StoreError
 
 
 def job_status_after(event: Event) -> str | None:
     """The job status an event settles, if any: the end of a top-level run (not of a delegate)."""
-    checkpoint = getattr(event, "checkpoint", None)
-    if event.type not in STOPPING_EVENTS or not isinstance(checkpoint, dict):
+    if event.type not in STOPPING_EVENTS or not isinstance(event, StepEnd):
         return None
-    status = JOB_STATUS_AFTER.get(checkpoint.get("status", ""))
-    if checkpoint.get("delegatedBy") and status != "stoppedByMaxSteps":
+    checkpoint = event.checkpoint
+    status = JOB_STATUS_AFTER.get(checkpoint.status)
+    if checkpoint.delegated_by is not None and status != "stoppedByMaxSteps":
         return None
     return status
 
@@ -59,11 +69,10 @@ class Progress:
             self.step = max(self.step, event.step_number)
         if event.expert_key:
             self.expert = event.expert_key
-        if event.type == "callTools":
-            self.tool_calls += len(getattr(event, "toolCalls", []) or [])
-        checkpoint = getattr(event, "checkpoint", None)
-        if isinstance(checkpoint, dict) and "usage" in checkpoint and not checkpoint.get("delegatedBy"):
-            self.usage = Usage.model_validate(checkpoint["usage"])
+        if isinstance(event, CallTools):
+            self.tool_calls += len(event.tool_calls)
+        if isinstance(event, StepEnd) and event.checkpoint.delegated_by is None:
+            self.usage = event.checkpoint.usage
         status = job_status_after(event)
         if status:
             self.status = status
@@ -255,7 +264,7 @@ async def segment_start(redis: Any, job_id: str, *, running: bool | None) -> str
             raw = fields.get(b"e") or fields.get("e")
             if raw is None:
                 continue
-            event = Event.model_validate_json(raw)
+            event = read_event(raw)
             if newest is None:
                 newest = entry
             if job_status_after(event) is not None:

@@ -13,7 +13,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from shared.models import Checkpoint, Event
+from shared.models import Event, StepEnd, read_event
 from shared.queue import events_channel
 
 STREAM_MAXLEN = 10_000  # events kept per job in Redis; the store keeps them all
@@ -23,8 +23,13 @@ LIVE_TEXT_LIMIT = 200  # characters of a string a live event keeps (tool results
 LIVE_RESULT_LIMIT = 4000  # the final text of a run, which followers print whole when it is short
 # messages (the calls and results beside them say the same) and a step's record (its checkpoint has the usage)
 _DROPPED = frozenset({"newMessage", "newMessages", "messages", "step"})
-# what a follower shows of a step's end: where the job is, what it cost, whom it waits on, its todo list
-_LIVE_CHECKPOINT_FIELDS = {"id", "status", "step_number", "usage", "delegated_by", "error"} | {
+# the same, by field name
+_DROPPED_FIELDS = frozenset({"new_message", "new_messages", "messages", "step"})
+# what a follower shows of a step's end: where the job is, what it cost, whom it waits on, its todo list;
+# with the ids and expert every checkpoint has, so that the follower reads it as a checkpoint
+_LIVE_CHECKPOINT_FIELDS = {"id", "job_id", "run_id", "expert", "status", "step_number", "usage"} | {
+    "delegated_by",
+    "error",
     "pending_tool_calls",
     "todos",
 }
@@ -44,17 +49,15 @@ def live_line(event: Event) -> str:
     """The event as the live stream carries it: without messages or the step's record, long strings cut, and
     a step's end with what a follower shows of its checkpoint (status, step, usage, delegation, error)."""
     line = event.to_json()
-    extra = event.__pydantic_extra__ or {}
-    checkpoint = extra.get("checkpoint")
     if (
         len(line) <= LIVE_TEXT_LIMIT
-        and not (extra.keys() & _DROPPED)
-        and not isinstance(checkpoint, Checkpoint)
+        and not (event.model_fields_set & _DROPPED_FIELDS)
+        and not isinstance(event, StepEnd)
     ):
         return line
     data = json.loads(line)
-    if isinstance(checkpoint, Checkpoint):
-        data["checkpoint"] = checkpoint.model_dump(
+    if isinstance(event, StepEnd):
+        data["checkpoint"] = event.checkpoint.model_dump(
             mode="json", by_alias=True, exclude_none=True, include=_LIVE_CHECKPOINT_FIELDS
         )
     for key in _DROPPED:
@@ -89,7 +92,8 @@ async def publish_events(redis: Any, job_id: str, events: list[Event]) -> None:
 async def follow_events(
     redis: Any, job_id: str, *, start: str = "0-0", block_ms: int = 500
 ) -> AsyncIterator[Event | None]:
-    """Yield the job's events in order from `start`; yields None after each quiet `block_ms`."""
+    """Yield the job's events in order from `start`, each as its own type (read tolerantly: one of a type
+    this follower does not know comes as an `UnknownEvent`); yields None after each quiet `block_ms`."""
     key = events_channel(job_id)
     last = start
     while True:
@@ -102,4 +106,4 @@ async def follow_events(
                 last = entry_id
                 raw = fields.get(b"e") or fields.get("e")
                 if raw is not None:
-                    yield Event.model_validate_json(raw)
+                    yield read_event(raw)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from pydantic import ValidationError
 
-from shared.models import Checkpoint, Event, Job
+from shared.models import Checkpoint, Event, Job, read_event
 
 _EVENT_FILE = re.compile(r"^event-(\d+)-(\d+)-([A-Za-z]+)\.json$")
 
@@ -82,7 +82,7 @@ def read_event_files(
         if data is None:
             continue
         try:
-            events.append(Event.model_validate_json(data))
+            events.append(read_event(data))
         except ValidationError:
             problems.append(f"damaged event file {describe(name)}")
     return events, problems

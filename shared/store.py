@@ -59,6 +59,8 @@ from shared.models import (
     check_id,
     checkpoint_id,
     derived_id,
+    misfit,
+    read_event,
 )
 
 T = TypeVar("T", Job, Checkpoint, RunSetting)
@@ -638,30 +640,39 @@ class JobStore:
             self.backend.append(events.key, events.data, events.order)
 
     def read_events(self, job_id: str, run_id: str) -> tuple[list[Event], list[str]]:
-        """A run's events in order: those of committed attempts, and untagged ones (older stores, and
-        Perstack's, one file per event). A step-ending event's checkpoint is read back from its file in place
-        of the id the line holds."""
+        """A run's events in order, each as its own type: those of committed attempts, and untagged ones
+        (older stores, and Perstack's, one file per event). What a line leaves out is put back before the line
+        is read into its type: a step-ending event's checkpoint from its file, in place of the id the line
+        holds; finishToolCall's tool results from the resolveToolResults before it.
+
+        Reading is tolerant: an event of a type perq does not know, or one that does not fit its type, is
+        kept as an `UnknownEvent` (the latter is also named among the problems); only a line that is no
+        event at all is skipped, and named."""
         folder = self._run(job_id, run_id)
         key = f"{folder}/events.jsonl"
         data = self.backend.read(key)
-        events: list[Event] = []
-        problems: list[str] = []
         if data is None:  # no log: a run Perstack wrote (the folder is listed only then)
             events, problems = perstack_layout.read_event_files(
                 self.backend.list(folder),
                 lambda name: self.backend.read(f"{folder}/{name}"),
                 lambda name: self.backend.describe(f"{folder}/{name}"),
             )
-        if data:
-            # lines a step wrote leave out the job and run ids; in a line that has them, they win (last key)
-            where = b'{"jobId":"%s","runId":"%s",' % (job_id.encode(), run_id.encode())
-            for n, line in enumerate(data.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    events.append(Event.model_validate_json(where + line[1:]))
-                except ValidationError:
-                    problems.append(f"damaged line {n} in {self.backend.describe(key)}")
+            return events, problems + _misfits(events)
+        lines: list[tuple[int, dict[str, Any]]] = []
+        problems = []
+        # lines a step wrote leave out the job and run ids; in a line that has them, they win (last key)
+        where = b'{"jobId":"%s","runId":"%s",' % (job_id.encode(), run_id.encode())
+        for n, line in enumerate(data.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                parsed = json.loads(where + line[1:])
+            except ValueError:
+                parsed = None
+            if isinstance(parsed, dict):
+                lines.append((n, parsed))
+            else:
+                problems.append(f"damaged line {n} in {self.backend.describe(key)}")
         files: dict[str, dict[str, Any] | None] = {}
 
         def checkpoint_file(checkpoint_id: str) -> dict[str, Any] | None:
@@ -673,23 +684,32 @@ class JobStore:
                     files[checkpoint_id] = None
             return files[checkpoint_id]
 
-        kept: list[Event] = []
-        for event in events:
-            extra = event.__pydantic_extra__ or {}
-            token = extra.pop("commit", None)  # the store's, not the event's
-            if token is not None and event.step_number is not None:
-                committed = checkpoint_file(checkpoint_id(run_id, event.step_number)) or {}
+        kept: list[tuple[int, dict[str, Any]]] = []
+        for n, line_data in lines:
+            token = line_data.pop("commit", None)  # the store's, not the event's
+            step_number = line_data.get("stepNumber")
+            if token is not None and isinstance(step_number, int):
+                committed = checkpoint_file(checkpoint_id(run_id, step_number)) or {}
                 if committed.get("commit") != token:
                     continue  # an attempt that lost the step's commit, died before it, or is still running
-            named = extra.get("checkpoint")
+            named = line_data.get("checkpoint")
             if isinstance(named, dict) and list(named) == ["id"]:
                 found = checkpoint_file(str(named["id"]))
                 if found is None:
-                    problems.append(f"event {event.id} names checkpoint {named['id']}, which is missing")
+                    problems.append(
+                        f"event {line_data.get('id')} names checkpoint {named['id']}, which is missing"
+                    )
                 else:
-                    extra["checkpoint"] = {k: v for k, v in found.items() if k != "commit"}
-            kept.append(event)
-        return _with_derived_messages(kept), problems
+                    line_data["checkpoint"] = {k: v for k, v in found.items() if k != "commit"}
+            kept.append((n, line_data))
+        _with_derived_messages([line_data for _, line_data in kept])
+        events = []
+        for n, line_data in kept:
+            try:
+                events.append(read_event(line_data))
+            except ValidationError:
+                problems.append(f"damaged line {n} in {self.backend.describe(key)}")
+        return events, problems + _misfits(events)
 
     # --- fan-in: results of parallel delegates, one file each -------------------------------------
 
@@ -707,20 +727,29 @@ class JobStore:
         return [data for data in found if data is not None]
 
 
-def _with_derived_messages(events: list[Event]) -> list[Event]:
+def _misfits(events: list[Event]) -> list[str]:
+    """The events read as they are although perq knows their type (readers print these as "skipped …")."""
+    return [
+        f"typing event {e.id} ({e.type}, step {e.step_number}): it does not fit perq's model of its type and"
+        " is shown as written"
+        for e in events
+        if misfit(e)
+    ]
+
+
+def _with_derived_messages(lines: list[dict[str, Any]]) -> None:
     """Fill each finishToolCall's tool message with the results of the step's resolveToolResults, as the
     loop made it: the results are stored once, in resolveToolResults."""
-    results: dict[tuple[str, int | None], dict[Any, Any]] = {}
-    for event in events:
-        extra = event.__pydantic_extra__ or {}
-        if event.type == "resolveToolResults":
-            by_call = {r.get("id"): r for r in extra.get("toolResults") or [] if isinstance(r, dict)}
-            results[(event.run_id, event.step_number)] = by_call
-        elif event.type == "finishToolCall":
-            by_call = results.get((event.run_id, event.step_number), {})
-            for message in extra.get("newMessages") or []:
+    results: dict[tuple[Any, Any], dict[Any, Any]] = {}
+    for line in lines:
+        where = (line.get("runId"), line.get("stepNumber"))
+        if line.get("type") == "resolveToolResults":
+            by_call = {r.get("id"): r for r in line.get("toolResults") or [] if isinstance(r, dict)}
+            results[where] = by_call
+        elif line.get("type") == "finishToolCall":
+            by_call = results.get(where, {})
+            for message in line.get("newMessages") or []:
                 for part in message.get("contents") or [] if isinstance(message, dict) else []:
                     if isinstance(part, dict) and "contents" not in part:
                         found = by_call.get(part.get("toolCallId"), {}).get("result") or []
                         part["contents"] = [p for p in found if p.get("type") in MESSAGE_PART_TYPES]
-    return events

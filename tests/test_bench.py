@@ -9,20 +9,33 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bench.common import BenchError, time_to_screen
 from bench.figures import delegation_phase, steps_per_second
-from shared.models import Event
+from shared.models import STEP_ENDING_EVENTS, Event
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def event(type_: str, step: int, ms: int, expert: str = "e") -> Event:
-    return Event.model_validate(
-        {"type": type_, "jobId": "j", "runId": "r", "expertKey": expert, "stepNumber": step, "timestamp": ms}
-    )
+    data: dict[str, Any] = {
+        "type": type_,
+        "jobId": "j",
+        "runId": "r",
+        "expertKey": expert,
+        "stepNumber": step,
+        "timestamp": ms,
+    }
+    checkpoint: dict[str, Any] = {"id": f"cp{step}", "jobId": "j", "runId": "r", "stepNumber": step}
+    checkpoint |= {"status": "proceeding", "expert": {"key": expert, "name": expert}}
+    if type_ == "startRun":
+        data["initialCheckpoint"] = checkpoint
+    elif type_ in STEP_ENDING_EVENTS:
+        data["checkpoint"] = checkpoint
+    return Event.model_validate(data)
 
 
 def test_steps_per_second_counts_from_the_end_of_step_one() -> None:

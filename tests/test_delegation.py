@@ -5,8 +5,23 @@ from __future__ import annotations
 
 import json
 import time
+from typing import TypeVar
 
-from shared.models import Event, Usage
+from shared.models import (
+    CallDelegate,
+    CallTools,
+    CompleteRun,
+    Event,
+    FinishAllToolCalls,
+    Message,
+    StartRun,
+    StopRunByDelegate,
+    StopRunByInteractiveTool,
+    TextPart,
+    ToolMessage,
+    ToolResultPart,
+    Usage,
+)
 from tests.conftest import Perq, script_toml
 
 SCRIPT = ("--provider", "script", "--model", "script.toml")
@@ -35,8 +50,23 @@ def flow(events: list[Event], types: tuple[str, ...]) -> list[str]:
     return [f"{e.type}:{e.expert_key}" for e in events if e.type in types]
 
 
-def checkpoint_of(event: Event) -> dict:  # type: ignore[type-arg]
-    return event.checkpoint  # type: ignore[attr-defined,no-any-return]
+E = TypeVar("E", bound=Event)
+
+
+def of(events: list[Event], kind: type[E], expert: str | None = None) -> list[E]:
+    """The events of one type (of one expert's runs), typed."""
+    return [e for e in events if isinstance(e, kind) and (expert is None or e.expert_key == expert)]
+
+
+def text_of(message: Message | ToolResultPart) -> str:
+    """The text of its first text part."""
+    return next(p.text for p in message.contents if isinstance(p, TextPart))
+
+
+def tool_results(message: Message) -> list[ToolResultPart]:
+    """The results a tool message answers with."""
+    assert isinstance(message, ToolMessage), message
+    return message.contents
 
 
 def test_delegate_chain(perq: Perq) -> None:
@@ -88,21 +118,21 @@ def test_delegate_chain(perq: Perq) -> None:
 
     # by hand: chain 1 (delegate) -> level1 2 (delegate) -> level2 3 (complete) -> level1 4 (resume), 5
     # (complete) -> chain 6 (resume), 7 (complete); usage is cumulative along the chain
-    final = checkpoint_of([e for e in events if e.type == "completeRun"][-1])
-    assert final["stepNumber"] == 7
-    assert Usage.model_validate(final["usage"]) == Usage(input_tokens=162, output_tokens=20, total_tokens=182)
+    final = of(events, CompleteRun)[-1].checkpoint
+    assert final.step_number == 7
+    assert final.usage == Usage(input_tokens=162, output_tokens=20, total_tokens=182)
     assert job.total_steps == 7
-    assert job.usage == Usage.model_validate(final["usage"])
+    assert job.usage == final.usage
     # the delegate's result came back as the tool result of the parent's call
-    resumed = next(e for e in events if e.type == "finishAllToolCalls" and e.expert_key == "chain")
-    part = resumed.newMessages[0]["contents"][0]  # type: ignore[attr-defined]
-    assert part["toolName"] == "level1"
-    assert part["contents"][0]["text"] == "level1 done"
+    resumed = of(events, FinishAllToolCalls, "chain")[0]
+    part = tool_results(resumed.new_messages[0])[0]
+    assert part.tool_name == "level1"
+    assert text_of(part) == "level1 done"
     # the delegate never saw its parent's history: its conversation starts with its own instruction
-    level2_start = next(e for e in events if e.type == "startRun" and e.expert_key == "level2")
-    messages = level2_start.inputMessages  # type: ignore[attr-defined]
-    assert [m["type"] for m in messages] == ["instructionMessage", "userMessage"]
-    assert messages[1]["contents"][0]["text"] == "go deepest"
+    level2_start = of(events, StartRun, "level2")[0]
+    messages = level2_start.input_messages
+    assert [m.type for m in messages] == ["instructionMessage", "userMessage"]
+    assert text_of(messages[1]) == "go deepest"
 
 
 PARALLEL_CONFIG = """
@@ -150,8 +180,8 @@ def test_parallel_delegation_then_continue(perq: Perq) -> None:
     assert job.status == "completed", job
 
     events = perq.events(job_id)
-    [delegate] = [e for e in events if e.type == "callDelegate"]
-    assert len(delegate.toolCalls) == 2  # type: ignore[attr-defined]
+    [delegate] = of(events, CallDelegate)
+    assert len(delegate.tool_calls) == 2
     completes = [e for e in events if e.type == "completeRun"]
     assert sorted(e.expert_key or "" for e in completes) == ["alpha", "beta", "coord"]
 
@@ -165,8 +195,8 @@ def test_parallel_delegation_then_continue(perq: Perq) -> None:
     # usage = parent + both deltas, exactly; steps continue from the highest child step
     assert job.usage == Usage(input_tokens=119, output_tokens=18, total_tokens=137)
     assert job.total_steps == 4
-    results = next(e for e in events if e.type == "finishAllToolCalls").newMessages[0]["contents"]  # type: ignore[attr-defined]
-    assert {r["toolName"]: r["contents"][0]["text"] for r in results} == {
+    results = tool_results(of(events, FinishAllToolCalls)[0].new_messages[0])
+    assert {r.tool_name: text_of(r) for r in results} == {
         "alpha": "alpha says hi",
         "beta": "beta says hi",
     }
@@ -223,8 +253,8 @@ def test_interactive_stop_and_answer(perq: Perq) -> None:
     job_id = first.stdout.strip().splitlines()[-1]
     events = perq.events(job_id)
     assert [e.type for e in events].count("stopRunByInteractiveTool") == 1
-    stop = next(e for e in events if e.type == "stopRunByInteractiveTool")
-    assert checkpoint_of(stop)["id"]
+    stop = of(events, StopRunByInteractiveTool)[0]
+    assert stop.checkpoint.id
     status = perq.run("status", job_id)
     assert "askUser" in status.stdout and f"--continue-job {job_id} -i" in status.stdout
 
@@ -237,18 +267,14 @@ def test_interactive_stop_and_answer(perq: Perq) -> None:
     assert second.returncode == 0, second.stderr
     new = perq.events(job_id)[len(events) :]
     assert new[0].type == "startRun"
-    assert checkpoint_of_initial(new[0])["status"] == "stoppedByInteractiveTool"
+    assert isinstance(new[0], StartRun) and new[0].initial_checkpoint.status == "stoppedByInteractiveTool"
     assert [e.type for e in new].count("completeRun") == 1
-    answer = next(e for e in new if e.type == "finishAllToolCalls").newMessages[0]["contents"][0]  # type: ignore[attr-defined]
-    assert answer["toolName"] == "askUser"
-    assert answer["contents"][0]["text"] == "User confirmed the test"
+    answer = tool_results(of(new, FinishAllToolCalls)[0].new_messages[0])[0]
+    assert answer.tool_name == "askUser"
+    assert text_of(answer) == "User confirmed the test"
 
     done = perq.run("run", "asker", "again", "--continue-job", job_id, "-i", *SCRIPT)
     assert done.returncode == 2 and "not waiting for input" in done.stderr
-
-
-def checkpoint_of_initial(event: Event) -> dict:  # type: ignore[type-arg]
-    return event.initialCheckpoint  # type: ignore[attr-defined,no-any-return]
 
 
 def test_mixed_tool_calls(perq: Perq) -> None:
@@ -277,8 +303,8 @@ def test_mixed_tool_calls(perq: Perq) -> None:
     job_id = first.stdout.strip().splitlines()[-1]
     events = perq.events(job_id)
 
-    [call] = [e for e in events if e.type == "callTools"]
-    assert [c["toolName"] for c in call.toolCalls] == ["healthCheck", "helper", "askUser"]  # type: ignore[attr-defined]
+    [call] = of(events, CallTools)
+    assert [c.tool_name for c in call.tool_calls] == ["healthCheck", "helper", "askUser"]
     assert [
         f"{e.type}:{e.expert_key}"
         for e in events
@@ -305,18 +331,18 @@ def test_mixed_tool_calls(perq: Perq) -> None:
         "callInteractiveTool:asker",
         "stopRunByInteractiveTool:asker",
     ]
-    by_delegate = checkpoint_of(next(e for e in events if e.type == "stopRunByDelegate"))
-    assert [r["toolName"] for r in by_delegate["partialToolResults"]] == ["healthCheck"]
-    stopped = checkpoint_of(next(e for e in events if e.type == "stopRunByInteractiveTool"))
-    assert stopped["status"] == "stoppedByInteractiveTool"
-    assert len(stopped["partialToolResults"]) == 2
-    assert [c["toolName"] for c in stopped["pendingToolCalls"]] == ["askUser"]
+    by_delegate = of(events, StopRunByDelegate)[0].checkpoint
+    assert [r.tool_name for r in by_delegate.partial_tool_results or []] == ["healthCheck"]
+    stopped = of(events, StopRunByInteractiveTool)[0].checkpoint
+    assert stopped.status == "stoppedByInteractiveTool"
+    assert len(stopped.partial_tool_results or []) == 2
+    assert [c.tool_name for c in stopped.pending_tool_calls or []] == ["askUser"]
 
     second = perq.run("run", "asker", "yes", "--continue-job", job_id, "-i", *SCRIPT, "--wait")
     assert second.returncode == 0, second.stderr
     final = perq.checkpoints(job_id)[-1]
     tool_message = next(m for m in reversed(final.messages) if m.type == "toolMessage")
-    assert sorted(p.tool_name for p in tool_message.contents) == ["askUser", "healthCheck", "helper"]  # type: ignore[union-attr]
+    assert sorted(p.tool_name for p in tool_results(tool_message)) == ["askUser", "healthCheck", "helper"]
 
 
 def test_resume_from_branches_from_a_coordinator_checkpoint(perq: Perq) -> None:
@@ -355,9 +381,9 @@ def test_resume_from_branches_from_a_coordinator_checkpoint(perq: Perq) -> None:
     head = perq.store.load_checkpoint(job_id, job.head_checkpoint_id or "")
     assert head is not None and head.step_number == 3
     assert head.id not in {c.id for c in checkpoints}
-    assert head.messages[-1].contents[0].text == "first end"  # type: ignore[union-attr]
+    assert text_of(head.messages[-1]) == "first end"
     assert sorted(c.step_number for c in perq.checkpoints(job_id)) == [1, 2, 2, 3, 3]
-    user_texts = [m.contents[0].text for m in head.messages if m.type == "userMessage"]  # type: ignore[union-attr]
+    user_texts = [text_of(m) for m in head.messages if m.type == "userMessage"]
     assert user_texts == ["start", "branch"]
 
 
@@ -382,7 +408,7 @@ def test_failing_delegate_returns_its_error_to_the_parent(perq: Perq) -> None:
     final = perq.checkpoints(job_id)[-1]
     assert final.expert.key == "chain"
     tool_message = next(m for m in reversed(final.messages) if m.type == "toolMessage")
-    text = tool_message.contents[0].contents[0].text  # type: ignore[union-attr]
+    text = text_of(tool_results(tool_message)[0])
     assert "Delegation failed" in text and "invalid api key" in text
 
 
@@ -419,7 +445,7 @@ def test_delegate_hitting_max_steps_stops_the_job(perq: Perq) -> None:
     assert job.status == "completed"
     final = perq.store.load_checkpoint(job_id, job.head_checkpoint_id or "")
     assert final is not None and final.status == "completed"
-    assert final.expert.key == "chain" and final.messages[-1].contents[0].text == "gave up"  # type: ignore[union-attr]
+    assert final.expert.key == "chain" and text_of(final.messages[-1]) == "gave up"
     kinds = [m.type for m in final.messages]
     assert kinds[-3:] == ["toolMessage", "userMessage", "expertMessage"]
 

@@ -315,14 +315,18 @@ async def test_wait_for_job_needs_no_store(redis_server: LocalRedis, tmp_path: P
     redis = Redis.from_url(redis_server.url)
     job_id = f"nostore{time.monotonic_ns()}"
     base = {"jobId": job_id, "runId": "r1", "expertKey": "e"}
+    checkpoint = {"id": "cp1", "expert": {"key": "e", "name": "e"}, "stepNumber": 1} | base
     events = [
-        Event.model_validate(base | {"type": "startRun", "stepNumber": 1}),
+        Event.model_validate(
+            base | {"type": "startRun", "stepNumber": 1, "initialCheckpoint": checkpoint | {"status": "init"}}
+        ),
         Event.model_validate(
             base
             | {
                 "type": "stopRunByInteractiveTool",
                 "stepNumber": 1,
-                "checkpoint": {"usage": {"inputTokens": 3}, "status": "stoppedByInteractiveTool"},
+                "checkpoint": checkpoint
+                | {"usage": {"inputTokens": 3}, "status": "stoppedByInteractiveTool"},
             }
         ),
     ]

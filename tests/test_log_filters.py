@@ -22,7 +22,7 @@ from producer.log_query import (
     summarize,
 )
 from producer.views.log import event_lines, print_log, render_json
-from shared.models import Checkpoint, Event, ExpertRef, Job, Usage
+from shared.models import STEP_ENDING_EVENTS, Checkpoint, Event, ExpertRef, Job, Usage
 from shared.store import JobStore
 
 JOB = "job1"
@@ -30,10 +30,20 @@ RUN = "run1"
 
 
 def ev(type_: str, step: int | None = 1, ts: int = 1_000, run: str = RUN, **payload: Any) -> Event:
-    return Event.model_validate(
-        {"type": type_, "jobId": JOB, "runId": run, "expertKey": "e", "stepNumber": step, "timestamp": ts}
-        | payload
-    )
+    """An event of the type; a payload it requires and the test does not give is a plain stand-in."""
+    base: dict[str, Any] = {"type": type_, "jobId": JOB, "runId": run, "expertKey": "e", "stepNumber": step}
+    base["timestamp"] = ts
+    expert = {"key": "e", "name": "e"}
+    checkpoint: dict[str, Any] = {"id": f"cp{step}", "jobId": JOB, "runId": run, "expert": expert}
+    checkpoint["status"] = "proceeding"
+    checkpoint["stepNumber"] = step or 0
+    if type_ == "startRun":
+        base["initialCheckpoint"] = checkpoint
+    elif type_ in STEP_ENDING_EVENTS:
+        base["checkpoint"] = checkpoint
+    elif type_.startswith("skill"):
+        base["skillName"] = "s"
+    return Event.model_validate(base | payload)
 
 
 def call(name: str, **args: Any) -> dict[str, Any]:

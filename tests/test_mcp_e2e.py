@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from shared.models import Checkpoint, ToolMessage
+from shared.models import Checkpoint, SkillConnected, SkillStarting, ToolMessage
 from tests.conftest import Perq, script_toml
 from tests.mcp_servers import PROBE, remote_server
 
@@ -92,14 +92,14 @@ def test_third_party_stdio_server_answers_through_a_worker(perq: Perq) -> None:
     assert json.loads(results["get_current_time"][0])["error"] == "ToolNotFound"
 
     events = perq.events(job_id)
-    starting = next(e for e in events if e.type == "skillStarting")
-    assert starting.model_extra == {
-        "skillName": "time",
-        "command": sys.executable,
-        "args": ["-m", "mcp_server_time", "--local-timezone", "UTC"],
-    }
-    connected = next(e for e in events if e.type == "skillConnected")
-    assert (connected.model_extra or {})["serverInfo"]["name"] == "mcp-time"
+    starting = next(e for e in events if isinstance(e, SkillStarting))
+    assert (starting.skill_name, starting.command, starting.args) == (
+        "time",
+        sys.executable,
+        ["-m", "mcp_server_time", "--local-timezone", "UTC"],
+    )
+    connected = next(e for e in events if isinstance(e, SkillConnected))
+    assert connected.server_info is not None and connected.server_info.name == "mcp-time"
     assert connected.step_number == 1 and connected.expert_key == "clock"
     kinds = [e.type for e in events]
     assert kinds.index("skillConnected") < kinds.index("startRun")  # set up before the step began
@@ -283,5 +283,5 @@ def test_remote_skill_over_streamable_http(perq: Perq, remote_port: int) -> None
     perq.burst(PERQ_ALLOW_LOOPBACK_SKILLS="1")
     assert perq.job(allowed).status == "completed"
     assert tool_results(perq.checkpoints(allowed)[-1])["add"] == ["42"]
-    starting = next(e for e in perq.events(allowed) if e.type == "skillStarting")
-    assert (starting.model_extra or {})["transport"] == "streamable-http"
+    starting = next(e for e in perq.events(allowed) if isinstance(e, SkillStarting))
+    assert starting.transport == "streamable-http"

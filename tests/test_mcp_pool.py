@@ -15,7 +15,19 @@ from typing import Any
 import pytest
 
 from shared.config import McpSection
-from shared.models import Event, Expert, McpSseSkill, McpStdioSkill, Skill, TextPart, ToolCall
+from shared.models import (
+    Event,
+    Expert,
+    McpSseSkill,
+    McpStdioSkill,
+    Skill,
+    SkillConnected,
+    SkillServerInfo,
+    SkillStarting,
+    SkillStderr,
+    TextPart,
+    ToolCall,
+)
 from tests.mcp_servers import PROBE, remote_server
 from worker.skills.base import ToolContext
 from worker.skills.mcp.pool import McpSkillPool
@@ -157,19 +169,23 @@ async def test_server_is_reused_across_calls_and_steps(pool: McpSkillPool, event
     await pool.list_tools(skill)
     assert await text_of(pool, skill, "pid") == first
     assert types_of(events).count("skillStarting") == 1
-    started = next(e for e in events if e.type == "skillStarting")
-    assert started.model_extra == {"skillName": "probe", "command": sys.executable, "args": [str(PROBE)]}
-    connected = next(e for e in events if e.type == "skillConnected")
-    extra = connected.model_extra or {}
-    assert extra["serverInfo"] == {"name": "probe", "version": "1.2.3"}
-    for key in ("spawnDurationMs", "handshakeDurationMs", "toolDiscoveryDurationMs"):
-        assert extra[key] >= 0
-    assert extra["connectDurationMs"] == pytest.approx(
-        extra["spawnDurationMs"] + extra["handshakeDurationMs"], abs=1
+    started = next(e for e in events if isinstance(e, SkillStarting))
+    assert (started.skill_name, started.command, started.args, started.endpoint) == (
+        "probe",
+        sys.executable,
+        [str(PROBE)],
+        None,
     )
-    assert extra["totalDurationMs"] >= extra["connectDurationMs"]
-    stderr = [e.model_extra for e in events if e.type == "skillStderr"]
-    assert {"skillName": "probe", "message": f"probe ready pid={first}"} in stderr
+    connected = next(e for e in events if isinstance(e, SkillConnected))
+    assert connected.server_info == SkillServerInfo(name="probe", version="1.2.3")
+    spawn, handshake = connected.spawn_duration_ms, connected.handshake_duration_ms
+    discovery, total = connected.tool_discovery_duration_ms, connected.total_duration_ms
+    assert spawn is not None and handshake is not None and discovery is not None and total is not None
+    assert min(spawn, handshake, discovery) >= 0
+    assert connected.connect_duration_ms == pytest.approx(spawn + handshake, abs=1)
+    assert total >= (connected.connect_duration_ms or 0)
+    stderr = [(e.skill_name, e.message) for e in events if isinstance(e, SkillStderr)]
+    assert ("probe", f"probe ready pid={first}") in stderr
     assert (started.job_id, started.run_id, started.expert_key, started.step_number) == (
         "job",
         "run",
@@ -331,13 +347,14 @@ async def test_remote_skill_over_http(remote_port: int, path: str, events: list[
             ToolCall(id="c", skill_name="remote", tool_name="add", args={"a": 2, "b": 40})
         )
         assert result.result[0].text == "42"  # type: ignore[union-attr]
-        starting = next(e for e in events if e.type == "skillStarting")
+        starting = next(e for e in events if isinstance(e, SkillStarting))
         transport = "sse" if path == "/sse" else "streamable-http"
-        assert starting.model_extra == {
-            "skillName": "remote",
-            "endpoint": skill.endpoint,
-            "transport": transport,
-        }
+        assert (starting.skill_name, starting.endpoint, starting.transport, starting.command) == (
+            "remote",
+            skill.endpoint,
+            transport,
+            None,
+        )
         assert "skillConnected" in types_of(events)
     finally:
         await pool.close()

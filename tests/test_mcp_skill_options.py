@@ -9,7 +9,7 @@ import json
 import sys
 
 from shared.config import PerstackConfig, build_experts
-from shared.models import BASE_SKILL_NAME, McpStdioSkill
+from shared.models import BASE_SKILL_NAME, McpStdioSkill, SkillStarting
 from tests.conftest import Perq, script_toml
 from tests.mcp_servers import PROBE
 from tests.test_mcp_e2e import BASE, finish, submit, tool_results
@@ -102,9 +102,9 @@ def test_perstack_base_skill_command_replaces_the_in_process_base(perq: Perq) ->
     assert results["echo"] == ["from my base"]  # answered by the server the command started
     assert json.loads(results["todo"][0])["error"] == "ToolNotFound"  # perq's base tools are not offered
     assert last.todos is None
-    starting = next(e for e in perq.events(job_id) if e.type == "skillStarting")
-    assert (starting.model_extra or {})["skillName"] == BASE_SKILL_NAME
-    assert (starting.model_extra or {})["command"] == sys.executable
+    starting = next(e for e in perq.events(job_id) if isinstance(e, SkillStarting))
+    assert starting.skill_name == BASE_SKILL_NAME
+    assert starting.command == sys.executable
 
 
 def test_perstack_base_skill_command_keeps_the_base_skills_filters() -> None:

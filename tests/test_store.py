@@ -12,10 +12,12 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from shared.models import (
+    STEP_ENDING_EVENTS,
     Checkpoint,
     Event,
     ExpertRef,
@@ -88,7 +90,13 @@ def checkpoint(step: int, run_id: str = "r1", job_id: str = "j1") -> Checkpoint:
 
 
 def event(type_: str, step: int, run_id: str = "r1") -> Event:
-    return Event.model_validate({"type": type_, "jobId": "j1", "runId": run_id, "stepNumber": step})
+    """An event of the type with the least payload it requires: the step's checkpoint where it has one."""
+    data: dict[str, Any] = {"type": type_, "jobId": "j1", "runId": run_id, "stepNumber": step}
+    if type_ == "startRun":
+        data["initialCheckpoint"] = checkpoint(step, run_id).to_dict()
+    elif type_ in STEP_ENDING_EVENTS:
+        data["checkpoint"] = checkpoint(step, run_id).to_dict()
+    return Event.model_validate(data)
 
 
 def test_backends_are_what_the_location_says(store: JobStore) -> None:

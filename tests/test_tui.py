@@ -30,7 +30,7 @@ from producer.tui.app import (
     StartApp,
 )
 from shared.config import RedisSection, Settings, StoreSection
-from shared.models import Job, Usage, now_ms
+from shared.models import FinishAllToolCalls, Job, TextPart, ToolMessage, Usage, now_ms
 from tests.conftest import Perq, script_toml
 
 CONFIG = """
@@ -344,8 +344,12 @@ async def test_interactive_stop_is_answered_in_the_live_view(perq: Perq) -> None
         assert "— answer: Blue" in shown(app)
     job_id = live.job.id
     events = perq.events(job_id)
-    answer = next(e for e in events if e.type == "finishAllToolCalls").newMessages[0]["contents"][0]  # type: ignore[attr-defined]
-    assert answer["toolName"] == "askUser" and answer["contents"][0]["text"] == "Blue"
+    finished = next(e for e in events if isinstance(e, FinishAllToolCalls))
+    answered = finished.new_messages[0]
+    assert isinstance(answered, ToolMessage)
+    answer = answered.contents[0]
+    assert answer.tool_name == "askUser"
+    assert [p.text for p in answer.contents if isinstance(p, TextPart)] == ["Blue"]
 
 
 async def test_a_waiting_job_asks_for_its_answer_from_the_history(perq: Perq) -> None:

@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from shared.models import ResolveToolResults, TextPart
 from tests.conftest import Perq, script_toml
 
 HELLO_CONFIG = """
@@ -217,8 +218,8 @@ def test_file_tools_work_in_the_workspace(perq: Perq) -> None:
     job_id = perq.submit("hello", "hi", "--provider", "script", "--model", "script.toml", "--workspace", "ws")
     perq.burst()
     assert (perq.root / "ws" / "note.txt").read_text() == "hi there"
-    results = [e for e in perq.events(job_id) if e.type == "resolveToolResults"]
-    refused = results[1].toolResults[0]["result"][0]["text"]  # type: ignore[attr-defined]
-    assert "PathDenied" in refused
+    results = [e for e in perq.events(job_id) if isinstance(e, ResolveToolResults)]
+    refused = results[1].tool_results[0].result[0]
+    assert isinstance(refused, TextPart) and "PathDenied" in refused.text
     setting = perq.store.load_run_setting(job_id, perq.checkpoints(job_id)[0].run_id)
     assert setting is not None and setting.workspace == str((perq.root / "ws").resolve())

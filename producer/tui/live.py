@@ -8,14 +8,13 @@ shows of each event.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from rich.text import Text
 
 from producer.api import Client, RunRequest
 from producer.follow import Progress, segment_start, wait_for_job
 from producer.tui.source import event_label
-from shared.models import Event, Job
+from shared.models import CompleteRun, Event, Job, StepEnd, Todo
 
 # streaming deltas and generation starts say nothing a person follows; every other event gets a line
 QUIET_EVENTS = frozenset(
@@ -81,29 +80,25 @@ def event_text(event: Event) -> list[Text]:
     if event.type in QUIET_EVENTS:
         return []
     lines = [event_label(event)]
-    if event.type == "completeRun":
-        text = str(getattr(event, "text", "") or "")
-        if text:
-            lines.append(Text(text, style="bold"))
+    if isinstance(event, CompleteRun) and event.text:
+        lines.append(Text(event.text, style="bold"))
     return lines
 
 
-def todos_of(event: Event) -> list[dict[str, Any]] | None:
+def todos_of(event: Event) -> list[Todo] | None:
     """The todo list as the step that this event ends left it, when the event carries its checkpoint."""
-    checkpoint = getattr(event, "checkpoint", None)
-    if not isinstance(checkpoint, dict) or "status" not in checkpoint:
+    if not isinstance(event, StepEnd):
         return None
-    todos = checkpoint.get("todos") or []
-    return [t for t in todos if isinstance(t, dict)]
+    return list(event.checkpoint.todos or [])
 
 
-def todo_text(expert: str, todos: list[dict[str, Any]]) -> Text:
+def todo_text(expert: str, todos: list[Todo]) -> Text:
     if not todos:
         return Text("")
     text = Text(f"Todos ({expert}): ", style="bold")
     for n, todo in enumerate(todos):
         if n:
             text.append("  ")
-        done = bool(todo.get("completed"))
-        text.append(("[x] " if done else "[ ] ") + str(todo.get("title", "")), style="dim" if done else "")
+        done = todo.completed
+        text.append(("[x] " if done else "[ ] ") + todo.title, style="dim" if done else "")
     return text

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from rich.console import Console
@@ -18,7 +18,22 @@ from producer.log_query import DELEGATION_TYPES, ERROR_TYPES, TOOL_TYPES, LogFil
 from producer.views.clock import time_of_day, timestamp
 from producer.views.status import STATUS_STYLE
 from producer.views.terminal import skipped
-from shared.models import Checkpoint, Event, Job
+from shared.models import (
+    CallDelegate,
+    CallInteractiveTool,
+    CallTools,
+    Checkpoint,
+    CompleteRun,
+    Event,
+    Job,
+    ResolveToolResults,
+    Retry,
+    StartRun,
+    StopRunByError,
+    TextPart,
+    ToolResultPart,
+    UserMessage,
+)
 
 RULE = "─" * 50
 TYPE_WIDTH = 24
@@ -82,8 +97,8 @@ def checkpoint_header(cp: Checkpoint, *, messages: bool) -> list[Text]:
     ]
     if messages:
         lines += [Text(""), Text("Messages:")]
-        for message in cp.to_dict()["messages"]:
-            lines.append(Text(f"  [{message['type']}] {preview(first_text(message.get('contents')), 100)}"))
+        for message in cp.messages:
+            lines.append(Text(f"  [{message.type}] {preview(first_text(message.contents), 100)}"))
     return lines
 
 
@@ -160,58 +175,51 @@ def event_lines(event: Event, *, verbose: bool = False) -> list[Text]:
 
 def event_details(event: Event, *, verbose: bool = False) -> list[str]:
     """The lines under an event's header: what a person wants to know about it."""
-    data = event.to_dict()
-    kind = event.type
     lines: list[str] = []
-    if kind == "startRun":
-        user = next((m for m in data.get("inputMessages") or [] if m.get("type") == "userMessage"), None)
+    if isinstance(event, StartRun):
+        user = next((m for m in event.input_messages if isinstance(m, UserMessage)), None)
         if user is not None:
-            lines.append(f'Query: "{preview(first_text(user.get("contents")), 60)}"')
-    elif kind == "callTools":
-        calls = data.get("toolCalls") or []
+            lines.append(f'Query: "{preview(first_text(user.contents), 60)}"')
+    elif isinstance(event, CallTools):
         if verbose:
-            for call in calls:
-                lines.append(f"[{call.get('skillName')}] {call.get('toolName')}")
-                lines.append(f"  Args: {json.dumps(call.get('args', {}), ensure_ascii=False)}")
+            for call in event.tool_calls:
+                lines.append(f"[{call.skill_name}] {call.tool_name}")
+                lines.append(f"  Args: {json.dumps(call.args, ensure_ascii=False)}")
         else:
-            lines.append("Tools: " + ", ".join(str(c.get("toolName")) for c in calls))
-    elif kind == "resolveToolResults":
-        for result in data.get("toolResults") or []:
-            parts = result.get("result") or []
-            text = first_text(parts)
+            lines.append("Tools: " + ", ".join(c.tool_name for c in event.tool_calls))
+    elif isinstance(event, ResolveToolResults):
+        for result in event.tool_results:
+            text = first_text(result.result)
             failed = text.lower().startswith("error") or any(
-                isinstance(p, dict) and p.get("isError") for p in parts
+                isinstance(p, ToolResultPart) and p.is_error for p in result.result
             )
-            lines.append(f"{'✗' if failed else '✓'} {result.get('toolName')}: {preview(text, 40)}")
-    elif kind == "callInteractiveTool":
-        call = data.get("toolCall") or {}
-        lines.append(f"Waiting for: {call.get('toolName')} {json.dumps(call.get('args', {}))}")
-    elif kind == "stopRunByError":
-        error = data.get("error") or {}
-        lines.append(f"Error: {error.get('name')}")
-        lines.append(f"Message: {error.get('message')}")
-        lines.append(f"Retryable: {str(bool(error.get('isRetryable'))).lower()}")
-    elif kind == "callDelegate":
-        for call in data.get("toolCalls") or []:
-            args = call.get("args") or {}
-            target = args.get("expertKey") or args.get("expert") or call.get("toolName")
+            lines.append(f"{'✗' if failed else '✓'} {result.tool_name}: {preview(text, 40)}")
+    elif isinstance(event, CallInteractiveTool):
+        call = event.tool_call
+        lines.append(f"Waiting for: {call.tool_name} {json.dumps(call.args)}")
+    elif isinstance(event, StopRunByError):
+        error = event.error or event.checkpoint.error
+        if error is not None:
+            lines.append(f"Error: {error.name}")
+            lines.append(f"Message: {error.message}")
+            lines.append(f"Retryable: {str(error.is_retryable).lower()}")
+    elif isinstance(event, CallDelegate):
+        for call in event.calls:
+            target = call.args.get("expertKey") or call.args.get("expert") or call.tool_name
             lines.append(f"Delegate to: {target}")
-    elif kind == "completeRun":
-        lines.append(f"Result: {preview(str(data.get('text', '')), 80)}")
-    elif kind == "retry":
-        lines.append(f"Reason: {data.get('reason')}")
+    elif isinstance(event, CompleteRun):
+        lines.append(f"Result: {preview(event.text, 80)}")
+    elif isinstance(event, Retry):
+        lines.append(f"Reason: {event.reason}")
     return lines
 
 
 # --- small helpers --------------------------------------------------------------------------------
 
 
-def first_text(contents: Any) -> str:
-    if isinstance(contents, list):
-        for part in contents:
-            if isinstance(part, dict) and part.get("type") == "textPart" and "text" in part:
-                return str(part["text"])
-    return ""
+def first_text(contents: Sequence[object]) -> str:
+    """The text of the first text part among a message's or a tool result's parts, or ""."""
+    return next((p.text for p in contents if isinstance(p, TextPart)), "")
 
 
 def preview(text: str, width: int) -> str:

@@ -18,7 +18,7 @@ from rich.text import Text
 from producer.follow import Progress
 from producer.views.clock import time_of_day
 from producer.views.status import STATUS_STYLE, job_line
-from shared.models import Event, Job
+from shared.models import CallTools, CompleteRun, Event, Job, StopRunByError
 
 # what `perq run --wait` shows of a job's events on stderr: its steps' outcomes, not every event
 SHOWN_EVENTS = frozenset(
@@ -67,15 +67,13 @@ def event_line(event: Event) -> Text | None:
 
 
 def _detail(event: Event) -> str:
-    if event.type == "callTools":
-        names = [c.get("toolName") for c in getattr(event, "toolCalls", [])]
-        return f" {', '.join(str(n) for n in names)}"
-    if event.type == "completeRun":
-        text = str(getattr(event, "text", ""))
-        return f" {text[:80]!r}"
-    if event.type == "stopRunByError":
-        error = getattr(event, "error", {}) or {}
-        return f" {error.get('message', '')}"
+    if isinstance(event, CallTools):
+        return f" {', '.join(c.tool_name for c in event.tool_calls)}"
+    if isinstance(event, CompleteRun):
+        return f" {event.text[:80]!r}"
+    if isinstance(event, StopRunByError):
+        error = event.error or event.checkpoint.error
+        return f" {error.message if error else ''}"
     return ""
 
 

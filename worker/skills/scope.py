@@ -28,16 +28,7 @@ class SkillScope:
     def emit(self, type_: str, **payload: Any) -> None:
         # Perstack's runtime events carry no expertKey / stepNumber; perq sets them so a re-run step drops
         # the skill events of its failed attempt along with the rest (store.drop_events_from_step).
-        event = Event.model_validate(
-            {
-                "type": type_,
-                "jobId": self.job_id,
-                "runId": self.run_id,
-                "expertKey": self.expert_key,
-                "stepNumber": self.step_number,
-                **payload,
-            }
-        )
+        event = Event.build(type_, self.job_id, self.run_id, self.expert_key, self.step_number, **payload)
         self.events.append(event)
 
 
