@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from shared.config import McpSection, Settings, SettingsError, StoreSection, WorkerSection
-from shared.s3store import S3Backend
+from shared.store.s3 import S3Backend
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -30,8 +30,8 @@ from shared.models import (
     UserMessage,
     checkpoint_id,
 )
-from shared.s3store import S3Backend
 from shared.store import JobStore, LocalBackend, StoreError
+from shared.store.s3 import S3Backend
 from tests.conftest import Perq
 
 BUCKET = "perq-test-store"
@@ -447,7 +447,7 @@ def test_a_worker_on_a_distant_s3_store_completes_every_job_exactly(
 
 
 def test_group_flush_serves_every_caller_and_a_failed_flush_serves_none(tmp_path: Path) -> None:
-    from shared import flush
+    from shared.store import flush
 
     group = flush.GroupFlush(tmp_path)
     calls: list[int] = []
@@ -480,7 +480,7 @@ def test_group_flush_serves_every_caller_and_a_failed_flush_serves_none(tmp_path
 def test_local_store_without_syncfs_flushes_each_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from shared import flush
+    from shared.store import flush
 
     monkeypatch.setattr(flush, "_SYNCFS", None)
     store = JobStore.open(str(tmp_path / "perstack"))

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from tenacity import retry, retry_if_exception_type, stop_after_attempt
 
 if TYPE_CHECKING:
-    from shared.store import Append
+    from shared.store.backend import Append
 
 LOG_SUFFIX = ".jsonl"
 PARTS_SUFFIX = ".parts"
