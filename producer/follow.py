@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -22,25 +24,54 @@ from shared.events import follow_events
 from shared.models import (
     FINAL_JOB_STATUSES,
     JOB_STATUS_AFTER,
+    STEP_ENDING_EVENTS,
     CallTools,
     Event,
     Job,
     StepEnd,
     Usage,
     check_id,
+    misfit,
     read_event,
 )
 from shared.queue import cancel_key, events_channel
 from shared.store import JobStore, StoreError
 
 
+@dataclass(frozen=True)
+class StepEnding:
+    """What a follower needs of the checkpoint a step-ending event carries."""
+
+    status: str
+    delegated: bool
+    usage: Usage
+
+
+def step_ending(event: Event) -> StepEnding | None:
+    """The checkpoint summary of a step-ending event. An older worker's live form of it lacks the ids the
+    typed checkpoint needs and reads as a misfit; its keys still say what a follower needs."""
+    if isinstance(event, StepEnd):
+        cp = event.checkpoint
+        return StepEnding(cp.status, cp.delegated_by is not None, cp.usage)
+    raw = (event.model_extra or {}).get("checkpoint") if misfit(event) else None
+    if event.type not in STEP_ENDING_EVENTS or not isinstance(raw, dict):
+        return None
+    if not isinstance(raw.get("status"), str):
+        return None
+    try:
+        usage = Usage.model_validate(raw.get("usage") or {})
+    except ValidationError:
+        usage = Usage()
+    return StepEnding(raw["status"], raw.get("delegatedBy") is not None, usage)
+
+
 def job_status_after(event: Event) -> str | None:
     """The job status an event settles, if any: the end of a top-level run (not of a delegate)."""
-    if event.type not in STOPPING_EVENTS or not isinstance(event, StepEnd):
+    ending = step_ending(event) if event.type in STOPPING_EVENTS else None
+    if ending is None:
         return None
-    checkpoint = event.checkpoint
-    status = JOB_STATUS_AFTER.get(checkpoint.status)
-    if checkpoint.delegated_by is not None and status != "stoppedByMaxSteps":
+    status = JOB_STATUS_AFTER.get(ending.status)
+    if ending.delegated and status != "stoppedByMaxSteps":
         return None
     return status
 
@@ -71,8 +102,9 @@ class Progress:
             self.expert = event.expert_key
         if isinstance(event, CallTools):
             self.tool_calls += len(event.tool_calls)
-        if isinstance(event, StepEnd) and event.checkpoint.delegated_by is None:
-            self.usage = event.checkpoint.usage
+        ending = step_ending(event)
+        if ending is not None and not ending.delegated:
+            self.usage = ending.usage
         status = job_status_after(event)
         if status:
             self.status = status

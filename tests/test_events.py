@@ -42,6 +42,7 @@ from shared.models import (
     Usage,
     UserMessage,
     checkpoint_id,
+    misfit,
     read_event,
     tool_message,
 )
@@ -281,3 +282,56 @@ def test_skill_events_are_typed_from_their_emitters() -> None:
         Event.build("skillConnected", "j1", "r1", "e", 1, skillName="s", serverinfo=info)
     with pytest.raises(ValidationError):
         Event.build("skillStderr", "j1", "r1", "e", 1, message="no skill named")
+
+
+# a completeRun as an older perq worker put it on the live stream: its checkpoint cut to id, status, step
+# and usage, without the jobId, runId and expert a typed checkpoint needs
+OLDER_WORKERS_LIVE_LINE = (
+    '{"id":"y3tly3tbk6alq66fkmfc65ix","type":"completeRun","timestamp":1796051012848,"jobId":"j","runId":"r",'
+    '"expertKey":"e","stepNumber":2,"checkpoint":{"id":"c1","status":"completed","stepNumber":2,'
+    '"usage":{"inputTokens":5,"outputTokens":7,"reasoningTokens":0,"totalTokens":12,"cachedInputTokens":0}},'
+    '"text":"done"}'
+)
+
+
+def test_an_older_workers_live_step_end_still_settles_the_job() -> None:
+    from producer.follow import Progress, job_status_after
+
+    event = read_event(OLDER_WORKERS_LIVE_LINE)
+    assert misfit(event)  # it does not fit the typed checkpoint...
+    assert job_status_after(event) == "completed"  # ...and still says how the job ended
+    progress = Progress()
+    progress.update(event)
+    assert (progress.status, progress.step, progress.usage.total_tokens) == ("completed", 2, 12)
+    # a delegate's end settles nothing: its parent goes on
+    delegated = json.loads(OLDER_WORKERS_LIVE_LINE)
+    delegated["checkpoint"]["delegatedBy"] = {"expert": {"key": "p", "name": "p", "version": "1"}}
+    assert job_status_after(read_event(delegated)) is None
+
+
+def test_a_read_event_keeps_the_keys_it_was_written_with() -> None:
+    stored = {
+        "id": "e1",
+        "type": "completeRun",
+        "timestamp": 1,
+        "jobId": "j",
+        "runId": "r",
+        "expertKey": "e",
+        "stepNumber": 1,
+        "text": "done",
+        "checkpoint": {
+            "id": "c1",
+            "jobId": "j",
+            "runId": "r",
+            "status": "completed",
+            "stepNumber": 1,
+            "expert": {"key": "e", "name": "e", "version": "1"},
+            "messagesRef": {"runId": "r", "token": "t", "count": 3},
+        },
+        "step": {"stepNumber": 1, "startedAt": 1},
+    }
+    event = read_event(stored)
+    assert isinstance(event, CompleteRun)
+    # the conversation is in the message log, not empty: no defaults are added on the way out
+    assert event.to_dict() == stored
+    assert json.loads(event.to_json()) == stored

@@ -3,6 +3,7 @@ for events written by someone else."""
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal, Self, cast, get_args
 
 from pydantic import ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError
@@ -119,6 +120,7 @@ class Event(PerqModel):
     step_number: int | None = None
 
     _line: str | None = PrivateAttr(default=None)
+    _read: bool = PrivateAttr(default=False)  # read from a store or stream by `read_event`
 
     @classmethod
     def emit(
@@ -183,8 +185,30 @@ class Event(PerqModel):
             return cast(Self, _ANY_EVENT.validate_json(json_data, *args, **kwargs))
         return super().model_validate_json(json_data, *args, **kwargs)
 
+    def __eq__(self, other: object) -> bool:
+        """Events are equal when they say the same: how one was made (its cached line, whether it was read)
+        does not count."""
+        if not isinstance(other, Event):
+            return NotImplemented
+        return (
+            type(self) is type(other)
+            and self.__dict__ == other.__dict__
+            and self.__pydantic_extra__ == other.__pydantic_extra__
+        )
+
     def to_json(self) -> str:
-        return self._line if self._line is not None else super().to_json()
+        if self._line is not None:
+            return self._line
+        return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":"))
+
+    def to_dict(self) -> dict[str, Any]:
+        """An event made here, whole; an event read (`read_event`) as it was written: the keys it was read
+        with, never a payload field's default (a stored checkpoint's `messages`, keys a foreign event does not
+        have), and always the base fields."""
+        if not self._read:  # made here (emitted or built): the whole event
+            return super().to_dict()
+        base = self.model_dump(mode="json", by_alias=True, exclude_none=True, include=set(Event.model_fields))
+        return base | self.model_dump(mode="json", by_alias=True, exclude_none=True, exclude_unset=True)
 
 
 class NextCheckpoint(PerqModel):
@@ -477,14 +501,16 @@ def read_event(data: str | bytes | dict[str, Any]) -> Event:
     """An event as a store or a stream holds it, read tolerantly: as its own type when it fits, else as an
     `UnknownEvent` holding it as it is. A ValidationError only when it is not an event at all (not JSON, or
     without the base fields)."""
+    event: Event
     try:
-        if isinstance(data, dict):
-            return _ANY_EVENT.validate_python(data)
-        return _ANY_EVENT.validate_json(data)
+        event = _ANY_EVENT.validate_python(data) if isinstance(data, dict) else _ANY_EVENT.validate_json(data)
     except ValidationError:
         if isinstance(data, dict):
-            return UnknownEvent.model_validate(data)
-        return UnknownEvent.model_validate_json(data)
+            event = UnknownEvent.model_validate(data)
+        else:
+            event = UnknownEvent.model_validate_json(data)
+    event._read = True
+    return event
 
 
 def misfit(event: Event) -> bool:
