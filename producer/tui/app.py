@@ -84,7 +84,19 @@ def _refusal(e: Exception) -> str:
 # --- history ------------------------------------------------------------------------------------------
 
 
-class HistoryScreen(Screen[None]):
+class PerqScreen(Screen[None]):
+    """A view of `perq start`: its app typed as perq's, and Back (where a view binds it) returning to the
+    view it was opened from."""
+
+    @property
+    def perq(self) -> StartApp:
+        return self.app  # type: ignore[return-value]
+
+    def action_back(self) -> None:
+        self.app.pop_screen()
+
+
+class HistoryScreen(PerqScreen):
     """Jobs, newest first, read a page at a time from the store's index."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
@@ -100,10 +112,6 @@ class HistoryScreen(Screen[None]):
         self.total = 0
         self.loaded = 0  # how many jobs the list asks the store for (a multiple of the page)
         self.more = False  # whether the store holds jobs beyond those read
-
-    @property
-    def perq(self) -> StartApp:
-        return self.app  # type: ignore[return-value]
 
     def compose(self) -> ComposeResult:
         yield _title("perq: jobs, newest first")
@@ -180,7 +188,7 @@ class HistoryScreen(Screen[None]):
 # --- checkpoints, events, one event ---------------------------------------------------------------------
 
 
-class CheckpointsScreen(Screen[None]):
+class CheckpointsScreen(PerqScreen):
     """A job's checkpoints, newest first; Enter branches from one, `e` shows how its run got there."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
@@ -193,10 +201,6 @@ class CheckpointsScreen(Screen[None]):
         super().__init__()
         self.job = job
         self.checkpoints: list[Checkpoint] = []
-
-    @property
-    def perq(self) -> StartApp:
-        return self.app  # type: ignore[return-value]
 
     def compose(self) -> ComposeResult:
         yield _title(f"Checkpoints of {source.job_line(self.job)}, newest first")
@@ -246,11 +250,8 @@ class CheckpointsScreen(Screen[None]):
         if cp is not None:
             self.app.push_screen(EventsScreen(cp))
 
-    def action_back(self) -> None:
-        self.app.pop_screen()
 
-
-class EventsScreen(Screen[None]):
+class EventsScreen(PerqScreen):
     """The events of a checkpoint's run up to its step, one line each; Enter shows one in full."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
@@ -262,10 +263,6 @@ class EventsScreen(Screen[None]):
         super().__init__()
         self.checkpoint = checkpoint
         self.events: list[Event] = []
-
-    @property
-    def perq(self) -> StartApp:
-        return self.app  # type: ignore[return-value]
 
     def compose(self) -> ComposeResult:
         cp = self.checkpoint
@@ -294,11 +291,8 @@ class EventsScreen(Screen[None]):
         if index is not None and index < len(self.events):
             self.app.push_screen(EventScreen(self.events[index]))
 
-    def action_back(self) -> None:
-        self.app.pop_screen()
 
-
-class EventScreen(Screen[None]):
+class EventScreen(PerqScreen):
     """One event as pretty JSON, scrollable."""
 
     BINDINGS: ClassVar[list[BindingType]] = [BACK, QUIT]
@@ -316,14 +310,11 @@ class EventScreen(Screen[None]):
     def on_mount(self) -> None:
         self.query_one("#detail").focus()
 
-    def action_back(self) -> None:
-        self.app.pop_screen()
-
 
 # --- new runs and queries ---------------------------------------------------------------------------------
 
 
-class NewRunScreen(Screen[None]):
+class NewRunScreen(PerqScreen):
     """The experts of perstack.toml; Enter asks for the query of a new job."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
@@ -336,10 +327,6 @@ class NewRunScreen(Screen[None]):
         self.preselect = expert_key
         self.problem = problem
         self.keys: list[str] = []
-
-    @property
-    def perq(self) -> StartApp:
-        return self.app  # type: ignore[return-value]
 
     def compose(self) -> ComposeResult:
         yield _title("New run: choose an expert")
@@ -381,9 +368,6 @@ class NewRunScreen(Screen[None]):
         request = replace(self.perq.base_request(), expert_key=self.keys[index])
         self.perq.ask_for_query(request, f"New job of {request.expert_key}", self.query_one(Notice))
 
-    def action_back(self) -> None:
-        self.app.pop_screen()
-
 
 class QueryInput(Input):
     """An input whose Enter shows in the footer."""
@@ -391,7 +375,7 @@ class QueryInput(Input):
     BINDINGS: ClassVar[list[BindingType]] = [Binding("enter", "submit", "Submit")]
 
 
-class QueryScreen(Screen[None]):
+class QueryScreen(PerqScreen):
     """Asks for a query (or an answer), then submits the request as `perq run` does and follows the job."""
 
     BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "back", "Back", key_display="Esc")]
@@ -401,10 +385,6 @@ class QueryScreen(Screen[None]):
         self.request = request
         self.heading = heading
         self.prompt = prompt
-
-    @property
-    def perq(self) -> StartApp:
-        return self.app  # type: ignore[return-value]
 
     def compose(self) -> ComposeResult:
         yield _title(self.heading)
@@ -435,14 +415,11 @@ class QueryScreen(Screen[None]):
             return
         self.app.switch_screen(LiveScreen(*result))
 
-    def action_back(self) -> None:
-        self.app.pop_screen()
-
 
 # --- live run ----------------------------------------------------------------------------------------------
 
 
-class LiveScreen(Screen[None]):
+class LiveScreen(PerqScreen):
     """A job's events as they happen, its progress and todo list; when it stops, the answer or follow-up."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
@@ -460,10 +437,6 @@ class LiveScreen(Screen[None]):
         self.status: str | None = None  # the final status once the job stops
         self.answering = False  # the input answers an interactive tool call (-i)
         self.alive_workers: int | None = None
-
-    @property
-    def perq(self) -> StartApp:
-        return self.app  # type: ignore[return-value]
 
     def compose(self) -> ComposeResult:
         yield _title(f"Job {self.job.id} ({self.job.coordinator_expert_key})")
