@@ -98,12 +98,23 @@ class PerqScreen(Screen[None]):
 
 
 class PickerScreen(PerqScreen, Generic[Item]):
-    """A view choosing among `items`, one line each in its Picker: Enter (or a click) chooses the highlighted
-    one with `action_choose`."""
+    """A view choosing among `items`, one line each in its list (under its heading and a notice): Enter (or a
+    click) chooses the highlighted one with `action_choose`."""
+
+    PICKER: ClassVar[type[Picker]]  # the view's list, whose footer names what Enter does
 
     def __init__(self) -> None:
         super().__init__()
         self.items: list[Item] = []
+
+    def heading(self) -> str:
+        raise NotImplementedError
+
+    def compose(self) -> ComposeResult:
+        yield _title(self.heading())
+        yield Notice(id="message")
+        yield self.PICKER()
+        yield Footer()
 
     def _highlighted(self) -> Item | None:
         index = self.query_one(Picker).highlighted
@@ -130,6 +141,7 @@ class PickerScreen(PerqScreen, Generic[Item]):
 class HistoryScreen(PickerScreen[Job]):
     """Jobs, newest first, read a page at a time from the store's index."""
 
+    PICKER = JobList
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("c", "checkpoints", "Checkpoints"),
         Binding("n", "new_run", "New run"),
@@ -143,11 +155,8 @@ class HistoryScreen(PickerScreen[Job]):
         self.loaded = 0  # how many jobs the list asks the store for (a multiple of the page)
         self.more = False  # whether the store holds jobs beyond those read
 
-    def compose(self) -> ComposeResult:
-        yield _title("perq: jobs, newest first")
-        yield Notice(id="message")
-        yield JobList(id="jobs")
-        yield Footer()
+    def heading(self) -> str:
+        return "perq: jobs, newest first"
 
     def on_screen_resume(self) -> None:
         """Shown first, or again after another view: read the jobs anew (their statuses move on)."""
@@ -207,6 +216,7 @@ class HistoryScreen(PickerScreen[Job]):
 class CheckpointsScreen(PickerScreen[Checkpoint]):
     """A job's checkpoints, newest first; Enter branches from one, `e` shows how its run got there."""
 
+    PICKER = CheckpointList
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("e", "events", "Events"),
         BACK,
@@ -217,11 +227,8 @@ class CheckpointsScreen(PickerScreen[Checkpoint]):
         super().__init__()
         self.job = job
 
-    def compose(self) -> ComposeResult:
-        yield _title(f"Checkpoints of {source.job_line(self.job)}, newest first")
-        yield Notice(id="message")
-        yield CheckpointList(id="checkpoints")
-        yield Footer()
+    def heading(self) -> str:
+        return f"Checkpoints of {source.job_line(self.job)}, newest first"
 
     def on_mount(self) -> None:
         found = source.checkpoints(self.perq.client.store, self.job.id)
@@ -256,6 +263,7 @@ class CheckpointsScreen(PickerScreen[Checkpoint]):
 class EventsScreen(PickerScreen[Event]):
     """The events of a checkpoint's run up to its step, one line each; Enter shows one in full."""
 
+    PICKER = EventList
     BINDINGS: ClassVar[list[BindingType]] = [
         BACK,
         QUIT,
@@ -265,12 +273,9 @@ class EventsScreen(PickerScreen[Event]):
         super().__init__()
         self.checkpoint = checkpoint
 
-    def compose(self) -> ComposeResult:
+    def heading(self) -> str:
         cp = self.checkpoint
-        yield _title(f"Events up to {checkpoint_line(cp)} ({cp.expert.key}, run {cp.run_id})")
-        yield Notice(id="message")
-        yield EventList(id="events")
-        yield Footer()
+        return f"Events up to {checkpoint_line(cp)} ({cp.expert.key}, run {cp.run_id})"
 
     def on_mount(self) -> None:
         found = source.checkpoint_events(self.perq.client.store, self.checkpoint)
@@ -309,6 +314,7 @@ class EventScreen(PerqScreen):
 class NewRunScreen(PickerScreen[str]):
     """The experts of perstack.toml; Enter asks for the query of a new job."""
 
+    PICKER = ExpertList
     BINDINGS: ClassVar[list[BindingType]] = [
         BACK,
         QUIT,
@@ -319,11 +325,8 @@ class NewRunScreen(PickerScreen[str]):
         self.preselect = expert_key
         self.problem = problem
 
-    def compose(self) -> ComposeResult:
-        yield _title("New run: choose an expert")
-        yield Notice(id="message")
-        yield ExpertList(id="experts")
-        yield Footer()
+    def heading(self) -> str:
+        return "New run: choose an expert"
 
     def on_mount(self) -> None:
         request = self.perq.base_request()
