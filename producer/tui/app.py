@@ -264,10 +264,7 @@ class EventsScreen(PickerScreen[Event]):
     """The events of a checkpoint's run up to its step, one line each; Enter shows one in full."""
 
     PICKER = EventList
-    BINDINGS: ClassVar[list[BindingType]] = [
-        BACK,
-        QUIT,
-    ]
+    BINDINGS: ClassVar[list[BindingType]] = [BACK, QUIT]
 
     def __init__(self, checkpoint: Checkpoint) -> None:
         super().__init__()
@@ -315,10 +312,7 @@ class NewRunScreen(PickerScreen[str]):
     """The experts of perstack.toml; Enter asks for the query of a new job."""
 
     PICKER = ExpertList
-    BINDINGS: ClassVar[list[BindingType]] = [
-        BACK,
-        QUIT,
-    ]
+    BINDINGS: ClassVar[list[BindingType]] = [BACK, QUIT]
 
     def __init__(self, expert_key: str | None = None, problem: str | None = None) -> None:
         super().__init__()
