@@ -56,6 +56,7 @@ EventType = Literal[
     "resumeToolCalls",
     "finishAllToolCalls",
     StepEndingEventType,
+    # streaming events
     StreamingEventType,
     # runtime events
     "initializeRuntime",
@@ -67,6 +68,7 @@ EventType = Literal[
     "cancelJob",
 ]
 
+# the groups as sets, to test an event's `type` (a str) against
 STEP_ENDING_EVENTS: frozenset[str] = frozenset(get_args(StepEndingEventType))
 STREAMING_EVENTS: frozenset[str] = frozenset(get_args(StreamingEventType))
 
