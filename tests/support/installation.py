@@ -9,7 +9,8 @@ from shared.store import JobStore
 
 
 class Installation:
-    """What a perq installation in `root` says about its store; a dataclass below declares `root`."""
+    """Where the store of the installation in `root` lives, and the store itself; the dataclasses built on
+    this one declare `root` as their field."""
 
     root: Path
 
