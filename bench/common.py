@@ -20,7 +20,7 @@ import redis as redis_sync
 
 from shared.config import RedisSection, Settings, StoreSection
 from shared.models import Event
-from shared.store import JobStore
+from tests.support.installation import Installation
 from tests.support.localredis import LocalRedis
 
 REPO = Path(__file__).resolve().parent.parent
@@ -66,9 +66,14 @@ class Bench:
     def area(self, name: str) -> Area:
         """A fresh folder with its own store and queue name on the shared Redis."""
         self._counter += 1
-        folder = self.root / f"{self._counter:02d}-{name}"
-        (folder / "perstack").mkdir(parents=True)
-        return Area(bench=self, name=name, folder=folder, queue=f"bench:{self._counter}:{name}")
+        area = Area(
+            bench=self,
+            name=name,
+            root=self.root / f"{self._counter:02d}-{name}",
+            queue=f"bench:{self._counter}:{name}",
+        )
+        area.storage.mkdir(parents=True)
+        return area
 
     def redis_client(self) -> redis_sync.Redis:
         return redis_sync.Redis.from_url(self.redis.url)
@@ -128,21 +133,13 @@ class Proc:
 
 
 @dataclass
-class Area:
+class Area(Installation):
     """One figure's perq installation: a folder (workspace, configs), a store and a queue."""
 
     bench: Bench
     name: str
-    folder: Path
+    root: Path
     queue: str
-
-    @property
-    def storage(self) -> Path:
-        return self.folder / "perstack"
-
-    @property
-    def store(self) -> JobStore:
-        return JobStore.open(str(self.storage))
 
     @property
     def settings(self) -> Settings:
@@ -167,14 +164,14 @@ class Area:
         return env
 
     def write(self, name: str, text: str) -> Path:
-        path = self.folder / name
+        path = self.root / name
         path.write_text(text)
         return path
 
     def start_worker(self, *args: str, label: str = "worker") -> Proc:
         """A real `perq worker` process (`python -m producer worker`)."""
         return self.bench.spawn(
-            [*PERQ, "worker", *args], cwd=self.folder, env=self.env(), name=f"{self.name}-{label}"
+            [*PERQ, "worker", *args], cwd=self.root, env=self.env(), name=f"{self.name}-{label}"
         )
 
     def wait_ready(self, proc: Proc, timeout: float = 30) -> None:

@@ -61,7 +61,7 @@ def one_expert(area: Area, script: str) -> RunRequest:
     area.write("perstack.toml", '[experts.e]\ninstruction = "Benchmark expert."\n')
     area.write("script.toml", script)
     return RunRequest(
-        expert_key="e", query="go", provider="script", model="script.toml", max_steps=1000, cwd=area.folder
+        expert_key="e", query="go", provider="script", model="script.toml", max_steps=1000, cwd=area.root
     )
 
 
@@ -145,7 +145,7 @@ def _arq_throughput(bench: Bench) -> tuple[float, float]:
 
     enqueue_rate = run_async(enqueue_all())
     proc = bench.spawn(
-        [sys.executable, "-m", "bench.arq_noop"], cwd=area.folder, env=area.env(), name="throughput-arq"
+        [sys.executable, "-m", "bench.arq_noop"], cwd=area.root, env=area.env(), name="throughput-arq"
     )
     with contextlib.closing(bench.redis_client()) as client:
         rate, _ = drain_rate(client, area.queue, proc, timeout=180)
@@ -290,7 +290,7 @@ def _arq_chains(bench: Bench) -> float:
     run_async(enqueue_all())
     proc = bench.spawn(
         [sys.executable, "-m", "bench.arq_noop", str(CONCURRENT_JOBS)],
-        cwd=area.folder,
+        cwd=area.root,
         env=area.env(),
         name="concurrency-arq",
     )
@@ -412,7 +412,7 @@ def _fanout_files(area: Area) -> RunRequest:
     for child in FANOUT_CHILDREN:
         script += turn_for(child, text=f"{child} done", delay_ms=FANOUT_DELAY_MS)
     area.write("script.toml", script)
-    return RunRequest(expert_key="coord", query="go", provider="script", model="script.toml", cwd=area.folder)
+    return RunRequest(expert_key="coord", query="go", provider="script", model="script.toml", cwd=area.root)
 
 
 def delegation_phase(events: list[Event]) -> float:
@@ -511,7 +511,7 @@ def status_at_scale(bench: Bench) -> list[Row]:
         bench,
         "status at scale",
         "status",
-        lambda _, area: timed_process([*PERQ, "status"], cwd=area.folder, env=area.env()),
+        lambda _, area: timed_process([*PERQ, "status"], cwd=area.root, env=area.env()),
         "`perq status`, fresh processes",
     )
 
@@ -525,7 +525,7 @@ def tui_history(bench: Bench) -> list[Row]:
         bench,
         "TUI history at scale",
         "tui",
-        lambda newest, area: time_to_screen([*PERQ, "start"], newest, cwd=area.folder, env=area.env()),
+        lambda newest, area: time_to_screen([*PERQ, "start"], newest, cwd=area.root, env=area.env()),
         "`perq start` until the newest job is drawn, fresh processes in a pseudo-terminal",
     )
 
@@ -541,8 +541,8 @@ def cli_start(bench: Bench) -> list[Row]:
     perq = [str(script)] if script.exists() else PERQ
     help_s, base_s = alternate(
         CLI_RUNS,
-        lambda: timed_process([*perq, "--help"], cwd=area.folder, env=area.env()),
-        lambda: timed_process([sys.executable, "-c", "import typer, rich"], cwd=area.folder, env=area.env()),
+        lambda: timed_process([*perq, "--help"], cwd=area.root, env=area.env()),
+        lambda: timed_process([sys.executable, "-c", "import typer, rich"], cwd=area.root, env=area.env()),
     )
     ratio = help_s / base_s
     return [

@@ -46,7 +46,7 @@ def reading_expert(area: Area, steps: int) -> RunRequest:
     read = '[[experts.e.turns]]\ntoolCalls = [{ toolName = "readTextFile", args = { path = "data.txt" } }]\n'
     area.write("script.toml", read * (steps - 1) + '[[experts.e.turns]]\ntext = "done"\n')
     return RunRequest(
-        expert_key="e", query="go", provider="script", model="script.toml", max_steps=1000, cwd=area.folder
+        expert_key="e", query="go", provider="script", model="script.toml", max_steps=1000, cwd=area.root
     )
 
 
@@ -282,7 +282,7 @@ def _timed_batch(
     area.write("perstack.toml", '[experts.e]\ninstruction = "Work."\n')
     todo = '[[experts.e.turns]]\ntoolCalls = [{ toolName = "todo", args = { newTodos = ["x"] } }]\n'
     area.write("script.toml", todo * (S3_STEPS - 1) + '[[experts.e.turns]]\ntext = "done"\n')
-    request = RunRequest(expert_key="e", query="go", provider="script", model="script.toml", cwd=area.folder)
+    request = RunRequest(expert_key="e", query="go", provider="script", model="script.toml", cwd=area.root)
     settings = Settings(
         redis=RedisSection(url=bench.redis.url, queue=area.queue), store=StoreSection(location=storage)
     )
@@ -292,7 +292,7 @@ def _timed_batch(
             return [(await client.submit(request)).id for _ in range(S3_JOBS)]
 
     env: dict[str, Any] = area.env(PERQ_STORAGE=storage, PERQ_S3_ENDPOINT_URL=worker_endpoint, **creds)
-    proc = bench.spawn([*PERQ, "worker"], cwd=area.folder, env=env, name=f"s3-{label}-worker")
+    proc = bench.spawn([*PERQ, "worker"], cwd=area.root, env=env, name=f"s3-{label}-worker")
     area.wait_ready(proc)
     t0 = time.perf_counter()  # the worker is up; submissions go straight to the server in both runs
     job_ids = run_async(submit_all())

@@ -13,10 +13,19 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from typing import get_args
 
 from pydantic import ValidationError
 
-from shared.models import Checkpoint, Event, Job, read_event
+from shared.models import (
+    Checkpoint,
+    Event,
+    Job,
+    ReasoningStreamEventType,
+    RunResultStreamEventType,
+    StepEndingEventType,
+    read_event,
+)
 
 _EVENT_FILE = re.compile(r"^event-(\d+)-(\d+)-([A-Za-z]+)\.json$")
 
@@ -30,25 +39,16 @@ _STEP_ORDER = {
             "resumeToolCalls",
             "finishAllToolCalls",
             "startGeneration",
-            "startStreamingReasoning",
-            "streamReasoning",
-            "completeStreamingReasoning",
+            *get_args(ReasoningStreamEventType),
             "callTools",
             "resolveToolResults",
             "callDelegate",
             "callInteractiveTool",
             "attemptCompletion",
-            "startStreamingRunResult",
-            "streamRunResult",
-            "completeStreamingRunResult",
+            *get_args(RunResultStreamEventType),
             "finishToolCall",
             "retry",  # a retry ends the generation it follows, and with it the step
-            "continueToNextStep",
-            "stopRunByInteractiveTool",
-            "stopRunByDelegate",
-            "stopRunByExceededMaxSteps",
-            "stopRunByError",
-            "completeRun",
+            *get_args(StepEndingEventType),
         ]
     )
 }

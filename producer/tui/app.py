@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import replace
-from typing import ClassVar
+from typing import ClassVar, Generic, TypeVar
 
 from rich.text import Text
 from textual import on, work
@@ -32,6 +32,7 @@ from shared.store import StoreError
 WORKER_CHECK_S = 2.0
 BACK = Binding("b,escape", "back", "Back", key_display="b/Esc")
 QUIT = Binding("q", "app.quit", "Quit")
+Item = TypeVar("Item")
 
 
 class Picker(OptionList):
@@ -84,9 +85,63 @@ def _refusal(e: Exception) -> str:
 # --- history ------------------------------------------------------------------------------------------
 
 
-class HistoryScreen(Screen[None]):
+class PerqScreen(Screen[None]):
+    """A view of `perq start`: its app typed as perq's, and Back (where a view binds it) returning to the
+    view it was opened from."""
+
+    @property
+    def perq(self) -> StartApp:
+        return self.app  # type: ignore[return-value]
+
+    def action_back(self) -> None:
+        self.app.pop_screen()
+
+
+class PickerScreen(PerqScreen, Generic[Item]):
+    """A view choosing among `items`, one line each in its list (under its heading and a notice): Enter (or a
+    click) chooses the highlighted one with `action_choose`."""
+
+    PICKER: ClassVar[type[Picker]]  # the view's list, whose footer names what Enter does
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.items: list[Item] = []
+
+    def heading(self) -> str:
+        raise NotImplementedError
+
+    def compose(self) -> ComposeResult:
+        yield _title(self.heading())
+        yield Notice(id="message")
+        yield self.PICKER()
+        yield Footer()
+
+    def _highlighted(self) -> Item | None:
+        index = self.query_one(Picker).highlighted
+        return self.items[index] if index is not None and index < len(self.items) else None
+
+    @on(OptionList.OptionSelected)
+    def _selected(self, event: OptionList.OptionSelected) -> None:
+        self.action_choose()
+
+    def action_choose(self) -> None:
+        raise NotImplementedError
+
+    def _say_read(self, problems: list[str], none: str) -> None:
+        """Say what reading the items from the store skipped as damaged, else `none` when there are none."""
+        message = self.query_one(Notice)
+        if problems:
+            message.say(f"skipped {len(problems)} damaged: {problems[0]}", error=True)
+        elif not self.items:
+            message.say(none)
+        else:
+            message.clear()
+
+
+class HistoryScreen(PickerScreen[Job]):
     """Jobs, newest first, read a page at a time from the store's index."""
 
+    PICKER = JobList
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("c", "checkpoints", "Checkpoints"),
         Binding("n", "new_run", "New run"),
@@ -96,20 +151,12 @@ class HistoryScreen(Screen[None]):
 
     def __init__(self) -> None:
         super().__init__()
-        self.jobs: list[Job] = []
         self.total = 0
         self.loaded = 0  # how many jobs the list asks the store for (a multiple of the page)
         self.more = False  # whether the store holds jobs beyond those read
 
-    @property
-    def perq(self) -> StartApp:
-        return self.app  # type: ignore[return-value]
-
-    def compose(self) -> ComposeResult:
-        yield _title("perq: jobs, newest first")
-        yield Notice(id="message")
-        yield JobList(id="jobs")
-        yield Footer()
+    def heading(self) -> str:
+        return "perq: jobs, newest first"
 
     def on_screen_resume(self) -> None:
         """Shown first, or again after another view: read the jobs anew (their statuses move on)."""
@@ -120,36 +167,22 @@ class HistoryScreen(Screen[None]):
         found = source.history(self.perq.client.store, limit)
         picker = self.query_one(Picker)
         keep = picker.highlighted
-        self.jobs, self.total, self.loaded = found.jobs, found.total, limit
-        picker.set_options(Option(source.job_label(job), id=job.id) for job in self.jobs)
-        if self.jobs:
-            picker.highlighted = min(keep or 0, len(self.jobs) - 1)
+        self.items, self.total, self.loaded = found.jobs, found.total, limit
+        picker.set_options(Option(source.job_label(job), id=job.id) for job in self.items)
+        if self.items:
+            picker.highlighted = min(keep or 0, len(self.items) - 1)
         # more to read only when this page came back full: damaged records count in the total, not the list
-        self.more = len(self.jobs) >= limit and len(self.jobs) < self.total
+        self.more = len(self.items) >= limit and len(self.items) < self.total
         title = f"perq: {self.total} jobs, newest first"
         if self.more:
-            title += f" ({len(self.jobs)} loaded; more load as you scroll)"
+            title += f" ({len(self.items)} loaded; more load as you scroll)"
         self.query_one(".title", Static).update(Text(title, style="bold"))
-        message = self.query_one(Notice)
-        if found.problems:
-            message.say(f"skipped {len(found.problems)} damaged: {found.problems[0]}", error=True)
-        elif not self.jobs:
-            message.say("No jobs yet: press n to start a run")
-        else:
-            message.clear()
+        self._say_read(found.problems, "No jobs yet: press n to start a run")
 
     @on(OptionList.OptionHighlighted)
     def _near_the_end(self, event: OptionList.OptionHighlighted) -> None:
-        if event.option_index >= len(self.jobs) - 5 and self.more:
+        if event.option_index >= len(self.items) - 5 and self.more:
             self.load(self.loaded + source.PAGE)
-
-    @on(OptionList.OptionSelected)
-    def _selected(self, event: OptionList.OptionSelected) -> None:
-        self.action_choose()
-
-    def _highlighted(self) -> Job | None:
-        index = self.query_one(Picker).highlighted
-        return self.jobs[index] if index is not None and index < len(self.jobs) else None
 
     def action_refresh(self) -> None:
         self.load(max(self.loaded, source.PAGE))
@@ -180,9 +213,10 @@ class HistoryScreen(Screen[None]):
 # --- checkpoints, events, one event ---------------------------------------------------------------------
 
 
-class CheckpointsScreen(Screen[None]):
+class CheckpointsScreen(PickerScreen[Checkpoint]):
     """A job's checkpoints, newest first; Enter branches from one, `e` shows how its run got there."""
 
+    PICKER = CheckpointList
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("e", "events", "Events"),
         BACK,
@@ -192,38 +226,17 @@ class CheckpointsScreen(Screen[None]):
     def __init__(self, job: Job) -> None:
         super().__init__()
         self.job = job
-        self.checkpoints: list[Checkpoint] = []
 
-    @property
-    def perq(self) -> StartApp:
-        return self.app  # type: ignore[return-value]
-
-    def compose(self) -> ComposeResult:
-        yield _title(f"Checkpoints of {source.job_line(self.job)}, newest first")
-        yield Notice(id="message")
-        yield CheckpointList(id="checkpoints")
-        yield Footer()
+    def heading(self) -> str:
+        return f"Checkpoints of {source.job_line(self.job)}, newest first"
 
     def on_mount(self) -> None:
         found = source.checkpoints(self.perq.client.store, self.job.id)
-        self.checkpoints = found.checkpoints
+        self.items = found.checkpoints
         self.query_one(Picker).set_options(
-            Option(source.checkpoint_label(cp), id=cp.id) for cp in self.checkpoints
+            Option(source.checkpoint_label(cp), id=cp.id) for cp in self.items
         ).highlighted = 0
-        if found.problems:
-            self.query_one(Notice).say(
-                f"skipped {len(found.problems)} damaged: {found.problems[0]}", error=True
-            )
-        elif not self.checkpoints:
-            self.query_one(Notice).say("This job has no checkpoints yet")
-
-    def _highlighted(self) -> Checkpoint | None:
-        index = self.query_one(Picker).highlighted
-        return self.checkpoints[index] if index is not None and index < len(self.checkpoints) else None
-
-    @on(OptionList.OptionSelected)
-    def _selected(self, event: OptionList.OptionSelected) -> None:
-        self.action_choose()
+        self._say_read(found.problems, "This job has no checkpoints yet")
 
     def action_choose(self) -> None:
         cp = self._highlighted()
@@ -246,59 +259,34 @@ class CheckpointsScreen(Screen[None]):
         if cp is not None:
             self.app.push_screen(EventsScreen(cp))
 
-    def action_back(self) -> None:
-        self.app.pop_screen()
 
-
-class EventsScreen(Screen[None]):
+class EventsScreen(PickerScreen[Event]):
     """The events of a checkpoint's run up to its step, one line each; Enter shows one in full."""
 
-    BINDINGS: ClassVar[list[BindingType]] = [
-        BACK,
-        QUIT,
-    ]
+    PICKER = EventList
+    BINDINGS: ClassVar[list[BindingType]] = [BACK, QUIT]
 
     def __init__(self, checkpoint: Checkpoint) -> None:
         super().__init__()
         self.checkpoint = checkpoint
-        self.events: list[Event] = []
 
-    @property
-    def perq(self) -> StartApp:
-        return self.app  # type: ignore[return-value]
-
-    def compose(self) -> ComposeResult:
+    def heading(self) -> str:
         cp = self.checkpoint
-        yield _title(f"Events up to {checkpoint_line(cp)} ({cp.expert.key}, run {cp.run_id})")
-        yield Notice(id="message")
-        yield EventList(id="events")
-        yield Footer()
+        return f"Events up to {checkpoint_line(cp)} ({cp.expert.key}, run {cp.run_id})"
 
     def on_mount(self) -> None:
         found = source.checkpoint_events(self.perq.client.store, self.checkpoint)
-        self.events = found.events
-        self.query_one(Picker).set_options(Option(source.event_label(e)) for e in self.events).highlighted = 0
-        if found.problems:
-            self.query_one(Notice).say(
-                f"skipped {len(found.problems)} damaged: {found.problems[0]}", error=True
-            )
-        elif not self.events:
-            self.query_one(Notice).say("No events recorded for this checkpoint's run")
-
-    @on(OptionList.OptionSelected)
-    def _selected(self, event: OptionList.OptionSelected) -> None:
-        self.action_choose()
+        self.items = found.events
+        self.query_one(Picker).set_options(Option(source.event_label(e)) for e in self.items).highlighted = 0
+        self._say_read(found.problems, "No events recorded for this checkpoint's run")
 
     def action_choose(self) -> None:
-        index = self.query_one(Picker).highlighted
-        if index is not None and index < len(self.events):
-            self.app.push_screen(EventScreen(self.events[index]))
-
-    def action_back(self) -> None:
-        self.app.pop_screen()
+        event = self._highlighted()
+        if event is not None:
+            self.app.push_screen(EventScreen(event))
 
 
-class EventScreen(Screen[None]):
+class EventScreen(PerqScreen):
     """One event as pretty JSON, scrollable."""
 
     BINDINGS: ClassVar[list[BindingType]] = [BACK, QUIT]
@@ -316,36 +304,23 @@ class EventScreen(Screen[None]):
     def on_mount(self) -> None:
         self.query_one("#detail").focus()
 
-    def action_back(self) -> None:
-        self.app.pop_screen()
-
 
 # --- new runs and queries ---------------------------------------------------------------------------------
 
 
-class NewRunScreen(Screen[None]):
+class NewRunScreen(PickerScreen[str]):
     """The experts of perstack.toml; Enter asks for the query of a new job."""
 
-    BINDINGS: ClassVar[list[BindingType]] = [
-        BACK,
-        QUIT,
-    ]
+    PICKER = ExpertList
+    BINDINGS: ClassVar[list[BindingType]] = [BACK, QUIT]
 
     def __init__(self, expert_key: str | None = None, problem: str | None = None) -> None:
         super().__init__()
         self.preselect = expert_key
         self.problem = problem
-        self.keys: list[str] = []
 
-    @property
-    def perq(self) -> StartApp:
-        return self.app  # type: ignore[return-value]
-
-    def compose(self) -> ComposeResult:
-        yield _title("New run: choose an expert")
-        yield Notice(id="message")
-        yield ExpertList(id="experts")
-        yield Footer()
+    def heading(self) -> str:
+        return "New run: choose an expert"
 
     def on_mount(self) -> None:
         request = self.perq.base_request()
@@ -354,35 +329,28 @@ class NewRunScreen(Screen[None]):
         if found.problem:
             message.say(found.problem, error=True)
             return
-        self.keys = sorted(found.experts)
+        self.items = sorted(found.experts)
         picker = self.query_one(Picker)
         picker.set_options(
-            Option(source.expert_label(found.experts[k]), id=k) for k in self.keys
+            Option(source.expert_label(found.experts[k]), id=k) for k in self.items
         ).highlighted = 0
         title = f"New run: choose an expert of {found.config_path}"
         self.query_one(".title", Static).update(Text(title, style="bold"))
         if self.problem:
             message.say(self.problem, error=True)
-        elif not self.keys:
+        elif not self.items:
             message.say(f"{found.config_path} has no experts", error=True)
-        if self.preselect in self.keys:
-            picker.highlighted = self.keys.index(self.preselect)
+        if self.preselect in self.items:
+            picker.highlighted = self.items.index(self.preselect)
             if not self.problem:
                 self.action_choose()
 
-    @on(OptionList.OptionSelected)
-    def _selected(self, event: OptionList.OptionSelected) -> None:
-        self.action_choose()
-
     def action_choose(self) -> None:
-        index = self.query_one(Picker).highlighted
-        if index is None or index >= len(self.keys):
+        key = self._highlighted()
+        if key is None:
             return
-        request = replace(self.perq.base_request(), expert_key=self.keys[index])
+        request = replace(self.perq.base_request(), expert_key=key)
         self.perq.ask_for_query(request, f"New job of {request.expert_key}", self.query_one(Notice))
-
-    def action_back(self) -> None:
-        self.app.pop_screen()
 
 
 class QueryInput(Input):
@@ -391,7 +359,7 @@ class QueryInput(Input):
     BINDINGS: ClassVar[list[BindingType]] = [Binding("enter", "submit", "Submit")]
 
 
-class QueryScreen(Screen[None]):
+class QueryScreen(PerqScreen):
     """Asks for a query (or an answer), then submits the request as `perq run` does and follows the job."""
 
     BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "back", "Back", key_display="Esc")]
@@ -401,10 +369,6 @@ class QueryScreen(Screen[None]):
         self.request = request
         self.heading = heading
         self.prompt = prompt
-
-    @property
-    def perq(self) -> StartApp:
-        return self.app  # type: ignore[return-value]
 
     def compose(self) -> ComposeResult:
         yield _title(self.heading)
@@ -435,14 +399,11 @@ class QueryScreen(Screen[None]):
             return
         self.app.switch_screen(LiveScreen(*result))
 
-    def action_back(self) -> None:
-        self.app.pop_screen()
-
 
 # --- live run ----------------------------------------------------------------------------------------------
 
 
-class LiveScreen(Screen[None]):
+class LiveScreen(PerqScreen):
     """A job's events as they happen, its progress and todo list; when it stops, the answer or follow-up."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
@@ -460,10 +421,6 @@ class LiveScreen(Screen[None]):
         self.status: str | None = None  # the final status once the job stops
         self.answering = False  # the input answers an interactive tool call (-i)
         self.alive_workers: int | None = None
-
-    @property
-    def perq(self) -> StartApp:
-        return self.app  # type: ignore[return-value]
 
     def compose(self) -> ComposeResult:
         yield _title(f"Job {self.job.id} ({self.job.coordinator_expert_key})")

@@ -14,20 +14,10 @@ from rich.text import Text
 from producer.api import Client, RunRequest
 from producer.follow import Progress, segment_start, wait_for_job
 from producer.tui.source import event_label
-from shared.models import CompleteRun, Event, Job, StepEnd, Todo
+from shared.models import STREAMING_EVENTS, CompleteRun, Event, Job, StepEnd, Todo
 
 # streaming deltas and generation starts say nothing a person follows; every other event gets a line
-QUIET_EVENTS = frozenset(
-    {
-        "startGeneration",
-        "startStreamingReasoning",
-        "streamReasoning",
-        "completeStreamingReasoning",
-        "startStreamingRunResult",
-        "streamRunResult",
-        "completeStreamingRunResult",
-    }
-)
+QUIET_EVENTS = frozenset({"startGeneration", *STREAMING_EVENTS})
 
 
 async def position_before(client: Client, request: RunRequest) -> str:

@@ -29,6 +29,20 @@ class Step(PerqModel):
     finished_at: int | None = None
 
 
+# the events that end a step: each carries the step's checkpoint
+StepEndingEventType = Literal[
+    "continueToNextStep",
+    "stopRunByInteractiveTool",
+    "stopRunByDelegate",
+    "stopRunByExceededMaxSteps",
+    "stopRunByError",
+    "completeRun",
+]
+# a generation's fire-and-forget deltas: its reasoning, then its final answer, each in the order they come
+ReasoningStreamEventType = Literal["startStreamingReasoning", "streamReasoning", "completeStreamingReasoning"]
+RunResultStreamEventType = Literal["startStreamingRunResult", "streamRunResult", "completeStreamingRunResult"]
+StreamingEventType = Literal[ReasoningStreamEventType, RunResultStreamEventType]
+
 EventType = Literal[
     # expert state events
     "startRun",
@@ -42,19 +56,9 @@ EventType = Literal[
     "finishToolCall",
     "resumeToolCalls",
     "finishAllToolCalls",
-    "continueToNextStep",
-    "stopRunByInteractiveTool",
-    "stopRunByDelegate",
-    "stopRunByExceededMaxSteps",
-    "stopRunByError",
-    "completeRun",
+    StepEndingEventType,
     # streaming events
-    "startStreamingReasoning",
-    "streamReasoning",
-    "completeStreamingReasoning",
-    "startStreamingRunResult",
-    "streamRunResult",
-    "completeStreamingRunResult",
+    StreamingEventType,
     # runtime events
     "initializeRuntime",
     "skillStarting",
@@ -65,18 +69,9 @@ EventType = Literal[
     "cancelJob",
 ]
 
-
-# the events that end a step: each carries the step's checkpoint
-STEP_ENDING_EVENTS: frozenset[str] = frozenset(
-    {
-        "continueToNextStep",
-        "stopRunByInteractiveTool",
-        "stopRunByDelegate",
-        "stopRunByExceededMaxSteps",
-        "stopRunByError",
-        "completeRun",
-    }
-)
+# the groups as sets, to test an event's `type` (a str) against
+STEP_ENDING_EVENTS: frozenset[str] = frozenset(get_args(StepEndingEventType))
+STREAMING_EVENTS: frozenset[str] = frozenset(get_args(StreamingEventType))
 
 
 # What an event leaves out of its line, because the store holds it once elsewhere. Perstack repeats the

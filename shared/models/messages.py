@@ -15,17 +15,23 @@ class _Part(PerqModel):
     id: str = Field(default_factory=new_id)
 
 
-class _UrlPart(_Part):
+class UrlPart(_Part):
+    """A part given by its URL (an image's or a file's)."""
+
     url: str
     mime_type: str
 
 
-class _InlinePart(_Part):
+class InlinePart(_Part):
+    """A part carried in the message, base64-encoded."""
+
     encoded_data: str  # base64
     mime_type: str
 
 
-class _BinaryPart(_Part):
+class BinaryPart(_Part):
+    """A part carried in the message as Perstack's binary data."""
+
     data: str
     mime_type: str
 
@@ -35,27 +41,27 @@ class TextPart(_Part):
     text: str
 
 
-class ImageUrlPart(_UrlPart):
+class ImageUrlPart(UrlPart):
     type: Literal["imageUrlPart"] = "imageUrlPart"
 
 
-class ImageInlinePart(_InlinePart):
+class ImageInlinePart(InlinePart):
     type: Literal["imageInlinePart"] = "imageInlinePart"
 
 
-class ImageBinaryPart(_BinaryPart):
+class ImageBinaryPart(BinaryPart):
     type: Literal["imageBinaryPart"] = "imageBinaryPart"
 
 
-class FileUrlPart(_UrlPart):
+class FileUrlPart(UrlPart):
     type: Literal["fileUrlPart"] = "fileUrlPart"
 
 
-class FileInlinePart(_InlinePart):
+class FileInlinePart(InlinePart):
     type: Literal["fileInlinePart"] = "fileInlinePart"
 
 
-class FileBinaryPart(_BinaryPart):
+class FileBinaryPart(BinaryPart):
     type: Literal["fileBinaryPart"] = "fileBinaryPart"
 
 

@@ -32,6 +32,7 @@ from shared import job_record
 from shared.models import Checkpoint, Event, Job, now_ms
 from shared.queue import StepTask
 from shared.store import JobStore
+from tests.support.installation import Installation
 from tests.support.localredis import LocalRedis
 from worker.runtime import Runtime
 from worker.step_queue import LocalQueue
@@ -48,7 +49,7 @@ def script_toml(experts: dict[str, list[dict[str, Any]]]) -> str:
 
 
 @dataclass
-class Perq:
+class Perq(Installation):
     """One test's perq installation: its own store, config, script and workspace.
 
     `redis` and `queue` are needed only by real processes; in-process tests leave them out."""
@@ -61,14 +62,6 @@ class Perq:
     ran: list[StepTask] = field(default_factory=list)
 
     # --- files and the store ------------------------------------------------------------------------
-
-    @property
-    def storage(self) -> Path:
-        return self.root / "perstack"
-
-    @property
-    def store(self) -> JobStore:
-        return JobStore.open(str(self.storage))
 
     def write(self, name: str, text: str) -> Path:
         path = self.root / name

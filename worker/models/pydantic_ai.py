@@ -43,12 +43,10 @@ from pydantic_ai.tools import ToolDefinition as PaiToolDefinition
 from shared.config import PROVIDERS
 from shared.models import (
     ExpertMessage,
-    FileBinaryPart,
-    FileInlinePart,
-    FileUrlPart,
     ImageBinaryPart,
     ImageInlinePart,
     ImageUrlPart,
+    InlinePart,
     InstructionMessage,
     Message,
     ProviderConfig,
@@ -58,6 +56,7 @@ from shared.models import (
     ToolCallPart,
     ToolDefinition,
     ToolMessage,
+    UrlPart,
     Usage,
     UserMessage,
     new_id,
@@ -469,14 +468,9 @@ def thinking_effort(budget: ReasoningBudget) -> ThinkingEffort | None:
 
 
 def openai_reasoning_effort(budget: ReasoningBudget) -> OpenAIEffort | None:
-    """OpenAI reasoning_effort for a budget: minimal→low; ints ≤2048 low, ≤5000 medium, else high."""
-    if _reasoning_disabled(budget):
-        return None
-    if isinstance(budget, int):
-        if budget <= 2048:
-            return "low"
-        return "medium" if budget <= 5000 else "high"
-    return "low" if budget == "minimal" else cast(OpenAIEffort, budget)
+    """OpenAI reasoning_effort for a budget: its thinking effort, minimal raised to low (OpenAI's least)."""
+    effort = thinking_effort(budget)
+    return "low" if effort == "minimal" else cast(OpenAIEffort | None, effort)
 
 
 def is_openai_reasoning_model(model: str) -> bool:
@@ -567,20 +561,15 @@ def _url_content(url: str, mime_type: str, *, image: bool) -> pai.UserContent:
 def _user_prompt(message: UserMessage, *, cache_point: bool) -> pai.UserPromptPart:
     items: list[pai.UserContent] = []
     for part in message.contents:
+        image = isinstance(part, ImageUrlPart | ImageInlinePart | ImageBinaryPart)
         if isinstance(part, TextPart):
             items.append(part.text)
-        elif isinstance(part, ImageUrlPart):
-            items.append(_url_content(part.url, part.mime_type, image=True))
-        elif isinstance(part, FileUrlPart):
-            items.append(_url_content(part.url, part.mime_type, image=False))
-        elif isinstance(part, ImageInlinePart):
-            items.append(_media_content(part.encoded_data, part.mime_type, image=True))
-        elif isinstance(part, FileInlinePart):
-            items.append(_media_content(part.encoded_data, part.mime_type, image=False))
-        elif isinstance(part, ImageBinaryPart):
-            items.append(_media_content(part.data, part.mime_type, image=True))
-        elif isinstance(part, FileBinaryPart):
-            items.append(_media_content(part.data, part.mime_type, image=False))
+        elif isinstance(part, UrlPart):
+            items.append(_url_content(part.url, part.mime_type, image=image))
+        elif isinstance(part, InlinePart):
+            items.append(_media_content(part.encoded_data, part.mime_type, image=image))
+        else:
+            items.append(_media_content(part.data, part.mime_type, image=image))
     if cache_point:
         items.append(pai.CachePoint())
     if len(items) == 1 and isinstance(items[0], str):
@@ -595,7 +584,7 @@ def _tool_returns(message: ToolMessage, *, native_error_channel: bool) -> list[p
         files = [
             _media_content(c.encoded_data, c.mime_type, image=isinstance(c, ImageInlinePart))
             for c in result.contents
-            if isinstance(c, ImageInlinePart | FileInlinePart)
+            if isinstance(c, InlinePart)
         ]
         text = "\n".join(texts)
         content: Any = [text, *files] if files else text

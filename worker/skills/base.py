@@ -17,6 +17,7 @@ import asyncio
 import base64
 import contextlib
 import errno
+import inspect
 import json
 import mimetypes
 import os
@@ -103,27 +104,29 @@ AsyncImpl = Callable[[In, ToolContext], Awaitable[ToolOutput]]
 SyncImpl = Callable[[In, ToolContext], ToolOutput]
 
 
-def _tool(name: str, input_model: type[In], description: str) -> Callable[[AsyncImpl[In]], AsyncImpl[In]]:
+def _declared(fn: Callable[..., Any], run: Handler) -> None:
+    """Register a tool as its function declares it: the name is the function's in camelCase
+    (`_read_text_file` is readTextFile), the input model is its first parameter's type, and the description
+    offered to the model is its docstring, on one line."""
+    name = to_camel(fn.__name__.lstrip("_"))
+    args = next(iter(inspect.signature(fn, eval_str=True).parameters.values()))
+    _TOOLS[name] = _BaseTool(name, " ".join((fn.__doc__ or "").split()), args.annotation, run)
+
+
+def _tool(fn: AsyncImpl[In]) -> AsyncImpl[In]:
     """Register a tool that runs on the event loop (todo state, exec)."""
-
-    def register(fn: AsyncImpl[In]) -> AsyncImpl[In]:
-        _TOOLS[name] = _BaseTool(name, description, input_model, fn)
-        return fn
-
-    return register
+    _declared(fn, fn)
+    return fn
 
 
-def _file_tool(name: str, input_model: type[In], description: str) -> Callable[[SyncImpl[In]], SyncImpl[In]]:
+def _file_tool(fn: SyncImpl[In]) -> SyncImpl[In]:
     """Register a tool of blocking file-system calls; it runs in a thread so the worker's loop keeps going."""
 
-    def register(fn: SyncImpl[In]) -> SyncImpl[In]:
-        async def run(args: In, ctx: ToolContext) -> ToolOutput:
-            return await asyncio.to_thread(fn, args, ctx)
+    async def run(args: In, ctx: ToolContext) -> ToolOutput:
+        return await asyncio.to_thread(fn, args, ctx)
 
-        _TOOLS[name] = _BaseTool(name, description, input_model, run)
-        return fn
-
-    return register
+    _declared(fn, run)
+    return fn
 
 
 async def call_base_tool(name: str, args: dict[str, Any], ctx: ToolContext) -> list[ContentPart]:
@@ -217,6 +220,14 @@ def _require_writable(path: str, st: os.stat_result) -> None:
         raise ToolError("NotWritable", f"File {path} is not writable.")
 
 
+def _writable_file(path: str, ctx: ToolContext) -> Path:
+    """An existing file a tool may change: not a link, and writable."""
+    real, st = _existing_file(path, ctx)
+    _refuse_symlink(path, ctx)
+    _require_writable(path, st)
+    return real
+
+
 def _open_regular(real: Path, path: str, flags: int) -> int:
     """Open without following a final symlink and without blocking on a FIFO; refuse non-regular files."""
     try:
@@ -295,23 +306,17 @@ class _TodoInput(_Input):
     completed_todos: list[int] | None = Field(None, description="Ids of todos that are done.")
 
 
-@_tool(
-    "attemptCompletion",
-    _NoInput,
-    "Finish the task. If todos are still open, they are returned instead and the task continues.",
-)
+@_tool
 async def _attempt_completion(_args: _NoInput, ctx: ToolContext) -> ToolOutput:
+    """Finish the task. If todos are still open, they are returned instead and the task continues."""
     remaining = [todo.to_dict() for todo in ctx.todos if not todo.completed]
     return {"remainingTodos": remaining} if remaining else {}
 
 
-@_tool(
-    "todo",
-    _TodoInput,
-    "Manage the todo list: add todos by title (ids are assigned 0, 1, 2, ...) and mark ids completed. "
-    "Returns the whole list.",
-)
+@_tool
 async def _todo(args: _TodoInput, ctx: ToolContext) -> ToolOutput:
+    """Manage the todo list: add todos by title (ids are assigned 0, 1, 2, ...) and mark ids completed.
+    Returns the whole list."""
     next_id = max((todo.id for todo in ctx.todos), default=-1) + 1
     for offset, title in enumerate(args.new_todos or []):
         ctx.todos.append(Todo(id=next_id + offset, title=title))
@@ -322,8 +327,9 @@ async def _todo(args: _TodoInput, ctx: ToolContext) -> ToolOutput:
     return {"todos": [todo.to_dict() for todo in ctx.todos]}
 
 
-@_tool("clearTodo", _NoInput, "Empty the todo list; new todos start again at id 0.")
+@_tool
 async def _clear_todo(_args: _NoInput, ctx: ToolContext) -> ToolOutput:
+    """Empty the todo list; new todos start again at id 0."""
     ctx.todos.clear()
     return {"todos": []}
 
@@ -349,12 +355,9 @@ class _EditTextInput(_PathInput):
     new_text: str = Field(description="Text to put in its place.")
 
 
-@_file_tool(
-    "readTextFile",
-    _ReadTextInput,
-    "Read a UTF-8 text file, optionally only lines [from, to).",
-)
+@_file_tool
 def _read_text_file(args: _ReadTextInput, ctx: ToolContext) -> ToolOutput:
+    """Read a UTF-8 text file, optionally only lines [from, to)."""
     real, _ = _existing_file(args.path, ctx)
     _refuse_symlink(args.path, ctx)
     lines = _read_bytes(real, args.path).decode("utf-8", errors="replace").split("\n")
@@ -363,12 +366,9 @@ def _read_text_file(args: _ReadTextInput, ctx: ToolContext) -> ToolOutput:
     return {"path": str(real), "content": "\n".join(lines[start:end]), "from": start, "to": end}
 
 
-@_file_tool(
-    "writeTextFile",
-    _WriteTextInput,
-    "Create or overwrite a text file. Its directory must exist (see createDirectory).",
-)
+@_file_tool
 def _write_text_file(args: _WriteTextInput, ctx: ToolContext) -> ToolOutput:
+    """Create or overwrite a text file. Its directory must exist (see createDirectory)."""
     real = resolve_in_workspace(args.path, ctx)
     _refuse_symlink(args.path, ctx)
     if real.exists():
@@ -380,25 +380,19 @@ def _write_text_file(args: _WriteTextInput, ctx: ToolContext) -> ToolOutput:
     return {"path": str(real), "text": args.text}
 
 
-@_file_tool("appendTextFile", _WriteTextInput, "Append text to the end of an existing text file.")
+@_file_tool
 def _append_text_file(args: _WriteTextInput, ctx: ToolContext) -> ToolOutput:
-    real, st = _existing_file(args.path, ctx)
-    _refuse_symlink(args.path, ctx)
-    _require_writable(args.path, st)
+    """Append text to the end of an existing text file."""
+    real = _writable_file(args.path, ctx)
     _write_bytes(real, args.path, args.text.encode("utf-8"), append=True)
     return {"path": str(real), "text": args.text}
 
 
-@_file_tool(
-    "editTextFile",
-    _EditTextInput,
-    "Replace the first exact occurrence of oldText with newText in a text file (line endings normalised "
-    "to LF). Use appendTextFile to add text at the end.",
-)
+@_file_tool
 def _edit_text_file(args: _EditTextInput, ctx: ToolContext) -> ToolOutput:
-    real, st = _existing_file(args.path, ctx)
-    _refuse_symlink(args.path, ctx)
-    _require_writable(args.path, st)
+    """Replace the first exact occurrence of oldText with newText in a text file (line endings normalised to
+    LF). Use appendTextFile to add text at the end."""
+    real = _writable_file(args.path, ctx)
     content = _read_bytes(real, args.path).decode("utf-8", errors="replace").replace("\r\n", "\n")
     old, new = args.old_text.replace("\r\n", "\n"), args.new_text.replace("\r\n", "\n")
     if old not in content:
@@ -423,12 +417,9 @@ class _MoveInput(_Input):
     destination: str = Field(description="New path; must not exist yet.")
 
 
-@_file_tool(
-    "listDirectory",
-    _ListInput,
-    "List a directory's entries (name, workspace-relative path, type, size, modified), sorted by name.",
-)
+@_file_tool
 def _list_directory(args: _ListInput, ctx: ToolContext) -> ToolOutput:
+    """List a directory's entries (name, workspace-relative path, type, size, modified), sorted by name."""
     real = _existing_directory(args.path, ctx)
     hidden = reserved_entries(real, ctx)
     items: list[dict[str, Any]] = []
@@ -450,12 +441,9 @@ def _list_directory(args: _ListInput, ctx: ToolContext) -> ToolOutput:
     return {"path": str(real), "items": items}
 
 
-@_file_tool(
-    "getFileInfo",
-    _PathInput,
-    "Describe a file or directory: name, directory, extension, type, MIME type, size, times, permissions.",
-)
+@_file_tool
 def _get_file_info(args: _PathInput, ctx: ToolContext) -> ToolOutput:
+    """Describe a file or directory: name, directory, extension, type, MIME type, size, times, permissions."""
     real, st = _stat_existing(args.path, ctx)
     is_dir = stat.S_ISDIR(st.st_mode)
     mime = None if is_dir else (mimetypes.guess_type(real.name)[0] or "application/octet-stream")
@@ -482,12 +470,9 @@ def _get_file_info(args: _PathInput, ctx: ToolContext) -> ToolOutput:
     }
 
 
-@_file_tool(
-    "createDirectory",
-    _PathInput,
-    "Create one directory. Its parent must exist; create nested directories one level at a time.",
-)
+@_file_tool
 def _create_directory(args: _PathInput, ctx: ToolContext) -> ToolOutput:
+    """Create one directory. Its parent must exist; create nested directories one level at a time."""
     real = resolve_in_workspace(args.path, ctx)
     if os.path.lexists(real):
         raise ToolError("AlreadyExists", f"Directory {args.path} already exists.")
@@ -495,12 +480,9 @@ def _create_directory(args: _PathInput, ctx: ToolContext) -> ToolOutput:
     return {"path": str(real)}
 
 
-@_file_tool(
-    "deleteDirectory",
-    _DeleteDirectoryInput,
-    "Delete a directory. Without recursive it must be empty.",
-)
+@_file_tool
 def _delete_directory(args: _DeleteDirectoryInput, ctx: ToolContext) -> ToolOutput:
+    """Delete a directory. Without recursive it must be empty."""
     real = _existing_directory(args.path, ctx)
     _refuse_symlink(args.path, ctx)
     _refuse_protected_tree(real, args.path, ctx)
@@ -518,17 +500,17 @@ def _delete_directory(args: _DeleteDirectoryInput, ctx: ToolContext) -> ToolOutp
     return {"path": str(real)}
 
 
-@_file_tool("deleteFile", _PathInput, "Delete a file (not a directory; see deleteDirectory).")
+@_file_tool
 def _delete_file(args: _PathInput, ctx: ToolContext) -> ToolOutput:
-    real, st = _existing_file(args.path, ctx)
-    _refuse_symlink(args.path, ctx)
-    _require_writable(args.path, st)
+    """Delete a file (not a directory; see deleteDirectory)."""
+    real = _writable_file(args.path, ctx)
     os.unlink(real)
     return {"path": str(real)}
 
 
-@_file_tool("moveFile", _MoveInput, "Move or rename a file or directory. The destination must not exist.")
+@_file_tool
 def _move_file(args: _MoveInput, ctx: ToolContext) -> ToolOutput:
+    """Move or rename a file or directory. The destination must not exist."""
     source = resolve_in_workspace(args.source, ctx)
     destination = resolve_in_workspace(args.destination, ctx)
     if not source.exists():
@@ -568,14 +550,16 @@ def _inline(
     return base64.b64encode(data).decode("ascii"), mime
 
 
-@_file_tool("readImageFile", _PathInput, "Read an image (png, jpeg, gif, webp; at most 15 MB) to look at it.")
+@_file_tool
 def _read_image_file(args: _PathInput, ctx: ToolContext) -> ToolOutput:
+    """Read an image (png, jpeg, gif, webp; at most 15 MB) to look at it."""
     data, mime = _inline(args.path, ctx, IMAGE_MIME_TYPES, IMAGE_MAX_BYTES, "Image")
     return ImageInlinePart(encoded_data=data, mime_type=mime)
 
 
-@_file_tool("readPdfFile", _PathInput, "Read a PDF document (at most 30 MB) to look at it.")
+@_file_tool
 def _read_pdf_file(args: _PathInput, ctx: ToolContext) -> ToolOutput:
+    """Read a PDF document (at most 30 MB) to look at it."""
     data, mime = _inline(args.path, ctx, PDF_MIME_TYPES, PDF_MAX_BYTES, "PDF")
     return FileInlinePart(encoded_data=data, mime_type=mime)
 
@@ -625,13 +609,10 @@ async def _communicate(proc: asyncio.subprocess.Process) -> tuple[bytes, bytes, 
     return out, err, code
 
 
-@_tool(
-    "exec",
-    _ExecInput,
-    "Run a program with arguments (no shell) in a workspace directory and return its output. "
-    "Only a few environment variables are passed through; add others with env.",
-)
+@_tool
 async def _exec(args: _ExecInput, ctx: ToolContext) -> ToolOutput:
+    """Run a program with arguments (no shell) in a workspace directory and return its output. Only a few
+    environment variables are passed through; add others with env."""
     cwd = await asyncio.to_thread(_exec_cwd, args.cwd, ctx)
     try:
         proc = await asyncio.create_subprocess_exec(
@@ -679,8 +660,9 @@ def _resident_bytes() -> tuple[int, int]:
     return current, peak
 
 
-@_file_tool("healthCheck", _NoInput, "Check that the tools work: status, workspace, uptime, memory, pid.")
+@_file_tool
 def _health_check(_args: _NoInput, ctx: ToolContext) -> ToolOutput:
+    """Check that the tools work: status, workspace, uptime, memory, pid."""
     current, peak = _resident_bytes()
     return {
         "status": "ok",
