@@ -1,7 +1,8 @@
 """The quick start: run the bundled `hello` expert end to end through Redis and a real worker.
 
 Uses PERQ_REDIS_URL when it is set and answers; otherwise starts a private redis-server for the run.
-Uses the offline script provider unless ANTHROPIC_API_KEY or OPENAI_API_KEY is set.
+Uses the offline script provider unless ANTHROPIC_API_KEY or OPENAI_API_KEY is set. Runs from a checkout
+(`./dev example`): the private Redis is the tests' own support code, which an installed perq does not ship.
 """
 
 from __future__ import annotations
