@@ -9,13 +9,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
-import secrets
 import string
 import time
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 from pydantic.alias_generators import to_camel
+
+from shared.randomness import random_bytes
 
 
 class PerqModel(BaseModel):
@@ -42,7 +43,9 @@ def _spell(digest: bytes) -> str:
 
 def new_id() -> str:
     """A cuid2-shaped id: a lowercase letter, then 23 lowercase letters and digits (120 random bits)."""
-    return secrets.choice(string.ascii_lowercase) + _spell(secrets.token_bytes(15))[:23]
+    raw = random_bytes(19)  # buffered system randomness (shared/randomness.py)
+    # the letter from 32 random bits: 2**32 % 26 leaves a bias below one in 10**8
+    return string.ascii_lowercase[int.from_bytes(raw[:4], "big") % 26] + _spell(raw[4:])[:23]
 
 
 def derived_id(*parts: str) -> str:

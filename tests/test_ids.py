@@ -15,3 +15,23 @@ def test_ids() -> None:
         assert not is_safe_id(bad), bad
         with pytest.raises(ValueError):
             check_id(bad)
+
+
+def test_ids_after_fork_differ_from_the_parents() -> None:
+    """Random bytes are read ahead in blocks: a forked worker process must not replay its parent's."""
+    import os
+
+    from shared.models import new_id
+    from shared.randomness import random_token
+
+    new_id()  # the parent has bytes read ahead
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.write(write, f"{new_id()} {random_token()}".encode())
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 200).decode().split()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert child[0] != new_id() and child[1] != random_token()

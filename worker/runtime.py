@@ -22,7 +22,6 @@ import asyncio
 import enum
 import functools
 import logging
-import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -43,6 +42,7 @@ from shared.models import (
     now_ms,
 )
 from shared.queue import StepTask
+from shared.randomness import random_token
 from shared.store import JobStore
 from worker.handon import HandOn
 from worker.journal import QueueAnswerJournal
@@ -169,7 +169,7 @@ class Runtime:
 
         start, begins_run = await self.io(self._starting_point, task)
         end, runner, journal = await self._execute(task, setting, start, begins_run, attempt)
-        token = secrets.token_hex(8)
+        token = random_token(8)
         lines = [e.to_json() for e in runner.events]
         if not await self.io(self._commit, end, lines, token):
             # another attempt of this step committed first (this one paused past its lease): its checkpoint
