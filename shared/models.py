@@ -9,14 +9,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
-import string
 import time
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 from pydantic.alias_generators import to_camel
 
-from shared.randomness import random_bytes
+from shared.randomness import random_id
 
 
 class PerqModel(BaseModel):
@@ -43,9 +42,7 @@ def _spell(digest: bytes) -> str:
 
 def new_id() -> str:
     """A cuid2-shaped id: a lowercase letter, then 23 lowercase letters and digits (120 random bits)."""
-    raw = random_bytes(19)  # buffered system randomness (shared/randomness.py)
-    # the letter from 32 random bits: 2**32 % 26 leaves a bias below one in 10**8
-    return string.ascii_lowercase[int.from_bytes(raw[:4], "big") % 26] + _spell(raw[4:])[:23]
+    return random_id()  # buffered system randomness (shared/randomness.py)
 
 
 def derived_id(*parts: str) -> str:
