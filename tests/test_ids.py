@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from shared.models import check_id, checkpoint_id, derived_id, is_safe_id, new_id
+from shared.randomness import random_token
 
 
 def test_ids() -> None:
@@ -19,11 +22,6 @@ def test_ids() -> None:
 
 def test_ids_after_fork_differ_from_the_parents() -> None:
     """Random bytes are read ahead in blocks: a forked worker process must not replay its parent's."""
-    import os
-
-    from shared.models import new_id
-    from shared.randomness import random_token
-
     new_id()  # the parent has bytes read ahead
     read, write = os.pipe()
     pid = os.fork()
