@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from shared.models import check_id, checkpoint_id, derived_id, is_safe_id, new_id
+from shared.randomness import random_token
 
 
 def test_ids() -> None:
@@ -15,3 +18,18 @@ def test_ids() -> None:
         assert not is_safe_id(bad), bad
         with pytest.raises(ValueError):
             check_id(bad)
+
+
+def test_ids_after_fork_differ_from_the_parents() -> None:
+    """Random bytes are read ahead in blocks: a forked worker process must not replay its parent's."""
+    new_id()  # the parent has bytes read ahead
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.write(write, f"{new_id()} {random_token()}".encode())
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 200).decode().split()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert child[0] != new_id() and child[1] != random_token()

@@ -22,7 +22,6 @@ import asyncio
 import enum
 import functools
 import logging
-import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -43,6 +42,7 @@ from shared.models import (
     now_ms,
 )
 from shared.queue import StepTask
+from shared.randomness import random_token
 from shared.store import JobStore
 from worker.handon import HandOn
 from worker.journal import QueueAnswerJournal
@@ -167,11 +167,16 @@ class Runtime:
             await self.io(self._settle_cancel, setting)
             return None
 
-        start, begins_run = await self.io(self._starting_point, task)
+        previous = self._checkpoints.get(checkpoint_id(task.run_id, task.step_number - 1))
+        if previous is not None:  # kept by this worker, most often: no store thread for it
+            start, begins_run = self._continue(previous, task), False
+        else:
+            start, begins_run = await self.io(self._starting_point, task)
         end, runner, journal = await self._execute(task, setting, start, begins_run, attempt)
-        token = secrets.token_hex(8)
+        token = random_token(8)
         lines = [e.to_json() for e in runner.events]
-        if not await self.io(self._commit, end, lines, token):
+        committed = await self.io(self._commit_and_finish, setting, end, lines, token)
+        if committed is None:
             # another attempt of this step committed first (this one paused past its lease): its checkpoint
             # is the step's; this attempt's result, events included, is dropped
             log.warning(
@@ -181,8 +186,7 @@ class Runtime:
             if winner is None:
                 raise LookupError(f"checkpoint {end.id} lost its commit race but cannot be read")
             return await self._adopt(setting, winner)
-        self.remember(end)
-        tasks, job = await self.io(self._finish_step, setting, end)
+        tasks, job = committed
         stopped = not tasks and job is not None and job.status in FINAL_JOB_STATUSES
         handed = HandOver(task.job_id, setting.epoch, live_lines(runner.events), tasks, journal.keys, stopped)
         refused = await self.queue.hand_over(handed)
@@ -225,6 +229,16 @@ class Runtime:
             end = await runner.run(start, begins_run=begins_run)
         return end, runner, journal
 
+    def _commit_and_finish(
+        self, setting: RunSetting, end: Checkpoint, lines: list[str], token: str
+    ) -> tuple[list[StepTask], Job | None] | None:
+        """`_commit`, then, when this attempt won, `_finish_step`: one store thread for both. None: the step
+        was committed by another attempt."""
+        if not self._commit(end, lines, token):
+            return None
+        self.remember(end)
+        return self._finish_step(setting, end)
+
     def _commit(self, end: Checkpoint, lines: list[str], token: str) -> bool:
         """Write the step: events and messages under this attempt's token, then the create-only checkpoint.
         False: the step was committed by another attempt (looked for first, so a late attempt writes
@@ -248,14 +262,18 @@ class Runtime:
         """The previous step's checkpoint turned into this step's, or the run's initial checkpoint."""
         previous = self.checkpoint(task.job_id, checkpoint_id(task.run_id, task.step_number - 1))
         if previous is not None:
-            start = previous.model_copy(
-                update={"id": checkpoint_id(task.run_id, task.step_number), "step_number": task.step_number}
-            )
-            return start, False
+            return self._continue(previous, task), False
         initial = self.store.load_initial_checkpoint(task.job_id, task.run_id)
         if initial is None or initial.step_number != task.step_number:
             raise LookupError(f"run {task.run_id} has no checkpoint to start step {task.step_number} from")
         return initial, True
+
+    @staticmethod
+    def _continue(previous: Checkpoint, task: StepTask) -> Checkpoint:
+        """The previous step's checkpoint as this step's start."""
+        return previous.model_copy(
+            update={"id": checkpoint_id(task.run_id, task.step_number), "step_number": task.step_number}
+        )
 
     def _finish_step(self, setting: RunSetting, end: Checkpoint) -> tuple[list[StepTask], Job | None]:
         """After the commit: the job record, then what follows. Returns the tasks and the record."""

@@ -5,13 +5,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
-import secrets
-import string
 import time
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
+
+from shared.randomness import random_id
 
 
 class PerqModel(BaseModel):
@@ -38,7 +38,7 @@ def _spell(digest: bytes) -> str:
 
 def new_id() -> str:
     """A cuid2-shaped id: a lowercase letter, then 23 lowercase letters and digits (120 random bits)."""
-    return secrets.choice(string.ascii_lowercase) + _spell(secrets.token_bytes(15))[:23]
+    return random_id()  # buffered system randomness (shared/randomness.py)
 
 
 def derived_id(*parts: str) -> str:

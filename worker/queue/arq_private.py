@@ -30,12 +30,6 @@ class Pin:
 
 ARQ_PRIVATE: tuple[Pin, ...] = (
     Pin("arq.worker:Worker.main", "async method", "perq's poll loop replaces it; async_run runs it"),
-    Pin(
-        "arq.worker:Worker.run_job",
-        "async method",
-        "runs a step perq took: its try counter, its retry and its finish",
-        params=("job_id", "score"),
-    ),
     Pin("arq.worker:Worker.record_health", "async method", "writes arq's health-check key from perq's loop"),
     Pin(
         "arq.worker:Worker.tasks",
@@ -48,6 +42,37 @@ ARQ_PRIVATE: tuple[Pin, ...] = (
         "instance attribute",
         "set false by arq's SIGTERM drain: perq's loop then takes no more steps",
         type="bool",
+    ),
+    Pin(
+        "arq.worker:Worker.jobs_complete",
+        "instance attribute",
+        "perq's own run of a step counts it where arq's health check reads it",
+        type="int",
+    ),
+    Pin(
+        "arq.worker:Worker.jobs_failed",
+        "instance attribute",
+        "perq's own run of a step counts it where arq's health check reads it",
+        type="int",
+    ),
+    Pin(
+        "arq.worker:Worker.jobs_retried",
+        "instance attribute",
+        "perq's own run of a step counts it where arq's health check reads it",
+        type="int",
+    ),
+    Pin(
+        "arq.jobs:deserialize_job_raw",
+        "function",
+        "perq runs its steps itself and reads arq's job format (jobs enqueue_job wrote included)",
+        params=("r",),
+    ),
+    Pin(
+        "arq.constants:retry_key_prefix",
+        "constant",
+        "a step's try counter is arq's, counted by the pick-up script and deleted when it finishes",
+        type="str",
+        value="arq:retry:",
     ),
     Pin(
         "arq.jobs:serialize_job",

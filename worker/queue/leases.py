@@ -17,36 +17,43 @@ from typing import Any
 
 from shared.models import now_ms
 from shared.queue import CANCEL_PREFIX, STEP_ID_PREFIX
-from shared.queue.broker import in_progress_key_prefix
+from shared.queue.broker import in_progress_key_prefix, job_key_prefix
 from worker.queue.scripts import PICK_UP, RENEW, Arg
+from worker.queue.steps import retry_key_prefix
 
 log = logging.getLogger("perq.worker")
 
 
 @dataclass(frozen=True)
 class Picked:
-    """A step taken by this worker: its arq id, its queue score, and its job's cancel mark (None: none)."""
+    """A step taken by this worker: its arq id, its queue score, its job's cancel mark (None: none), the job
+    as arq stored it (None: its key expired) and this try of it (arq's counter, counted at pick-up)."""
 
     arq_id: str
     score: int
     cancel_mark: int | None
+    job: bytes | None
+    tries: int
 
 
 async def pick_up(
     redis: Any, queue_name: str, candidates: list[str], *, room: int, lease_s: float, owner: str
 ) -> list[Picked]:
-    """Take up to `room` of the candidates in one round trip (arq's own pick-up costs four per job).
+    """Take up to `room` of the candidates in one round trip (arq's own pick-up costs four per job, and
+    running it two more).
 
     A candidate is taken when it is still queued, due, and not leased by any worker: atomically, so workers
-    sharing the queue never take the same step twice. Each job's cancel mark comes back in the same round
-    trip, so the step need not ask again.
+    sharing the queue never take the same step twice. Each job's cancel mark, its payload and its try
+    (arq's retry counter, incremented) come back in the same round trip.
     """
-    keys = [queue_name, in_progress_key_prefix, CANCEL_PREFIX]
+    keys = [queue_name, in_progress_key_prefix, CANCEL_PREFIX, job_key_prefix, retry_key_prefix]
     args: list[Arg] = [now_ms(), int(lease_s * 1000), room, STEP_ID_PREFIX, owner, *candidates]
-    taken: list[bytes] = await PICK_UP(redis, keys, args)
+    taken: list[Any] = await PICK_UP(redis, keys, args)
     return [
-        Picked(arq_id.decode(), int(float(score)), int(mark) if mark else None)
-        for arq_id, score, mark in zip(taken[::3], taken[1::3], taken[2::3], strict=True)
+        Picked(arq_id.decode(), int(float(score)), int(mark) if mark else None, job or None, int(tries))
+        for arq_id, score, mark, job, tries in zip(
+            taken[::5], taken[1::5], taken[2::5], taken[3::5], taken[4::5], strict=True
+        )
     ]
 
 

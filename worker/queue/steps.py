@@ -6,22 +6,57 @@ job, add it to the queue) without arq's WATCH round trips, and refuses to enqueu
 arq workers cannot tell these jobs from the ones `enqueue_job` writes: the payload is built by
 `shared.queue.broker.step_payload`. `worker/step_queue.py` holds what a step needs of any queue; this is
 the Redis one.
+
+The step that hands over is finished in the same round trip (its arq keys deleted and its id taken off the
+queue, as arq's `finish_job` does), by the last enqueue when there is one, so that a cancelled job, whose
+enqueue is refused, keeps the step until the worker finishes it after the step's own cancel handling.
+The worker says which step runs through `FINISHING`, a context variable set in the step's own task.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any
+
+from arq.constants import retry_key_prefix
 
 from shared.events import add_events
 from shared.models import now_ms
 from shared.queue import cancel_key, step_job_id
-from shared.queue.broker import expires_extra_ms, job_key_prefix, result_key_prefix, step_payload
+from shared.queue.broker import (
+    expires_extra_ms,
+    in_progress_key_prefix,
+    job_key_prefix,
+    result_key_prefix,
+    step_payload,
+)
 from worker.queue.scripts import ENQUEUE, Arg, ScriptCall
 from worker.step_queue import HandOver
 
 ANSWER_TTL_S = 24 * 3600
 REFUSED_CANCELLED = -1  # enqueue.lua's reply for a job cancelled after the step's submission
+
+
+class Finish:
+    """The arq job of the step running in this task; `done` once the hand-over finished it."""
+
+    __slots__ = ("arq_id", "done")
+
+    def __init__(self, arq_id: str) -> None:
+        self.arq_id = arq_id
+        self.done = False
+
+    def keys(self) -> list[str]:
+        """What arq's finish deletes: the lease (in-progress key), the try counter and the job."""
+        return [
+            in_progress_key_prefix + self.arq_id,
+            retry_key_prefix + self.arq_id,
+            job_key_prefix + self.arq_id,
+        ]
+
+
+FINISHING: ContextVar[Finish | None] = ContextVar("perq_finishing", default=None)
 
 
 class RedisStepQueue:
@@ -44,22 +79,34 @@ class RedisStepQueue:
             return False
         now = now_ms()
         calls: list[ScriptCall] = []
+        finish = FINISHING.get()
+        if finish is not None and finish.done:
+            finish = None
         async with self.redis.pipeline(transaction=False) as pipe:
             if handed.event_lines:
                 add_events(pipe, handed.job_id, handed.event_lines, stopped=handed.stopped)
-            for task in tasks:
+            for i, task in enumerate(tasks):
                 arq_id = step_job_id(task)
                 keys = [job_key_prefix + arq_id, result_key_prefix + arq_id, self.queue_name]
                 keys.append(cancel_key(handed.job_id))
                 args: list[Arg] = [step_payload(task, now), now, expires_extra_ms, arq_id, epoch]
+                if finish is not None and i == len(tasks) - 1:
+                    keys.extend(finish.keys())
+                    args.append(finish.arq_id)
                 ENQUEUE.add_to(pipe, keys, args, calls)
+            if finish is not None and not tasks:
+                pipe.delete(*finish.keys())
+                pipe.zrem(self.queue_name, finish.arq_id)
             if handed.answered:
                 pipe.delete(*handed.answered)
             replies = await pipe.execute(raise_on_error=False)
         replies = await ENQUEUE.settle(self.redis, replies, calls)
         if tasks:
             self.enqueued([step_job_id(t) for t in tasks])
-        return any(replies[c.position] == REFUSED_CANCELLED for c in calls)
+        refused = any(replies[c.position] == REFUSED_CANCELLED for c in calls)
+        if finish is not None:
+            finish.done = not tasks or replies[calls[-1].position] != REFUSED_CANCELLED
+        return refused
 
     async def save_answer(self, key: str, data: bytes) -> None:
         await self.redis.set(key, data, ex=ANSWER_TTL_S)

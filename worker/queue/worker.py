@@ -1,9 +1,15 @@
 """The worker's queue loop: arq's Worker running perq's steps, with perq's pick-up, leases and wake-up.
 
-arq runs each step it is given (`run_job`: the try counter, a Retry, the finish) and handles SIGTERM and
-SIGINT (stop taking steps, wait up to the grace period, hand the rest back). perq owns everything else,
-without overriding arq's internals beyond `main`:
+arq handles SIGTERM and SIGINT (stop taking steps, wait up to the grace period, cancel the rest) and writes
+its health-check key. perq owns everything else, without overriding arq's internals beyond `main`:
 
+- perq runs its steps itself, with arq's semantics (`_run`): the pick-up script reads each job and counts
+  its try with the lease, and a step that hands over is finished in the hand-over's round trip
+  (`steps.py`), where arq's `run_job` costs three more round trips and its bookkeeping per job. What arq
+  guarantees is kept: one try at a time (the lease), a try counter that a re-run after a lapsed lease or a
+  SIGTERM increments, `max_tries`, `Retry(defer=...)` re-queued with its delay, an id unique while its job
+  key lives, expired or unreadable jobs failed and removed, and a step cancelled by arq's shutdown left
+  queued with its lease dropped;
 - the poll loop takes all ready steps in one round trip, and sleeps until the next poll *or* until this
   worker enqueued a step, so a job's next step starts at once instead of after the poll delay;
 - a step's lease is short and renewed while it runs (`leases.py`), so a worker killed mid-step hands its
@@ -22,9 +28,10 @@ import contextlib
 import functools
 import gc
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+from arq.jobs import deserialize_job_raw
 from arq.worker import Retry, Worker, func
 from redis.backoff import EqualJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -37,8 +44,8 @@ from shared.queue.broker import ArqRedis, open_pool
 from worker.heartbeat import heartbeat, new_worker_id
 from worker.loop import StepInterrupted
 from worker.queue.arq_private import arq_mismatches, arq_version
-from worker.queue.leases import pick_up, renew_leases
-from worker.queue.steps import RedisStepQueue
+from worker.queue.leases import Picked, pick_up, renew_leases
+from worker.queue.steps import FINISHING, Finish, RedisStepQueue
 from worker.reconcile import reconcile_forever
 from worker.runtime import UNKNOWN, Runtime
 from worker.step_queue import StepQueue
@@ -51,6 +58,9 @@ REDIS_DOWN = (*REDIS_ERRORS, OSError)  # in the poll loop, socket errors mean th
 STEP_ATTEMPTS = 3
 # arq's own timeout must never fire first: a step bounds itself and ends its run with an error instead
 ARQ_STEP_TIMEOUT_S = 24 * 3600
+# a step tried more often than this (worker deaths, SIGTERMs, Retry) fails without running, as arq's max_tries
+MAX_TRIES = 1000
+RETRY_COUNTER_S = 88400  # the lifetime of arq's try counter, as arq and pick_up.lua set it
 # health_check_interval: arq's health-check key is rewritten this often (the bench waits for it)
 HEALTH_CHECK_S = 10
 
@@ -132,7 +142,7 @@ class PerqWorker(Worker):
         self.read_limit = max(5 * settings.worker.concurrency, 100)  # ids read per poll, as arq reads them
         self.lease_owner = new_worker_id()  # the value of this worker's in-progress keys: whose lease it is
         super().__init__(
-            functions=[func(step, name=STEP_TASK, timeout=ARQ_STEP_TIMEOUT_S, max_tries=1000)],
+            functions=[func(step, name=STEP_TASK, timeout=ARQ_STEP_TIMEOUT_S, max_tries=MAX_TRIES)],
             queue_name=settings.redis.queue,
             redis_pool=redis,
             ctx={"redis": redis, "perq": runtime},
@@ -221,18 +231,99 @@ class PerqWorker(Worker):
         for p in picked:
             # the job's cancel mark, read in the same round trip: the step need not ask again
             self.runtime.cancel_marks[p.arq_id] = p.cancel_mark
-            task = asyncio.create_task(self.run_job(p.arq_id, p.score))
+            task = asyncio.create_task(self._run(p))
             self.tasks[p.arq_id] = task
             task.add_done_callback(functools.partial(self._finished, p.arq_id))
 
+    async def _run(self, picked: Picked) -> None:
+        """Run one taken step as arq's `run_job` would, its outcome recorded as arq's `finish_job` records
+        it (keep_result 0: no result is kept). A step that handed over was finished in that round trip."""
+        arq_id, tries = picked.arq_id, picked.tries
+        finish = Finish(arq_id)
+        if picked.job is None:
+            log.warning("job %s expired", arq_id)
+            return await self._failed(finish)
+        try:
+            function, args, kwargs, enqueued_try, _ = deserialize_job_raw(
+                picked.job, deserializer=deserialize
+            )
+        except Exception:
+            log.exception("deserializing job %s failed", arq_id)
+            return await self._failed(finish)
+        if function != STEP_TASK:
+            log.warning("job %s, function %r not found", arq_id, function)
+            return await self._failed(finish)
+        if enqueued_try and enqueued_try > tries:  # arq's `_job_try`: the counter starts there
+            tries = enqueued_try
+            await self.redis.setex(finish.keys()[1], RETRY_COUNTER_S, str(tries))
+        if tries > MAX_TRIES:
+            log.warning("%s max retries %d exceeded", arq_id, MAX_TRIES)
+            return await self._failed(finish)
+        ctx = {
+            "redis": self.redis,
+            "perq": self.runtime,
+            "job_id": arq_id,
+            "job_try": tries,
+            "score": picked.score,
+        }
+        token = FINISHING.set(finish)  # the hand-over finishes the step with its enqueue
+        try:
+            await self._outcome(step(ctx, *args, **kwargs), finish, picked.score)
+        finally:
+            FINISHING.reset(token)
+
+    async def _outcome(self, running: Awaitable[None], finish: Finish, score: int) -> None:
+        """Await the step and record its outcome as arq's `run_job` does."""
+        try:
+            await running
+        except Retry as e:
+            self.jobs_retried += 1
+            if finish.done:  # handed over already: nothing is left to run again
+                return
+            defer = e.defer_score + (now_ms() - score) if e.defer_score else None
+            log.info("%s retrying in %.2f s", finish.arq_id, (e.defer_score or 0) / 1000)
+            await asyncio.shield(self._finish(finish, retry=True, defer_ms=defer))
+        except asyncio.CancelledError:
+            # arq's shutdown: the step stays queued, its lease dropped, so another worker runs it now
+            self.jobs_retried += 1
+            log.info("%s cancelled, will be run again", finish.arq_id)
+            if not finish.done:
+                await asyncio.shield(self._finish(finish, retry=True))
+            raise
+        except Exception:
+            log.exception("%s failed", finish.arq_id)
+            await self._failed(finish)
+        else:
+            self.jobs_complete += 1
+            if not finish.done:
+                await asyncio.shield(self._finish(finish))
+
+    async def _failed(self, finish: Finish) -> None:
+        self.jobs_failed += 1
+        await asyncio.shield(self._finish(finish))
+
+    async def _finish(self, finish: Finish, *, retry: bool = False, defer_ms: int | None = None) -> None:
+        """arq's `finish_job`: a retried step stays queued (`defer_ms` later) with its lease dropped, and
+        its try counter kept; any other is deleted with its lease and try counter and taken off the queue."""
+        async with self.redis.pipeline(transaction=True) as tr:
+            if retry:
+                if defer_ms:
+                    tr.zincrby(self.settings.redis.queue, defer_ms, finish.arq_id)
+                tr.delete(finish.keys()[0])
+            else:
+                tr.delete(*finish.keys())
+                tr.zrem(self.settings.redis.queue, finish.arq_id)
+            await tr.execute()
+        finish.done = True
+
     def _finished(self, arq_id: str, task: asyncio.Task[Any]) -> None:
-        """A step's arq task ended: its room is free at once (arq's SIGTERM drain waits for `tasks` to
-        empty). arq handles the step's own errors; one here is arq failing to record the outcome (Redis
-        lost meanwhile): the step's lease lapses and it runs again."""
+        """A step's task ended: its room is free at once (arq's SIGTERM drain waits for `tasks` to empty).
+        `_run` handles the step's own errors; one here is failing to record the outcome (Redis lost
+        meanwhile): the step's lease lapses and it runs again."""
         if self.tasks.get(arq_id) is task:
             del self.tasks[arq_id]
         if not task.cancelled() and task.exception() is not None:
-            log.warning("step %s: arq could not record its outcome: %r", arq_id, task.exception())
+            log.warning("step %s: could not record its outcome: %r", arq_id, task.exception())
 
     def _running(self) -> list[str]:
         return [arq_id for arq_id, t in self.tasks.items() if not t.done()]

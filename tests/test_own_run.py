@@ -1,0 +1,232 @@
+"""perq runs its steps itself (`PerqWorker._run`), not through arq's `run_job`: each arq guarantee perq
+relies on, against a real Redis, with a stand-in for the step runtime.
+
+- one try at a time: a leased step is not taken again; a lapsed lease is, with its try counter incremented;
+- `Retry(defer=...)` leaves the step queued, that much later, its lease dropped and its try counter kept;
+- `max_tries`: a step tried too often fails without running, and is removed;
+- an expired (or foreign) job is failed and removed, as arq does;
+- a job's id stays unique while it lives: enqueueing it again while it runs is refused;
+- jobs written by arq's own `enqueue_job` and by perq's hand-over both run;
+- the hand-over finishes the step in its own round trip, except when the job was cancelled: then the step
+  is finished after the step's cancel handling;
+- a step cancelled by arq's shutdown (SIGTERM past the grace period) stays queued, its lease dropped, and
+  its next try counts one more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from arq.constants import retry_key_prefix
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from shared.config import RedisSection, Settings, WorkerSection
+from shared.models import now_ms
+from shared.queue import StepTask, cancel_key, step_job_id
+from shared.queue.broker import ArqRedis, enqueue_step, in_progress_key_prefix, job_key_prefix, open_pool
+from tests.support.localredis import LocalRedis
+from worker.queue.leases import Picked, pick_up
+from worker.queue.steps import RedisStepQueue
+from worker.queue.worker import MAX_TRIES, PerqWorker, Wake
+from worker.step_queue import HandOver
+
+Behaviour = Callable[["FakeRuntime", StepTask, int], Awaitable[None]]
+
+
+class FakeRuntime:
+    """What `step` asks of the runtime, with the step's behaviour given by the test."""
+
+    def __init__(self, queue: RedisStepQueue, behaviour: Behaviour) -> None:
+        self.queue = queue
+        self.behaviour = behaviour
+        self.cancel_marks: dict[str, Any] = {}
+        self.attempts: list[tuple[StepTask, int]] = []
+
+    async def run_step(self, task: StepTask, *, attempt: int, cancel_mark: Any) -> None:
+        self.attempts.append((task, attempt))
+        await self.behaviour(self, task, attempt)
+
+    async def io(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(*args)
+
+    def fail_job(self, task: StepTask, error: Exception) -> None:
+        pass
+
+
+async def _done(_rt: FakeRuntime, _task: StepTask, _attempt: int) -> None:
+    return None
+
+
+@pytest.fixture
+async def redis(redis_server: LocalRedis) -> AsyncIterator[ArqRedis]:
+    pool = await open_pool(redis_server.url, "unused")
+    try:
+        yield pool
+    finally:
+        await pool.aclose()
+
+
+class Harness:
+    def __init__(self, redis: ArqRedis, url: str, behaviour: Behaviour = _done, lease_s: float = 5) -> None:
+        self.redis = redis
+        self.queue = f"perq:test:own:{time.monotonic_ns()}"
+        self.job = f"j{time.monotonic_ns()}"
+        settings = Settings(
+            redis=RedisSection(url=url, queue=self.queue), worker=WorkerSection(lease_seconds=lease_s)
+        )
+        self.wake = Wake()
+        self.runtime = FakeRuntime(RedisStepQueue(redis, self.queue, self.wake), behaviour)
+        self.worker = PerqWorker(settings, redis, self.runtime, self.wake)  # type: ignore[arg-type]
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):  # arq's handlers, installed on the test's loop
+            loop.remove_signal_handler(sig)
+
+    def task(self, step: int = 1) -> StepTask:
+        return StepTask(job_id=self.job, run_id="r1", step_number=step)
+
+    async def take(self, step: int = 1, owner: str = "w1", lease_s: float = 5) -> list[Picked]:
+        ids = [step_job_id(self.task(step))]
+        return await pick_up(self.redis, self.queue, ids, room=10, lease_s=lease_s, owner=owner)
+
+    async def keys_of(self, step: int = 1) -> dict[str, bool]:
+        arq_id = step_job_id(self.task(step))
+        return {
+            "queued": await self.redis.zscore(self.queue, arq_id) is not None,
+            "job": bool(await self.redis.exists(job_key_prefix + arq_id)),
+            "lease": bool(await self.redis.exists(in_progress_key_prefix + arq_id)),
+            "tries": bool(await self.redis.exists(retry_key_prefix + arq_id)),
+        }
+
+
+GONE = {"queued": False, "job": False, "lease": False, "tries": False}
+
+
+async def test_one_try_at_a_time_and_a_lapsed_lease_runs_again_with_its_try_counted(
+    redis: ArqRedis, redis_server: LocalRedis
+) -> None:
+    h = Harness(redis, redis_server.url)
+    assert await enqueue_step(redis, h.task(), h.queue)  # arq's own enqueue_job wrote it
+    first = await h.take(owner="w1", lease_s=0.2)
+    assert [p.tries for p in first] == [1] and first[0].job is not None
+    assert await h.take(owner="w2") == []  # leased: no second try meanwhile
+    await asyncio.sleep(0.3)  # w1 died: its lease lapses
+    again = await h.take(owner="w2")
+    assert [p.tries for p in again] == [2]
+    await h.worker._run(again[0])
+    assert [(t, a) for t, a in h.runtime.attempts] == [(h.task(), 2)]
+    assert await h.keys_of() == GONE
+    assert h.worker.jobs_complete == 1
+
+
+async def test_retry_with_defer_requeues_later_with_the_lease_dropped(
+    redis: ArqRedis, redis_server: LocalRedis
+) -> None:
+    async def redis_lost(_rt: FakeRuntime, _task: StepTask, _attempt: int) -> None:
+        raise RedisConnectionError("lost")  # `step` turns it into Retry(defer=1)
+
+    h = Harness(redis, redis_server.url, redis_lost)
+    assert await enqueue_step(redis, h.task(), h.queue)
+    picked = await h.take()
+    before = now_ms()
+    await h.worker._run(picked[0])
+    score = await redis.zscore(h.queue, step_job_id(h.task()))
+    assert score is not None and before + 900 <= score <= now_ms() + 1100
+    assert await h.keys_of() == {"queued": True, "job": True, "lease": False, "tries": True}
+    assert await h.take() == []  # not due yet
+    await redis.zadd(h.queue, {step_job_id(h.task()): now_ms()})
+    assert [p.tries for p in await h.take()] == [2]
+    assert h.worker.jobs_retried == 1
+
+
+async def test_a_step_tried_too_often_fails_without_running(
+    redis: ArqRedis, redis_server: LocalRedis
+) -> None:
+    h = Harness(redis, redis_server.url)
+    assert await enqueue_step(redis, h.task(), h.queue)
+    await redis.set(retry_key_prefix + step_job_id(h.task()), MAX_TRIES)
+    picked = await h.take()
+    assert picked[0].tries == MAX_TRIES + 1
+    await h.worker._run(picked[0])
+    assert h.runtime.attempts == []
+    assert await h.keys_of() == GONE
+    assert h.worker.jobs_failed == 1
+
+
+async def test_an_expired_or_foreign_job_is_failed_and_removed(
+    redis: ArqRedis, redis_server: LocalRedis
+) -> None:
+    h = Harness(redis, redis_server.url)
+    await redis.zadd(h.queue, {step_job_id(h.task()): now_ms()})  # its job key expired
+    await h.worker._run((await h.take())[0])
+    assert await h.keys_of() == GONE
+    await redis.enqueue_job("not_a_step", _job_id=step_job_id(h.task(2)), _queue_name=h.queue)
+    await h.worker._run((await h.take(2))[0])
+    assert await h.keys_of(2) == GONE
+    assert h.runtime.attempts == [] and h.worker.jobs_failed == 2
+
+
+async def test_the_hand_over_finishes_the_step_and_its_successor_runs(
+    redis: ArqRedis, redis_server: LocalRedis
+) -> None:
+    seen: dict[str, Any] = {}
+
+    async def hand_on(rt: FakeRuntime, task: StepTask, _attempt: int) -> None:
+        # while the step runs, its id is live: enqueueing it again is refused (arq's uniqueness)
+        seen["duplicate"] = await enqueue_step(redis, task, rt.queue.queue_name)
+        if task.step_number == 1:
+            await rt.queue.hand_over(HandOver(task.job_id, epoch=1, tasks=[h.task(2)]))
+            seen["after"] = await h.keys_of(1)
+
+    h = Harness(redis, redis_server.url, hand_on)
+    assert await enqueue_step(redis, h.task(), h.queue)
+    await h.worker._run((await h.take())[0])
+    assert seen == {"duplicate": False, "after": GONE}  # finished inside the hand-over's round trip
+    assert h.wake.take() == [step_job_id(h.task(2))]
+    second = await h.take(2)  # the job perq's hand-over wrote runs too
+    assert [p.tries for p in second] == [1]
+    await h.worker._run(second[0])
+    assert [t.step_number for t, _ in h.runtime.attempts] == [1, 2]
+    assert await h.keys_of(1) == GONE and await h.keys_of(2) == GONE
+    assert h.worker.jobs_complete == 2
+
+
+async def test_a_cancelled_job_keeps_its_step_until_the_step_returns(
+    redis: ArqRedis, redis_server: LocalRedis
+) -> None:
+    seen: dict[str, Any] = {}
+
+    async def hand_on(rt: FakeRuntime, task: StepTask, _attempt: int) -> None:
+        seen["refused"] = await rt.queue.hand_over(HandOver(task.job_id, epoch=1, tasks=[h.task(2)]))
+        seen["after"] = await h.keys_of(1)
+
+    h = Harness(redis, redis_server.url, hand_on)
+    assert await enqueue_step(redis, h.task(), h.queue)
+    await redis.set(cancel_key(h.job), 5)
+    await h.worker._run((await h.take())[0])
+    assert seen["refused"] is True and seen["after"]["queued"] and seen["after"]["lease"]
+    assert await h.keys_of(1) == GONE and await h.keys_of(2) == GONE
+
+
+async def test_a_step_cancelled_by_shutdown_stays_queued_and_counts_its_next_try(
+    redis: ArqRedis, redis_server: LocalRedis
+) -> None:
+    started = asyncio.Event()
+
+    async def slow(_rt: FakeRuntime, _task: StepTask, _attempt: int) -> None:
+        started.set()
+        await asyncio.sleep(30)
+
+    h = Harness(redis, redis_server.url, slow)
+    assert await enqueue_step(redis, h.task(), h.queue)
+    running = asyncio.create_task(h.worker._run((await h.take())[0]))
+    await started.wait()
+    running.cancel()  # what arq's signal handler does to the steps still running past the grace period
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    assert await h.keys_of() == {"queued": True, "job": True, "lease": False, "tries": True}
+    assert [p.tries for p in await h.take(owner="w2")] == [2]
