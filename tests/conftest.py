@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
+from shared.queue.broker import ArqRedis, open_pool
 from tests.support.harness import PERQ, Perq, script_toml
 from tests.support.localredis import LocalRedis
 
@@ -21,6 +22,16 @@ def redis_server() -> Iterator[LocalRedis]:
     """A redis-server of our own, so the suite never depends on (or disturbs) one already running."""
     with LocalRedis() as server:
         yield server
+
+
+@pytest.fixture
+async def redis(redis_server: LocalRedis) -> AsyncIterator[ArqRedis]:
+    """A client of the suite's Redis, as the producer and workers open one."""
+    pool = await open_pool(redis_server.url, "unused")
+    try:
+        yield pool
+    finally:
+        await pool.aclose()
 
 
 @pytest.fixture

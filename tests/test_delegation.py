@@ -23,6 +23,7 @@ from shared.models import (
     Usage,
 )
 from tests.conftest import Perq, script_toml
+from tests.support.configs import ASKER_WITH_HELPER
 
 SCRIPT = ("--provider", "script", "--model", "script.toml")
 
@@ -211,31 +212,8 @@ def test_parallel_delegation_then_continue(perq: Perq) -> None:
     assert perq.job(job_id).usage == Usage(input_tokens=121, output_tokens=20, total_tokens=141)
 
 
-INTERACTIVE_CONFIG = """
-[experts.asker]
-instruction = "Ask the user"
-delegates = ["helper"]
-
-[experts.asker.skills."@perstack/base"]
-type = "mcpStdioSkill"
-command = "npx"
-packageName = "@perstack/base"
-
-[experts.asker.skills."user-input"]
-type = "interactiveSkill"
-
-[experts.asker.skills."user-input".tools.askUser]
-description = "Ask the user a question"
-inputJsonSchema = '{"type": "object", "properties": {"question": {"type": "string"}}}'
-
-[experts.helper]
-description = "Helps"
-instruction = "Help"
-"""
-
-
 def test_interactive_stop_and_answer(perq: Perq) -> None:
-    perq.write("perstack.toml", INTERACTIVE_CONFIG)
+    perq.write("perstack.toml", ASKER_WITH_HELPER)
     perq.write(
         "script.toml",
         script_toml(
@@ -278,7 +256,7 @@ def test_interactive_stop_and_answer(perq: Perq) -> None:
 
 
 def test_mixed_tool_calls(perq: Perq) -> None:
-    perq.write("perstack.toml", INTERACTIVE_CONFIG)
+    perq.write("perstack.toml", ASKER_WITH_HELPER)
     perq.write(
         "script.toml",
         script_toml(
@@ -346,7 +324,7 @@ def test_mixed_tool_calls(perq: Perq) -> None:
 
 
 def test_resume_from_branches_from_a_coordinator_checkpoint(perq: Perq) -> None:
-    perq.write("perstack.toml", INTERACTIVE_CONFIG)
+    perq.write("perstack.toml", ASKER_WITH_HELPER)
     perq.write(
         "script.toml",
         script_toml(

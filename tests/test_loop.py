@@ -28,6 +28,7 @@ from shared.models import (
     checkpoint_id,
 )
 from tests.conftest import Perq
+from tests.support.configs import ASKER_WITH_HELPER
 from worker.loop import StepRunner
 from worker.models.contract import GenerationError
 
@@ -36,27 +37,6 @@ CONFIG = """
 instruction = "Work"
 """
 
-ASKER = """
-[experts.asker]
-instruction = "Ask the user"
-delegates = ["helper"]
-
-[experts.asker.skills."@perstack/base"]
-type = "mcpStdioSkill"
-command = "npx"
-packageName = "@perstack/base"
-
-[experts.asker.skills."user-input"]
-type = "interactiveSkill"
-
-[experts.asker.skills."user-input".tools.askUser]
-description = "Ask the user a question"
-inputJsonSchema = '{"type": "object", "properties": {"question": {"type": "string"}}}'
-
-[experts.helper]
-description = "Helps"
-instruction = "Help"
-"""
 
 # events that are not one of the loop's (skill servers, streaming): left out of the flows compared
 LOOP_EVENTS = {
@@ -169,7 +149,7 @@ async def test_tool_calls_are_ordered_mcp_then_delegate_then_interactive(local: 
             ]
         }
     ]
-    local.write("perstack.toml", ASKER)
+    local.write("perstack.toml", ASKER_WITH_HELPER)
     local.script({"asker": turns, "helper": [{"text": "helped"}]})
     job = local.start("asker", "go")
     await local.drain()
@@ -418,7 +398,7 @@ async def test_a_run_result_failing_for_good_stops_the_run(local: Perq) -> None:
 
 
 async def test_an_interactive_tool_stops_the_run_until_answered(local: Perq) -> None:
-    local.write("perstack.toml", ASKER)
+    local.write("perstack.toml", ASKER_WITH_HELPER)
     local.script({"asker": [call("askUser", question="ok?"), {"text": "thanks"}]})
     job = local.start("asker", "start")
     await local.drain()
@@ -447,7 +427,7 @@ async def test_interactive_calls_are_answered_one_at_a_time(local: Perq) -> None
             {"toolName": "askUser", "args": {"question": "two?"}},
         ]
     }
-    local.write("perstack.toml", ASKER)
+    local.write("perstack.toml", ASKER_WITH_HELPER)
     local.script({"asker": [both, {"text": "thanks"}]})
     job = local.start("asker", "start")
     await local.drain()
@@ -476,7 +456,7 @@ async def test_interactive_calls_are_answered_one_at_a_time(local: Perq) -> None
 
 
 async def test_a_delegate_runs_and_its_result_returns_to_the_caller(local: Perq) -> None:
-    local.write("perstack.toml", ASKER)
+    local.write("perstack.toml", ASKER_WITH_HELPER)
     local.script(
         {"asker": [call("helper", query="help me"), {"text": "all done"}], "helper": [{"text": "helped"}]}
     )
@@ -516,7 +496,7 @@ async def test_mixed_calls_run_tools_then_delegates_then_ask(local: Perq) -> Non
             {"toolName": "healthCheck"},
         ]
     }
-    local.write("perstack.toml", ASKER)
+    local.write("perstack.toml", ASKER_WITH_HELPER)
     local.script({"asker": [mixed, {"text": "all done"}], "helper": [{"text": "helped"}]})
     job = local.start("asker", "start")
     await local.drain()

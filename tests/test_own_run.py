@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -28,7 +28,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from shared.config import RedisSection, Settings, WorkerSection
 from shared.models import now_ms
 from shared.queue import StepTask, cancel_key, step_job_id
-from shared.queue.broker import ArqRedis, enqueue_step, in_progress_key_prefix, job_key_prefix, open_pool
+from shared.queue.broker import ArqRedis, enqueue_step, in_progress_key_prefix, job_key_prefix
 from tests.support.localredis import LocalRedis
 from worker.queue.leases import Picked, pick_up
 from worker.queue.steps import RedisStepQueue
@@ -60,15 +60,6 @@ class FakeRuntime:
 
 async def _done(_rt: FakeRuntime, _task: StepTask, _attempt: int) -> None:
     return None
-
-
-@pytest.fixture
-async def redis(redis_server: LocalRedis) -> AsyncIterator[ArqRedis]:
-    pool = await open_pool(redis_server.url, "unused")
-    try:
-        yield pool
-    finally:
-        await pool.aclose()
 
 
 class Harness:

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Perq, script_toml
+from tests.support.configs import asker_toml
 
 STORE = Path(__file__).resolve().parents[1].parent / "shared" / "interop" / "perstack-written-store"
 pytestmark = pytest.mark.skipif(not STORE.is_dir(), reason=f"{STORE} is not there")
@@ -56,18 +57,7 @@ instruction = "Answer"
 instruction = "Loop"
 [experts.broken]
 instruction = "Fail"
-[experts.asker]
-instruction = "Ask the user"
-[experts.asker.skills."@perstack/base"]
-type = "mcpStdioSkill"
-command = "npx"
-packageName = "@perstack/base"
-[experts.asker.skills."user-input"]
-type = "interactiveSkill"
-[experts.asker.skills."user-input".tools.askUser]
-description = "Ask the user a question"
-inputJsonSchema = '{"type": "object", "properties": {"question": {"type": "string"}}}'
-"""
+""" + asker_toml()
 
 
 def turns(answers: dict[int, str], n: int) -> list[dict[str, Any]]:

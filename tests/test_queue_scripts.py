@@ -10,28 +10,16 @@ from __future__ import annotations
 import json
 import time
 import tomllib
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pytest
 from arq.jobs import deserialize_job_raw
 
 from shared.queue import STEP_TASK, StepTask, cancel_key, deserialize, events_channel, step_job_id
-from shared.queue.broker import ArqRedis, enqueue_step, in_progress_key_prefix, job_key_prefix, open_pool
-from tests.support.localredis import LocalRedis
+from shared.queue.broker import ArqRedis, enqueue_step, in_progress_key_prefix, job_key_prefix
 from worker.queue import scripts
 from worker.queue.leases import pick_up
 from worker.queue.steps import RedisStepQueue
 from worker.step_queue import HandOver
-
-
-@pytest.fixture
-async def redis(redis_server: LocalRedis) -> AsyncIterator[ArqRedis]:
-    pool = await open_pool(redis_server.url, "unused")
-    try:
-        yield pool
-    finally:
-        await pool.aclose()
 
 
 def _task(job: str, step: int = 2) -> StepTask:

@@ -32,28 +32,13 @@ from producer.tui.app import (
 from shared.config import RedisSection, Settings, StoreSection
 from shared.models import FinishAllToolCalls, Job, TextPart, ToolMessage, Usage, now_ms
 from tests.conftest import Perq, script_toml
+from tests.support.configs import asker_toml
 
 CONFIG = """
 [experts.hello]
 description = "Greets the user"
 instruction = "Say hello"
-
-[experts.asker]
-description = "Asks the user"
-instruction = "Ask the user"
-
-[experts.asker.skills."@perstack/base"]
-type = "mcpStdioSkill"
-command = "npx"
-packageName = "@perstack/base"
-
-[experts.asker.skills."user-input"]
-type = "interactiveSkill"
-
-[experts.asker.skills."user-input".tools.askUser]
-description = "Ask the user a question"
-inputJsonSchema = '{"type": "object", "properties": {"question": {"type": "string"}}}'
-"""
+""" + asker_toml(description="Asks the user")
 
 HELLO_TURNS: list[dict[str, Any]] = [
     {"toolCalls": [{"toolName": "todo", "args": {"newTodos": ["say hello"]}}], "usage": {"inputTokens": 120}},
