@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import replace
-from typing import ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from rich.text import Text
 from textual import on, work
@@ -602,6 +602,17 @@ class ConfirmScreen(ModalScreen[bool]):
 
 # --- the app ---------------------------------------------------------------------------------------------
 
+# what `perq start`'s command line says of its first submission only; later ones from the app start afresh
+FIRST_SUBMISSION_ONLY: dict[str, Any] = {
+    "expert_key": "",
+    "query": "",
+    "job_id": None,
+    "continue_latest": False,
+    "continue_job": None,
+    "resume_from": None,
+    "interactive": False,
+}
+
 
 class StartApp(App[None]):
     """`perq start`: browse the store, start runs and follow them; `request` holds `perq run`'s options."""
@@ -628,16 +639,7 @@ class StartApp(App[None]):
 
     def base_request(self) -> RunRequest:
         """`perq start`'s options without the ones that only shaped its first submission."""
-        return replace(
-            self.request,
-            expert_key="",
-            query="",
-            job_id=None,
-            continue_latest=False,
-            continue_job=None,
-            resume_from=None,
-            interactive=False,
-        )
+        return replace(self.request, **FIRST_SUBMISSION_ONLY)
 
     def on_mount(self) -> None:
         self.push_screen(HistoryScreen())
