@@ -21,7 +21,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import pytest
 from arq.constants import retry_key_prefix
 from redis.exceptions import ConnectionError as RedisConnectionError
 
@@ -31,7 +30,7 @@ from shared.queue import StepTask, cancel_key, step_job_id
 from shared.queue.broker import ArqRedis, enqueue_step, in_progress_key_prefix, job_key_prefix
 from tests.support.localredis import LocalRedis
 from worker.queue.leases import Picked, pick_up
-from worker.queue.steps import RedisStepQueue
+from worker.queue.steps import Finish, RedisStepQueue
 from worker.queue.worker import MAX_TRIES, PerqWorker, Wake
 from worker.step_queue import HandOver
 
@@ -217,7 +216,42 @@ async def test_a_step_cancelled_by_shutdown_stays_queued_and_counts_its_next_try
     running = asyncio.create_task(h.worker._run((await h.take())[0]))
     await started.wait()
     running.cancel()  # what arq's signal handler does to the steps still running past the grace period
-    with pytest.raises(asyncio.CancelledError):
-        await running
+    await running  # the step's task ends normally: arq's shutdown gathers every step and must see each end
     assert await h.keys_of() == {"queued": True, "job": True, "lease": False, "tries": True}
     assert [p.tries for p in await h.take(owner="w2")] == [2]
+
+
+async def test_shutdown_past_the_grace_period_drops_every_running_steps_lease(
+    redis: ArqRedis, redis_server: LocalRedis
+) -> None:
+    started = {1: asyncio.Event(), 2: asyncio.Event()}
+
+    async def slow(_rt: FakeRuntime, task: StepTask, _attempt: int) -> None:
+        started[task.step_number].set()
+        await asyncio.sleep(30)
+
+    h = Harness(redis, redis_server.url, slow)
+    for step in (1, 2):
+        assert await enqueue_step(redis, h.task(step), h.queue)
+    picked = [*(await h.take(1)), *(await h.take(2))]
+    running = [asyncio.create_task(h.worker._run(p)) for p in picked]
+    await asyncio.gather(*(e.wait() for e in started.values()))
+    for task in running:
+        task.cancel()
+    # what arq's close() does after cancelling: gather them all; none may raise, every lease must be gone
+    await asyncio.gather(*running)
+    for step in (1, 2):
+        assert await h.keys_of(step) == {"queued": True, "job": True, "lease": False, "tries": True}
+
+
+async def test_a_retry_after_a_finished_hand_over_does_not_queue_the_step_again(
+    redis: ArqRedis, redis_server: LocalRedis
+) -> None:
+    h = Harness(redis, redis_server.url, _done)
+    assert await enqueue_step(redis, h.task(), h.queue)
+    [picked] = await h.take()
+    finish = Finish(picked.arq_id)
+    await h.worker._finish(finish)  # the hand-over finished it on the server; its reply was lost
+    finish.done = False
+    await h.worker._finish(finish, retry=True, defer_ms=1000)
+    assert await h.keys_of() == GONE

@@ -284,12 +284,13 @@ class PerqWorker(Worker):
             log.info("%s retrying in %.2f s", finish.arq_id, (e.defer_score or 0) / 1000)
             await asyncio.shield(self._finish(finish, retry=True, defer_ms=defer))
         except asyncio.CancelledError:
-            # arq's shutdown: the step stays queued, its lease dropped, so another worker runs it now
+            # arq's shutdown: the step stays queued, its lease dropped, so another worker runs it now. The
+            # cancel ends here, as in arq's run_job: shutdown gathers every step's task and must see each
+            # one finish, or it stops at the first and leaves the others' leases (and exits non-zero)
             self.jobs_retried += 1
             log.info("%s cancelled, will be run again", finish.arq_id)
             if not finish.done:
                 await asyncio.shield(self._finish(finish, retry=True))
-            raise
         except Exception:
             log.exception("%s failed", finish.arq_id)
             await self._failed(finish)
@@ -307,8 +308,8 @@ class PerqWorker(Worker):
         its try counter kept; any other is deleted with its lease and try counter and taken off the queue."""
         async with self.redis.pipeline(transaction=True) as tr:
             if retry:
-                if defer_ms:
-                    tr.zincrby(self.settings.redis.queue, defer_ms, finish.arq_id)
+                if defer_ms:  # only while still queued: a hand-over whose reply was lost may have finished it
+                    tr.zadd(self.settings.redis.queue, {finish.arq_id: defer_ms}, xx=True, incr=True)
                 tr.delete(finish.keys()[0])
             else:
                 tr.delete(*finish.keys())
