@@ -43,7 +43,6 @@ class FakeRuntime:
     def __init__(self, queue: RedisStepQueue, behaviour: Behaviour) -> None:
         self.queue = queue
         self.behaviour = behaviour
-        self.cancel_marks: dict[str, Any] = {}
         self.attempts: list[tuple[StepTask, int]] = []
 
     async def run_step(self, task: StepTask, *, attempt: int, cancel_mark: Any) -> None:

@@ -86,8 +86,6 @@ class Runtime:
     _recorded_at: dict[str, tuple[int, float]] = field(default_factory=dict)  # job: (epoch, when)
     _models: dict[tuple[str, str], ModelClient] = field(default_factory=dict)
     _executor: ThreadPoolExecutor | None = None
-    # cancel marks read with each step at pick-up, by arq id, until the step starts
-    cancel_marks: dict[str, int | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.store.backend.blocking and self._executor is None:
@@ -129,6 +127,11 @@ class Runtime:
         # a checkpoint id names one immutable, committed state, so a kept copy is as good as the file
         return self._checkpoints.get(checkpoint_id) or self.store.load_checkpoint(job_id, checkpoint_id)
 
+    async def _cached_run_setting(self, job_id: str, run_id: str) -> RunSetting:
+        """`run_setting`, with a hit in this worker's cache answered at once instead of on a store thread."""
+        setting = self._settings.get(run_id)
+        return setting if setting is not None else await self.io(self.run_setting, job_id, run_id)
+
     async def _cached_checkpoint(self, job_id: str, checkpoint_id: str) -> Checkpoint | None:
         """`checkpoint`, with a hit in this worker's cache answered at once instead of on a store thread."""
         return self._checkpoints.get(checkpoint_id) or await self.io(self.checkpoint, job_id, checkpoint_id)
@@ -146,9 +149,7 @@ class Runtime:
         self, task: StepTask, *, attempt: int = 1, cancel_mark: int | Unknown | None = UNKNOWN
     ) -> Checkpoint | None:
         """Run one step. `cancel_mark`: the job's cancel mark when the worker read it at pick-up."""
-        setting = self._settings.get(task.run_id)  # a hit costs no store thread
-        if setting is None:
-            setting = await self.io(self.run_setting, task.job_id, task.run_id)
+        setting = await self._cached_run_setting(task.job_id, task.run_id)
         this = checkpoint_id(task.run_id, task.step_number)
         done = await self._cached_checkpoint(task.job_id, this)
         if done is not None:

@@ -74,7 +74,7 @@ async def step(ctx: dict[str, Any], payload: Any) -> None:
         raise PayloadError(f"invalid step payload: {e}") from e
     runtime: Runtime = ctx["perq"]
     try:
-        known = runtime.cancel_marks.pop(ctx.get("job_id", ""), UNKNOWN)
+        known = ctx.get("cancel_mark", UNKNOWN)
         await runtime.run_step(task, attempt=ctx.get("job_try", 1), cancel_mark=known)
     except (*REDIS_ERRORS, StepInterrupted) as e:
         # the step's checkpoint may be written already; running it again is safe and hands the job on
@@ -229,8 +229,6 @@ class PerqWorker(Worker):
             owner=self.lease_owner,
         )
         for p in picked:
-            # the job's cancel mark, read in the same round trip: the step need not ask again
-            self.runtime.cancel_marks[p.arq_id] = p.cancel_mark
             task = asyncio.create_task(self._run(p))
             self.tasks[p.arq_id] = task
             task.add_done_callback(functools.partial(self._finished, p.arq_id))
@@ -265,6 +263,8 @@ class PerqWorker(Worker):
             "job_id": arq_id,
             "job_try": tries,
             "score": picked.score,
+            # the job's cancel mark, read in the pick-up's round trip: the step need not ask again
+            "cancel_mark": picked.cancel_mark,
         }
         token = FINISHING.set(finish)  # the hand-over finishes the step with its enqueue
         try:
