@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from shared.models import FileInlinePart, ImageInlinePart, TextPart, Todo
+from shared.models import InlinePart, TextPart, Todo
 from worker.skills.base import BASE_SKILL, BASE_TOOL_DEFINITIONS, ToolContext, call_base_tool
 from worker.skills.paths import ParentDirectoryMissing, PathDenied, resolve_in_workspace
 
@@ -606,11 +606,11 @@ async def test_read_image_file(layout: Layout) -> None:
     parts = await call_base_tool("readImageFile", {"path": "pic.png"}, layout.ctx)
     assert len(parts) == 1
     image = parts[0]
-    assert isinstance(image, ImageInlinePart)
+    assert isinstance(image, InlinePart) and image.type == "imageInlinePart"
     assert image.mime_type == "image/png"
     assert base64.b64decode(image.encoded_data) == PNG
     parts = await call_base_tool("readImageFile", {"path": "photo.JPG"}, layout.ctx)
-    assert isinstance(parts[0], ImageInlinePart)
+    assert isinstance(parts[0], InlinePart) and parts[0].type == "imageInlinePart"
     assert parts[0].mime_type == "image/jpeg"
 
 
@@ -618,7 +618,7 @@ async def test_read_image_file(layout: Layout) -> None:
 async def test_read_image_file_types(layout: Layout, ext: str, mime: str) -> None:
     (layout.workspace / f"img.{ext}").write_bytes(b"data")
     parts = await call_base_tool("readImageFile", {"path": f"img.{ext}"}, layout.ctx)
-    assert isinstance(parts[0], ImageInlinePart)
+    assert isinstance(parts[0], InlinePart) and parts[0].type == "imageInlinePart"
     assert parts[0].mime_type == mime
 
 
@@ -648,7 +648,7 @@ async def test_read_pdf_file(layout: Layout) -> None:
     parts = await call_base_tool("readPdfFile", {"path": "doc.pdf"}, layout.ctx)
     assert len(parts) == 1
     pdf = parts[0]
-    assert isinstance(pdf, FileInlinePart)
+    assert isinstance(pdf, InlinePart) and pdf.type == "fileInlinePart"
     assert pdf.mime_type == "application/pdf"
     assert base64.b64decode(pdf.encoded_data) == b"%PDF-1.4 hello"
 

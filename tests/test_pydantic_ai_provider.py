@@ -19,12 +19,9 @@ from pydantic_ai.exceptions import ModelConnectionError, ModelHTTPError, Unexpec
 from pydantic_ai.usage import RequestUsage
 
 from shared.models import (
+    BinaryPart,
     ExpertMessage,
-    FileInlinePart,
-    FileUrlPart,
-    ImageBinaryPart,
-    ImageInlinePart,
-    ImageUrlPart,
+    InlinePart,
     InstructionMessage,
     Message,
     ProviderConfig,
@@ -34,6 +31,7 @@ from shared.models import (
     ToolDefinition,
     ToolMessage,
     ToolResultPart,
+    UrlPart,
     UserMessage,
 )
 from worker.models import pydantic_ai as prov
@@ -109,11 +107,17 @@ def test_user_media_parts() -> None:
     message = UserMessage(
         contents=[
             TextPart(text="look"),
-            ImageUrlPart(url="https://example.com/a.png", mime_type="image/png"),
-            FileUrlPart(url="https://example.com/a.pdf", mime_type="application/pdf"),
-            ImageInlinePart(encoded_data=PNG_B64, mime_type="image/png"),
-            FileInlinePart(encoded_data=base64.b64encode(b"%PDF-1").decode(), mime_type="application/pdf"),
-            ImageBinaryPart(data=f"data:image/png;base64,{PNG_B64}", mime_type="image/png"),
+            UrlPart(type="imageUrlPart", url="https://example.com/a.png", mime_type="image/png"),
+            UrlPart(type="fileUrlPart", url="https://example.com/a.pdf", mime_type="application/pdf"),
+            InlinePart(type="imageInlinePart", encoded_data=PNG_B64, mime_type="image/png"),
+            InlinePart(
+                type="fileInlinePart",
+                encoded_data=base64.b64encode(b"%PDF-1").decode(),
+                mime_type="application/pdf",
+            ),
+            BinaryPart(
+                type="imageBinaryPart", data=f"data:image/png;base64,{PNG_B64}", mime_type="image/png"
+            ),
         ]
     )
     (request,) = prov.to_model_messages([message], provider_name="openai")
@@ -148,7 +152,7 @@ def test_tool_result_with_image_and_error_flag() -> None:
                 tool_name="screenshot",
                 contents=[
                     TextPart(text="here"),
-                    ImageInlinePart(encoded_data=PNG_B64, mime_type="image/png"),
+                    InlinePart(type="imageInlinePart", encoded_data=PNG_B64, mime_type="image/png"),
                 ],
             ),
             ToolResultPart(

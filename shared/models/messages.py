@@ -15,54 +15,42 @@ class _Part(PerqModel):
     id: str = Field(default_factory=new_id)
 
 
-class UrlPart(_Part):
-    """A part given by its URL (an image's or a file's)."""
+class _MediaPart(_Part):
+    """An image or a file. Perstack names a type per kind and carrier (`imageUrlPart`, `fileInlinePart`, …);
+    the two kinds have the same fields, so perq has one model per carrier, and its `type` says the kind."""
 
+    type: str
+    mime_type: str
+
+    @property
+    def is_image(self) -> bool:
+        return self.type.startswith("image")
+
+
+class UrlPart(_MediaPart):
+    """An image or a file given by its URL."""
+
+    type: Literal["imageUrlPart", "fileUrlPart"]
     url: str
-    mime_type: str
 
 
-class InlinePart(_Part):
-    """A part carried in the message, base64-encoded."""
+class InlinePart(_MediaPart):
+    """An image or a file carried in the message, base64-encoded."""
 
+    type: Literal["imageInlinePart", "fileInlinePart"]
     encoded_data: str  # base64
-    mime_type: str
 
 
-class BinaryPart(_Part):
-    """A part carried in the message as Perstack's binary data."""
+class BinaryPart(_MediaPart):
+    """An image or a file carried in the message as Perstack's binary data."""
 
+    type: Literal["imageBinaryPart", "fileBinaryPart"]
     data: str
-    mime_type: str
 
 
 class TextPart(_Part):
     type: Literal["textPart"] = "textPart"
     text: str
-
-
-class ImageUrlPart(UrlPart):
-    type: Literal["imageUrlPart"] = "imageUrlPart"
-
-
-class ImageInlinePart(InlinePart):
-    type: Literal["imageInlinePart"] = "imageInlinePart"
-
-
-class ImageBinaryPart(BinaryPart):
-    type: Literal["imageBinaryPart"] = "imageBinaryPart"
-
-
-class FileUrlPart(UrlPart):
-    type: Literal["fileUrlPart"] = "fileUrlPart"
-
-
-class FileInlinePart(InlinePart):
-    type: Literal["fileInlinePart"] = "fileInlinePart"
-
-
-class FileBinaryPart(BinaryPart):
-    type: Literal["fileBinaryPart"] = "fileBinaryPart"
 
 
 class ToolCallPart(_Part):
@@ -78,7 +66,7 @@ class ThinkingPart(_Part):
     signature: str | None = None
 
 
-ToolResultContent = Annotated[TextPart | ImageInlinePart | FileInlinePart, Field(discriminator="type")]
+ToolResultContent = Annotated[TextPart | InlinePart, Field(discriminator="type")]
 
 
 class ToolResultPart(_Part):
@@ -90,28 +78,10 @@ class ToolResultPart(_Part):
 
 
 MessagePart = Annotated[
-    TextPart
-    | ImageUrlPart
-    | ImageInlinePart
-    | ImageBinaryPart
-    | FileUrlPart
-    | FileInlinePart
-    | FileBinaryPart
-    | ToolCallPart
-    | ThinkingPart
-    | ToolResultPart,
+    TextPart | UrlPart | InlinePart | BinaryPart | ToolCallPart | ThinkingPart | ToolResultPart,
     Field(discriminator="type"),
 ]
-UserContent = Annotated[
-    TextPart
-    | ImageUrlPart
-    | ImageInlinePart
-    | ImageBinaryPart
-    | FileUrlPart
-    | FileInlinePart
-    | FileBinaryPart,
-    Field(discriminator="type"),
-]
+UserContent = Annotated[TextPart | UrlPart | InlinePart | BinaryPart, Field(discriminator="type")]
 ExpertContent = Annotated[TextPart | ToolCallPart | ThinkingPart, Field(discriminator="type")]
 
 

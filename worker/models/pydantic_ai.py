@@ -43,9 +43,6 @@ from pydantic_ai.tools import ToolDefinition as PaiToolDefinition
 from shared.config import PROVIDERS
 from shared.models import (
     ExpertMessage,
-    ImageBinaryPart,
-    ImageInlinePart,
-    ImageUrlPart,
     InlinePart,
     InstructionMessage,
     Message,
@@ -561,15 +558,14 @@ def _url_content(url: str, mime_type: str, *, image: bool) -> pai.UserContent:
 def _user_prompt(message: UserMessage, *, cache_point: bool) -> pai.UserPromptPart:
     items: list[pai.UserContent] = []
     for part in message.contents:
-        image = isinstance(part, ImageUrlPart | ImageInlinePart | ImageBinaryPart)
         if isinstance(part, TextPart):
             items.append(part.text)
         elif isinstance(part, UrlPart):
-            items.append(_url_content(part.url, part.mime_type, image=image))
+            items.append(_url_content(part.url, part.mime_type, image=part.is_image))
         elif isinstance(part, InlinePart):
-            items.append(_media_content(part.encoded_data, part.mime_type, image=image))
+            items.append(_media_content(part.encoded_data, part.mime_type, image=part.is_image))
         else:
-            items.append(_media_content(part.data, part.mime_type, image=image))
+            items.append(_media_content(part.data, part.mime_type, image=part.is_image))
     if cache_point:
         items.append(pai.CachePoint())
     if len(items) == 1 and isinstance(items[0], str):
@@ -582,7 +578,7 @@ def _tool_returns(message: ToolMessage, *, native_error_channel: bool) -> list[p
     for result in message.contents:
         texts = [c.text for c in result.contents if isinstance(c, TextPart)]
         files = [
-            _media_content(c.encoded_data, c.mime_type, image=isinstance(c, ImageInlinePart))
+            _media_content(c.encoded_data, c.mime_type, image=c.is_image)
             for c in result.contents
             if isinstance(c, InlinePart)
         ]

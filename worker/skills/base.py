@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
-from shared.models import BASE_SKILL_NAME, FileInlinePart, ImageInlinePart, TextPart, Todo, ToolDefinition
+from shared.models import BASE_SKILL_NAME, InlinePart, TextPart, Todo, ToolDefinition
 from worker.skills.envfilter import filtered_env
 from worker.skills.paths import PathDenied, is_symlink, reserved_entries, resolve_in_workspace
 
@@ -69,8 +69,8 @@ class ToolContext:
     env: Mapping[str, str] = field(default_factory=dict)  # the worker env, filtered through filtered_env
 
 
-ContentPart = TextPart | ImageInlinePart | FileInlinePart
-ToolOutput = dict[str, Any] | ImageInlinePart | FileInlinePart
+ContentPart = TextPart | InlinePart
+ToolOutput = dict[str, Any] | InlinePart
 
 
 class ToolError(Exception):
@@ -554,14 +554,14 @@ def _inline(
 def _read_image_file(args: _PathInput, ctx: ToolContext) -> ToolOutput:
     """Read an image (png, jpeg, gif, webp; at most 15 MB) to look at it."""
     data, mime = _inline(args.path, ctx, IMAGE_MIME_TYPES, IMAGE_MAX_BYTES, "Image")
-    return ImageInlinePart(encoded_data=data, mime_type=mime)
+    return InlinePart(type="imageInlinePart", encoded_data=data, mime_type=mime)
 
 
 @_file_tool
 def _read_pdf_file(args: _PathInput, ctx: ToolContext) -> ToolOutput:
     """Read a PDF document (at most 30 MB) to look at it."""
     data, mime = _inline(args.path, ctx, PDF_MIME_TYPES, PDF_MAX_BYTES, "PDF")
-    return FileInlinePart(encoded_data=data, mime_type=mime)
+    return InlinePart(type="fileInlinePart", encoded_data=data, mime_type=mime)
 
 
 # --- exec and health ----------------------------------------------------------------------------------

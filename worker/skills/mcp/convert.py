@@ -7,7 +7,7 @@ from typing import Any
 
 from mcp import types
 
-from shared.models import FileInlinePart, ImageInlinePart, TextPart, ToolDefinition, ToolResultContent
+from shared.models import InlinePart, TextPart, ToolDefinition, ToolResultContent
 
 
 def tool_definitions(skill_name: str, tools: list[types.Tool]) -> list[ToolDefinition]:
@@ -27,14 +27,16 @@ def _content_part(block: Any) -> ToolResultContent | None:
     if isinstance(block, types.TextContent):
         return TextPart(text=block.text)
     if isinstance(block, types.ImageContent):
-        return ImageInlinePart(encoded_data=block.data, mime_type=block.mime_type)
+        return InlinePart(type="imageInlinePart", encoded_data=block.data, mime_type=block.mime_type)
     if isinstance(block, types.EmbeddedResource):
         resource = block.resource
         if isinstance(resource, types.TextResourceContents):
             return TextPart(text=resource.text)
         if isinstance(resource, types.BlobResourceContents):
-            return FileInlinePart(
-                encoded_data=resource.blob, mime_type=resource.mime_type or "application/octet-stream"
+            return InlinePart(
+                type="fileInlinePart",
+                encoded_data=resource.blob,
+                mime_type=resource.mime_type or "application/octet-stream",
             )
     return None
 
