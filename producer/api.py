@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from pydantic import ConfigDict, Field
 
 from shared import job_record
 from shared.config import (
@@ -29,6 +31,7 @@ from shared.config import (
 )
 from shared.job_record import BUSY_STATUSES
 from shared.models import (
+    DEFAULT_LIMITS,
     Checkpoint,
     Expert,
     InteractiveToolCallResult,
@@ -36,6 +39,7 @@ from shared.models import (
     ProviderConfig,
     ReasoningBudget,
     RunInput,
+    RunLimits,
     RunSetting,
     TextPart,
     ToolResult,
@@ -59,24 +63,31 @@ class QueueUnavailable(Exception):
     """Redis could not be reached; nothing was left behind (exit 1 in the CLI)."""
 
 
-@dataclass
-class RunRequest:
+class RunRequest(RunLimits):
+    """A submission: a new job, or a continuation of one. Its limits (`max_steps`, `max_retries`, `timeout`)
+    and the other unset fields fall back to perstack.toml, then to perq's defaults."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not silently dropped
+
     expert_key: str
     query: str
-    config: str | None = None
-    provider: str | None = None
-    model: str | None = None
-    max_steps: int | None = None
-    max_retries: int | None = None
-    timeout: int | None = None
-    reasoning_budget: str | int | None = None
+    interactive: bool = False  # the query answers the pending interactive tool call (-i)
+    # which job: a new one (with this id, or a fresh one), or a continuation of one
     job_id: str | None = None
-    workspace: str | None = None
     continue_latest: bool = False
     continue_job: str | None = None
     resume_from: str | None = None
-    interactive: bool = False  # the query answers the pending interactive tool call (-i)
-    cwd: Path = field(default_factory=Path.cwd)
+    # where it runs and on what
+    cwd: Path = Field(default_factory=Path.cwd)
+    config: str | None = None
+    workspace: str | None = None
+    provider: str | None = None
+    model: str | None = None
+    reasoning_budget: str | int | None = None
+
+    def replaced(self, **changes: Any) -> RunRequest:
+        """This request with some fields changed, validated again."""
+        return RunRequest.model_validate(self.model_dump() | changes)
 
 
 def parse_reasoning_budget(value: str | int | None) -> ReasoningBudget | None:
@@ -161,13 +172,9 @@ def plan_submission(request: RunRequest, store: JobStore) -> Plan:
     provider, model = _provider(request, config)
     budget = parse_reasoning_budget(request.reasoning_budget)
     budget = budget if budget is not None else (config.reasoning_budget or "low")
-    for name, value in (
-        ("--max-steps", request.max_steps),
-        ("--max-retries", request.max_retries),
-        ("--timeout", request.timeout),
-    ):
-        if value is not None and value < (0 if name == "--max-retries" else 1):
-            raise RequestError(f"{name} must be a positive number, got {value}")
+    _check_limits(request, "--max-steps", "--max-retries", "--timeout")
+    _check_limits(config, *(f"{config_path}: {key}" for key in ("maxSteps", "maxRetries", "timeout")))
+    limits = request.over(config).over(DEFAULT_LIMITS)
     workspace = _workspace(request)
 
     continuing = request.continue_job is not None or request.continue_latest
@@ -183,14 +190,13 @@ def plan_submission(request: RunRequest, store: JobStore) -> Plan:
             id=job_id,
             status="queued",
             coordinator_expert_key=request.expert_key,
-            max_steps=request.max_steps if request.max_steps is not None else config.max_steps,
+            max_steps=request.over(config).max_steps,
             started_at=now_ms(),
         )
         start = None
 
     run_id = new_id()
     run_input = _run_input(request, start)
-    max_steps = request.max_steps if request.max_steps is not None else config.max_steps
     setting = RunSetting(
         model=model,
         provider_config=provider,
@@ -200,14 +206,25 @@ def plan_submission(request: RunRequest, store: JobStore) -> Plan:
         input=run_input,
         experts=experts,
         reasoning_budget=budget,
-        max_steps=max_steps if max_steps is not None else 100,
-        max_retries=request.max_retries if request.max_retries is not None else (config.max_retries or 5),
-        timeout=request.timeout if request.timeout is not None else (config.timeout or 300_000),
         workspace=workspace,
+        **limits.model_dump(),
     )
     initial = _initial_checkpoint(setting, experts[request.expert_key], start)
     job = job_record.submitted(job, epoch=setting.epoch, start=start)
     return Plan(job=job, setting=setting, initial=initial, new_job=not continuing)
+
+
+def _check_limits(limits: RunLimits, steps: str, retries: str, timeout: str) -> None:
+    """Refuse limits no run could keep: fewer than one step, negative retries, a timeout under 1 ms."""
+    for name, value, least in (
+        (steps, limits.max_steps, 1),
+        (retries, limits.max_retries, 0),
+        (timeout, limits.timeout, 1),
+    ):
+        if value is not None and value < least:
+            raise RequestError(
+                f"{name} must be {'at least 0' if least == 0 else 'a positive number'}, got {value}"
+            )
 
 
 def _continuation_start(request: RunRequest, store: JobStore) -> tuple[Job, Checkpoint]:

@@ -30,6 +30,7 @@ from shared.models import (
     McpStdioSkill,
     PerqModel,
     ReasoningBudget,
+    RunLimits,
     Skill,
     default_skills,
 )
@@ -270,14 +271,11 @@ class ExpertTable(PerqModel):
     tags: list[str] = Field(default_factory=list)
 
 
-class PerstackConfig(PerqModel):
+class PerstackConfig(RunLimits):
     provider: ProviderTable | None = None
     model: str | None = None
     reasoning_budget: ReasoningBudget | None = None
     runtime: str | None = None
-    max_steps: int | None = None
-    max_retries: int | None = None
-    timeout: int | None = None
     experts: dict[str, ExpertTable] = Field(default_factory=dict)
     env_path: list[str] | None = None
     # the command that runs the base skill as a stdio MCP server instead of perq's in-process base tools

@@ -15,8 +15,7 @@ from shared.models import (
     FinishAllToolCalls,
     Message,
     StartRun,
-    StopRunByDelegate,
-    StopRunByInteractiveTool,
+    StopRun,
     TextPart,
     ToolMessage,
     ToolResultPart,
@@ -54,9 +53,13 @@ def flow(events: list[Event], types: tuple[str, ...]) -> list[str]:
 E = TypeVar("E", bound=Event)
 
 
-def of(events: list[Event], kind: type[E], expert: str | None = None) -> list[E]:
-    """The events of one type (of one expert's runs), typed."""
-    return [e for e in events if isinstance(e, kind) and (expert is None or e.expert_key == expert)]
+def of(events: list[Event], kind: type[E], expert: str | None = None, type_: str | None = None) -> list[E]:
+    """The events of one class (of one expert's runs; of one of the class's types), typed."""
+    return [
+        e
+        for e in events
+        if isinstance(e, kind) and (expert is None or e.expert_key == expert) and type_ in (None, e.type)
+    ]
 
 
 def text_of(message: Message | ToolResultPart) -> str:
@@ -231,7 +234,7 @@ def test_interactive_stop_and_answer(perq: Perq) -> None:
     job_id = first.stdout.strip().splitlines()[-1]
     events = perq.events(job_id)
     assert [e.type for e in events].count("stopRunByInteractiveTool") == 1
-    stop = of(events, StopRunByInteractiveTool)[0]
+    stop = of(events, StopRun, type_="stopRunByInteractiveTool")[0]
     assert stop.checkpoint.id
     status = perq.run("status", job_id)
     assert "askUser" in status.stdout and f"--continue-job {job_id} -i" in status.stdout
@@ -309,9 +312,9 @@ def test_mixed_tool_calls(perq: Perq) -> None:
         "callInteractiveTool:asker",
         "stopRunByInteractiveTool:asker",
     ]
-    by_delegate = of(events, StopRunByDelegate)[0].checkpoint
+    by_delegate = of(events, StopRun, type_="stopRunByDelegate")[0].checkpoint
     assert [r.tool_name for r in by_delegate.partial_tool_results or []] == ["healthCheck"]
-    stopped = of(events, StopRunByInteractiveTool)[0].checkpoint
+    stopped = of(events, StopRun, type_="stopRunByInteractiveTool")[0].checkpoint
     assert stopped.status == "stoppedByInteractiveTool"
     assert len(stopped.partial_tool_results or []) == 2
     assert [c.tool_name for c in stopped.pending_tool_calls or []] == ["askUser"]

@@ -9,7 +9,6 @@ for its query, so that a refusal shows at once.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
 from typing import Any, ClassVar, Generic, TypeVar
 
 from rich.text import Text
@@ -242,8 +241,7 @@ class CheckpointsScreen(PickerScreen[Checkpoint]):
         cp = self._highlighted()
         if cp is None:
             return
-        request = replace(
-            self.perq.base_request(),
+        request = self.perq.base_request().replaced(
             expert_key=self.job.coordinator_expert_key,
             continue_job=self.job.id,
             resume_from=cp.id,
@@ -349,7 +347,7 @@ class NewRunScreen(PickerScreen[str]):
         key = self._highlighted()
         if key is None:
             return
-        request = replace(self.perq.base_request(), expert_key=key)
+        request = self.perq.base_request().replaced(expert_key=key)
         self.perq.ask_for_query(request, f"New job of {request.expert_key}", self.query_one(Notice))
 
 
@@ -386,7 +384,7 @@ class QueryScreen(PerqScreen):
             self.query_one(Notice).say(f"Type the {self.prompt.split(' ')[0].lower()} first", error=True)
             return
         self.query_one(Input).disabled = True
-        self.submit(replace(self.request, query=text))
+        self.submit(self.request.replaced(query=text))
 
     @work(exclusive=True, group="submit")
     async def submit(self, request: RunRequest) -> None:
@@ -525,8 +523,7 @@ class LiveScreen(PerqScreen):
         text = event.value.strip()
         if not text or self.status is None:
             return
-        request = replace(
-            self.perq.base_request(),
+        request = self.perq.base_request().replaced(
             expert_key=self.job.coordinator_expert_key,
             query=text,
             continue_job=self.job.id,
@@ -639,7 +636,7 @@ class StartApp(App[None]):
 
     def base_request(self) -> RunRequest:
         """`perq start`'s options without the ones that only shaped its first submission."""
-        return replace(self.request, **FIRST_SUBMISSION_ONLY)
+        return self.request.replaced(**FIRST_SUBMISSION_ONLY)
 
     def on_mount(self) -> None:
         self.push_screen(HistoryScreen())
@@ -661,7 +658,7 @@ class StartApp(App[None]):
     def _refusal_of(self, request: RunRequest) -> str | None:
         """Why a request would be refused (nothing is written to find out), or None."""
         try:
-            plan_submission(replace(request, query=request.query or "?"), self.client.store)
+            plan_submission(request.replaced(query=request.query or "?"), self.client.store)
         except (ConfigError, ValueError, StoreError, OSError) as e:
             return _refusal(e)
         return None
@@ -677,8 +674,8 @@ class StartApp(App[None]):
         if job is None:
             message.say(problem or "no job to continue", error=True)
             return
-        request = replace(r, expert_key=r.expert_key or job.coordinator_expert_key, continue_job=job.id)
-        request = replace(request, continue_latest=False)
+        request = r.replaced(expert_key=r.expert_key or job.coordinator_expert_key, continue_job=job.id)
+        request = request.replaced(continue_latest=False)
         if job.status in ("queued", "running"):
             self.push_screen(LiveScreen(job))
             return
@@ -698,12 +695,12 @@ class StartApp(App[None]):
 
     def ask_to_continue(self, job: Job, message: Notice, request: RunRequest | None = None) -> None:
         """Ask for a follow-up query, or for the answer to the tool call the job waits on."""
-        request = request or replace(
-            self.base_request(), expert_key=job.coordinator_expert_key, continue_job=job.id
+        request = request or self.base_request().replaced(
+            expert_key=job.coordinator_expert_key, continue_job=job.id
         )
         call = source.waiting_call(self.client.store, job)
         if call is not None:
-            request = replace(request, interactive=True)
+            request = request.replaced(interactive=True)
             self.ask_for_query(
                 request,
                 f"Job {job.id} waits for an answer to {source.question(call)}",

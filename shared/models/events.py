@@ -1,5 +1,6 @@
-"""The events of a run: one model per Perstack event type, discriminated by `type`, and the tolerant reader
-for events written by someone else."""
+"""The events of a run: one model per payload of Perstack's event types (a model whose payload several types
+share names them all in its `type`), discriminated by `type`, and the tolerant reader for events written by
+someone else."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pydantic.alias_generators import to_camel
 
 from shared.models.core import PerqModel, Usage, new_id, now_ms
 from shared.models.messages import ExpertMessage, Message, ToolCall, ToolResult
-from shared.models.records import Checkpoint, RunError
+from shared.models.records import Checkpoint, RunError, RunLimits
 
 # --- steps and events ---------------------------------------------------------------------------------------
 
@@ -95,7 +96,8 @@ _DERIVED_EXCLUDE: dict[str, Any] = {
 
 class Event(PerqModel):
     """What every event has: Perstack's base fields. Each type is a subclass (`CallTools`, `CompleteRun`, …)
-    whose `type` is a literal and whose payload is typed; `AnyEvent` is their union, discriminated by `type`.
+    whose `type` is a literal (or several, for types with one payload: `StopRun`, `StreamDelta`, …) and whose
+    payload is typed; `AnyEvent` is their union, discriminated by `type`.
 
     Keys a type does not declare are kept when an event is read (`extra="allow"`): a field a newer perq or
     Perstack added survives `perq log --json` and `perq export`. Writers cannot add them: `emit` refuses a
@@ -307,16 +309,11 @@ class ContinueToNextStep(StepEnd):
     next_checkpoint: NextCheckpoint | None = None
 
 
-class StopRunByInteractiveTool(StepEnd):
-    type: Literal["stopRunByInteractiveTool"] = "stopRunByInteractiveTool"
+class StopRun(StepEnd):
+    """The run stopped, waiting: for the answer to an interactive tool call (`perq run -i`), for its
+    delegates' runs, or for a continuation past its step limit. The three carry the checkpoint alone."""
 
-
-class StopRunByDelegate(StepEnd):
-    type: Literal["stopRunByDelegate"] = "stopRunByDelegate"
-
-
-class StopRunByExceededMaxSteps(StepEnd):
-    type: Literal["stopRunByExceededMaxSteps"] = "stopRunByExceededMaxSteps"
+    type: Literal["stopRunByInteractiveTool", "stopRunByDelegate", "stopRunByExceededMaxSteps"]
 
 
 class StopRunByError(StepEnd):
@@ -333,31 +330,20 @@ class CompleteRun(StepEnd):
 # --- streaming events: fire-and-forget deltas of a generation -----------------------------------------------
 
 
-class StartStreamingReasoning(Event):
-    type: Literal["startStreamingReasoning"] = "startStreamingReasoning"
+# Reasoning and the final answer stream alike: a start, deltas, and the whole text at the end.
 
 
-class StreamReasoning(Event):
-    type: Literal["streamReasoning"] = "streamReasoning"
+class StartStreaming(Event):
+    type: Literal["startStreamingReasoning", "startStreamingRunResult"]
+
+
+class StreamDelta(Event):
+    type: Literal["streamReasoning", "streamRunResult"]
     delta: str = ""
 
 
-class CompleteStreamingReasoning(Event):
-    type: Literal["completeStreamingReasoning"] = "completeStreamingReasoning"
-    text: str = ""
-
-
-class StartStreamingRunResult(Event):
-    type: Literal["startStreamingRunResult"] = "startStreamingRunResult"
-
-
-class StreamRunResult(Event):
-    type: Literal["streamRunResult"] = "streamRunResult"
-    delta: str = ""
-
-
-class CompleteStreamingRunResult(Event):
-    type: Literal["completeStreamingRunResult"] = "completeStreamingRunResult"
+class CompleteStreaming(Event):
+    type: Literal["completeStreamingReasoning", "completeStreamingRunResult"]
     text: str = ""
 
 
@@ -372,16 +358,13 @@ class AnsweredToolCall(PerqModel):
     text: str
 
 
-class InitializeRuntime(Event):
+class InitializeRuntime(RunLimits, Event):  # Event's settings (extra keys kept) and fields first
     type: Literal["initializeRuntime"] = "initializeRuntime"
     runtime_version: str = ""
     runtime: str | None = None
     expert_name: str = ""
     experts: list[str] = Field(default_factory=list)
     model: str = ""
-    max_steps: int | None = None
-    max_retries: int | None = None
-    timeout: int | None = None
     query: str | None = None
     interactive_tool_call: AnsweredToolCall | None = None
 
@@ -447,17 +430,12 @@ AnyEvent = Annotated[
     | ResumeToolCalls
     | FinishAllToolCalls
     | ContinueToNextStep
-    | StopRunByInteractiveTool
-    | StopRunByDelegate
-    | StopRunByExceededMaxSteps
+    | StopRun
     | StopRunByError
     | CompleteRun
-    | StartStreamingReasoning
-    | StreamReasoning
-    | CompleteStreamingReasoning
-    | StartStreamingRunResult
-    | StreamRunResult
-    | CompleteStreamingRunResult
+    | StartStreaming
+    | StreamDelta
+    | CompleteStreaming
     | InitializeRuntime
     | SkillStarting
     | SkillConnected
@@ -468,9 +446,12 @@ AnyEvent = Annotated[
 ]
 _ANY_EVENT: TypeAdapter[AnyEvent] = TypeAdapter(AnyEvent)
 
-# every event type's class, and the payload keys `emit` accepts for it (by alias or by name)
+# every event type's class (a class whose `type` names several serves each), and the payload keys `emit`
+# accepts for it (by alias or by name)
 EVENT_CLASSES: dict[str, type[Event]] = {
-    cls.model_fields["type"].default: cls for cls in get_args(get_args(AnyEvent)[0])
+    type_: cls
+    for cls in get_args(get_args(AnyEvent)[0])
+    for type_ in get_args(cls.model_fields["type"].annotation)
 }
 _PAYLOAD_KEYS: dict[str, frozenset[str]] = {
     type_: frozenset(

@@ -160,6 +160,24 @@ class RunInput(PerqModel):
     extra_tool_results: list[ToolResult] | None = None
 
 
+class RunLimits(PerqModel):
+    """How far a run may go: its steps, its retries of a failed generation, one generation's time (ms).
+    A request says them over its perstack.toml, which says them over perq's defaults; None: not said here."""
+
+    max_steps: int | None = None
+    max_retries: int | None = None
+    timeout: int | None = None
+
+    def over(self, fallback: RunLimits) -> RunLimits:
+        """These limits, with what they leave unsaid taken from `fallback` (a 0 is said, not unsaid)."""
+        limits = set(RunLimits.model_fields)  # of a subclass (a request, a config) only these
+        said = self.model_dump(include=limits, exclude_none=True)
+        return RunLimits.model_validate(fallback.model_dump(include=limits) | said)
+
+
+DEFAULT_LIMITS = RunLimits(max_steps=100, max_retries=5, timeout=300_000)
+
+
 class RunSetting(PerqModel):
     model: str
     provider_config: ProviderConfig
