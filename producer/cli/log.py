@@ -14,6 +14,7 @@ from producer.cli.exit import ExitCode, exits_on_refusal, fail
 
 if TYPE_CHECKING:
     from producer.log_query import LogFilters
+    from shared.config import Settings
     from shared.store import JobStore
 
 
@@ -92,14 +93,15 @@ def log(
         )
     except LogError as e:
         fail(str(e), ExitCode.BAD_INPUT)
-    store = JobStore.open(Settings().store.location)
+    settings = Settings()
+    store = JobStore.open(settings.store.location)
     if follow:
         if run is not None or checkpoint is not None:
             fail(
                 "--follow follows a whole job (--job JOB, or the latest): not --run or --checkpoint",
                 ExitCode.BAD_INPUT,
             )
-        raise typer.Exit(_follow(store, job, filters, verbose=verbose, json_output=json_output))
+        raise typer.Exit(_follow(settings, store, job, filters, verbose=verbose, json_output=json_output))
     with exits_on_refusal():
         try:
             output = select(store, LogSelection(job=job, run=run, checkpoint=checkpoint), filters)
@@ -117,7 +119,13 @@ def log(
 
 
 def _follow(
-    store: JobStore, job_id: str | None, filters: LogFilters, *, verbose: bool, json_output: bool
+    settings: Settings,
+    store: JobStore,
+    job_id: str | None,
+    filters: LogFilters,
+    *,
+    verbose: bool,
+    json_output: bool,
 ) -> ExitCode:
     """`perq log --follow`: the job's events as they happen, from Redis, then its final status.
 
@@ -132,7 +140,6 @@ def _follow(
     from producer.views.log import live_printer
     from producer.views.progress import outcome_json, outcome_line, progress_line
     from producer.views.terminal import console, print_json, say
-    from shared.config import Settings
     from shared.models import Event, check_id
 
     async def go() -> ExitCode:
@@ -148,7 +155,7 @@ def _follow(
         if record is None:
             say(f"job {followed} is not in this store; following its events in Redis")
         with exits_on_refusal():
-            redis = await _create_pool_quiet(Settings())
+            redis = await _create_pool_quiet(settings)
         out = console()
         show = live_printer(out, filters, verbose=verbose, json_output=json_output)
         try:
