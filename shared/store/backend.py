@@ -19,6 +19,9 @@ class Backend(Protocol):
     """Where the store's files live: keys are '/'-separated relative paths."""
 
     blocking: bool  # calls wait on a network or a disk flush: a worker runs them off its event loop
+    # reads wait on a network: a worker runs them off its event loop too (a local read, served from the page
+    # cache, costs less than the thread hop)
+    blocking_reads: bool
 
     def read(self, key: str) -> bytes | None: ...
     def write(self, key: str, data: bytes) -> None: ...  # atomic and durable: old or new, never torn

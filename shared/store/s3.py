@@ -47,6 +47,7 @@ class S3Backend:
     """A `Backend` on an S3 bucket: keys are object names under `prefix`."""
 
     blocking = True
+    blocking_reads = True
 
     def __init__(self, bucket: str, prefix: str = "", fs: Any = None) -> None:
         self.bucket = bucket
