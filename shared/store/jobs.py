@@ -207,10 +207,12 @@ class JobStore:
             self.backend.locked(key) if isinstance(self.backend, LocalBackend) else contextlib.nullcontext()
         )
         with lock:
-            job = self.load_job(job_id)
-            if job is None:
+            data = self.backend.read(key)
+            if data is None:
                 return None
-            changed = change(job.model_copy(deep=True))
+            job = self._parse(key, data, Job)
+            # `change` gets a copy of its own to change: parsed again, which costs less than a deep copy
+            changed = change(self._parse(key, data, Job))
             if changed is None:
                 return job
             self.save_job(changed)
