@@ -387,10 +387,12 @@ class JobStore:
         checkpoint.commit = None  # a run's starting point is written by whoever starts the run, not committed
         self.backend.write(key, self._stored_form(checkpoint, secrets.token_hex(8)))
 
-    def load_initial_checkpoint(self, job_id: str, run_id: str) -> Checkpoint | None:
+    def load_initial_checkpoint(
+        self, job_id: str, run_id: str, *, messages: bool = True
+    ) -> Checkpoint | None:
         key = f"{self._run(job_id, run_id)}/initial-checkpoint.json"
         data = self.backend.read(key)
-        return None if data is None else self._with_messages(key, data, None, True)
+        return None if data is None else self._with_messages(key, data, None, messages)
 
     # --- events -------------------------------------------------------------------------------------
 
