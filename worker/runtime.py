@@ -242,11 +242,16 @@ class Runtime:
         self, setting: RunSetting, end: Checkpoint, lines: list[str], token: str
     ) -> tuple[list[StepTask], Job | None] | None:
         """`_commit`, then, when this attempt won, `_finish_step`: one store thread for both. None: the step
-        was committed by another attempt."""
-        if not self._commit(end, lines, token):
-            return None
-        self.remember(end)
-        return self._finish_step(setting, end)
+        was committed by another attempt.
+
+        The commit's name (its checkpoint) is flushed with the job record's data instead of on its own:
+        the record is written after the commit point still, and every name is on the disk before the step
+        hands on."""
+        with self.store.backend.names_flushed_late():
+            if not self._commit(end, lines, token):
+                return None
+            self.remember(end)
+            return self._finish_step(setting, end)
 
     def _commit(self, end: Checkpoint, lines: list[str], token: str) -> bool:
         """Write the step: events and messages under this attempt's token, then the create-only checkpoint.

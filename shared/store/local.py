@@ -7,6 +7,7 @@ import contextlib
 import fcntl
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,6 +33,7 @@ class LocalBackend:
         self.blocking = fsync  # a flush takes milliseconds: worth a thread while other steps go on
         self.blocking_reads = False
         self._flush = GroupFlush(root)
+        self._late = threading.local()  # `names_flushed_late`: the folders whose names wait, per thread
 
     def _path(self, key: str) -> str:
         return f"{self._root}/{key}"
@@ -60,13 +62,40 @@ class LocalBackend:
     # --- durability -----------------------------------------------------------------------------------
 
     def _flush_files(self, fds: list[int]) -> None:
-        """What was written to these open files is on the disk when this returns."""
-        if self.fsync:
-            self._flush.flush(fds)
+        """What was written to these open files is on the disk when this returns, and so is every name
+        this thread left waiting (`names_flushed_late`)."""
+        if not self.fsync:
+            return
+        waiting: set[str] | None = getattr(self._late, "folders", None)
+        if waiting and not self._flush.grouped:  # no syncfs to cover them: their folders are flushed first
+            self._flush_names(set(waiting), now=True)
+        self._flush.flush(fds)
+        if waiting:  # one syncfs of the whole file system covered them, or they were flushed above
+            waiting.clear()
 
-    def _flush_names(self, folders: set[str]) -> None:
-        """The names created or renamed in these folders are on the disk when this returns."""
+    @contextlib.contextmanager
+    def names_flushed_late(self) -> Iterator[None]:
+        """Within the block, this thread's names wait for the next flush of any file's data (one syncfs
+        serves both) or the block's end. A name still reaches the disk before any later write's name: every
+        create, replace or append flushes its data, and with it the waiting names, before it names a file."""
+        if getattr(self._late, "folders", None) is not None:  # nested: the outer block flushes
+            yield
+            return
+        self._late.folders = set()
+        try:
+            yield
+        finally:
+            waiting, self._late.folders = self._late.folders, None
+            self._flush_names(waiting, now=True)
+
+    def _flush_names(self, folders: set[str], *, now: bool = False) -> None:
+        """The names created or renamed in these folders are on the disk when this returns, or, in a
+        `names_flushed_late` block (unless `now`), once the next flush or the block's end comes."""
         if not self.fsync or not folders:
+            return
+        waiting: set[str] | None = getattr(self._late, "folders", None)
+        if waiting is not None and not now:
+            waiting.update(folders)
             return
         if self._flush.grouped:
             self._flush.flush()
