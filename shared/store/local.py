@@ -167,16 +167,19 @@ class LocalBackend:
         finally:
             for fd in fds:
                 os.close(fd)
+        renamed = False
         try:
             if exclusive:
                 os.link(tmp, path)  # fails if the name exists: of two attempts, exactly one links
             else:
                 os.replace(tmp, path)
+                renamed = True  # the temporary name went with it: no unlink that can only fail
         except FileExistsError:
             return False
         finally:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+            if not renamed:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
         self._flush_names({os.path.dirname(path), *made})
         return True
 
@@ -221,11 +224,14 @@ class LocalBackend:
 
     def delete_tree(self, prefix: str) -> None:
         path = self._path(prefix)
-        if os.path.isdir(path):
+        try:
+            os.unlink(path)  # most often one marker file: one call, with no look at what it is first
+        except FileNotFoundError:
+            pass
+        except (IsADirectoryError, PermissionError):  # a folder (macOS refuses with EPERM)
+            if not os.path.isdir(path):
+                raise
             shutil.rmtree(path, ignore_errors=True)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
 
     @contextlib.contextmanager
     def locked(self, key: str) -> Iterator[None]:
