@@ -36,7 +36,7 @@ class LocalBackend:
         self._late = threading.local()  # `names_flushed_late`: the folders whose names wait, per thread
 
     def _path(self, key: str) -> str:
-        return f"{self._root}/{key}"
+        return f"{self._root}/{key}" if key else self._root  # "": the store's own folder, as pathlib says
 
     def describe(self, key: str) -> str:
         return self._path(key)
