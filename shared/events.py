@@ -36,13 +36,25 @@ _LIVE_CHECKPOINT_FIELDS = {"id", "job_id", "run_id", "expert", "status", "step_n
 
 
 def _cut(value: Any, limit: int) -> Any:
-    if isinstance(value, str):
+    """`value` (as json.loads made it) with every string longer than `limit` cut; a container is looked
+    into, a number or a short string is kept as it is without a call (an event holds dozens of them)."""
+    kind = type(value)
+    if kind is str:
         return value if len(value) <= limit else value[:limit] + "…"
-    if isinstance(value, list):
-        return [_cut(v, limit) for v in value]
-    if isinstance(value, dict):
-        return {k: _cut(v, limit) for k, v in value.items()}
+    if kind is dict:
+        return {
+            k: _cut(v, limit) if type(v) in _CONTAINERS or (type(v) is str and len(v) > limit) else v
+            for k, v in value.items()
+        }
+    if kind is list:
+        return [
+            _cut(v, limit) if type(v) in _CONTAINERS or (type(v) is str and len(v) > limit) else v
+            for v in value
+        ]
     return value
+
+
+_CONTAINERS = (dict, list)
 
 
 def live_line(event: Event) -> str:

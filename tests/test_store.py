@@ -5,6 +5,7 @@ Then a whole job on the S3 store: `perq run` + `perq worker --burst` with PERQ_S
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -489,6 +490,64 @@ def test_local_store_without_syncfs_flushes_each_file(
     assert store.commit_checkpoint(cp, "t1", [event("startRun", 1).to_json()])
     assert not store.commit_checkpoint(cp.model_copy(), "t2")
     assert texts(store.load_checkpoint("j1", "cp1")) == ["a"]
+
+
+def _commit_then_record(store: JobStore, late: bool) -> None:
+    """A step's writes: its commit, then its job record (as the worker makes them on one store thread)."""
+    cp = checkpoint(1)
+    cp.messages = [said("a")]
+    block = store.backend.names_flushed_late() if late else contextlib.nullcontext()
+    with block:
+        assert store.commit_checkpoint(cp, "t1", [event("startRun", 1).to_json()])
+        store.save_job(job("j1"))
+
+
+def test_names_flushed_late_share_the_next_data_flush(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In the block, the commit's name waits for the job record's data flush: one flush fewer, and each
+    name is on the disk before the next name is made (here: the checkpoint's before the record's)."""
+    from shared.store import flush
+
+    if flush._SYNCFS is None:
+        pytest.skip("no syncfs here")
+    done: list[str] = []
+    real_link, real_replace = os.link, os.replace
+    monkeypatch.setattr(flush.GroupFlush, "_syncfs", lambda self: done.append("flush"))
+    monkeypatch.setattr(os, "link", lambda a, b: (done.append("link"), real_link(a, b))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (done.append("replace"), real_replace(a, b))[1])
+    for late in (False, True):
+        done.clear()
+        _commit_then_record(JobStore.open(str(tmp_path / f"late-{late}")), late)
+        if late:
+            assert done == ["flush", "link", "flush", "replace", "flush"]
+        else:
+            assert done == ["flush", "link", "flush", "flush", "replace", "flush"]
+
+
+def test_names_flushed_late_without_syncfs_flush_their_folders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without syncfs, the waiting folders are flushed before the next file's data, and at the block's end."""
+    from shared.store import flush
+
+    monkeypatch.setattr(flush, "_SYNCFS", None)
+    flushed: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        flushed.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    store = JobStore.open(str(tmp_path / "perstack"))
+    _commit_then_record(store, late=True)
+    folder = str(tmp_path / "perstack" / "jobs" / "j1")
+    checkpoints = flushed.index(f"{folder}/checkpoints")
+    record_data = next(i for i, f in enumerate(flushed) if f.startswith(f"{folder}/.job.json."))
+    assert checkpoints < record_data  # the checkpoint's name, before the record's data and name
+    assert flushed[-1] == folder  # the record's name, at the block's end
+    assert texts(store.load_checkpoint("j1", "cp1")) == ["a"] and store.load_job("j1") == job("j1")
 
 
 def test_a_short_write_is_finished_not_published_cut_off(

@@ -99,7 +99,8 @@ def next_units(store: JobStore, job: Job, *, cancelled: bool = False) -> list[Un
     for run_id in current:
         end = latest.get(run_id)
         if end is None:
-            initial = store.load_initial_checkpoint(job.id, run_id)
+            # only where the run starts counts, not its conversation (a pass reads every unfinished job)
+            initial = store.load_initial_checkpoint(job.id, run_id, messages=False)
             if initial is not None:
                 units.append(_unit(job.id, run_id, initial.step_number, "the run's first step is not queued"))
             # a run setting without an initial checkpoint: the step that began the run begins it again
@@ -135,7 +136,7 @@ def _unit(job_id: str, run_id: str, step_number: int, reason: str) -> Unit:
 
 
 def _begun(store: JobStore, job_id: str, run_id: str, latest: dict[str, Checkpoint]) -> bool:
-    return run_id in latest or store.load_initial_checkpoint(job_id, run_id) is not None
+    return run_id in latest or store.load_initial_checkpoint(job_id, run_id, messages=False) is not None
 
 
 def _after_delegation(

@@ -13,7 +13,9 @@ Every action in 4 is idempotent, so an attempt that dies anywhere can simply be 
 
 Store calls go through `io`: where they block (S3's round trips, a local disk's flushes) they run on a
 thread pool, so a worker's hundreds of concurrent steps do not wait on each other's; a local store without
-fsync runs them inline, which measures faster than a thread hop.
+fsync runs them inline, which measures faster than a thread hop. Reads go through `read`, inline wherever
+they do not wait on a network: a local read comes from the page cache, and a step of a local store then
+takes one thread hop, its commit's.
 """
 
 from __future__ import annotations
@@ -100,6 +102,12 @@ class Runtime:
             self._executor, functools.partial(fn, *args, **kwargs)
         )
 
+    async def read(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run a store call that only reads: inline unless the store's reads block, else as `io`."""
+        if not self.store.backend.blocking_reads:
+            return fn(*args, **kwargs)
+        return await self.io(fn, *args, **kwargs)
+
     def close(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=False)
@@ -130,11 +138,11 @@ class Runtime:
     async def _cached_run_setting(self, job_id: str, run_id: str) -> RunSetting:
         """`run_setting`, with a hit in this worker's cache answered at once instead of on a store thread."""
         setting = self._settings.get(run_id)
-        return setting if setting is not None else await self.io(self.run_setting, job_id, run_id)
+        return setting if setting is not None else await self.read(self.run_setting, job_id, run_id)
 
     async def _cached_checkpoint(self, job_id: str, checkpoint_id: str) -> Checkpoint | None:
         """`checkpoint`, with a hit in this worker's cache answered at once instead of on a store thread."""
-        return self._checkpoints.get(checkpoint_id) or await self.io(self.checkpoint, job_id, checkpoint_id)
+        return self._checkpoints.get(checkpoint_id) or await self.read(self.checkpoint, job_id, checkpoint_id)
 
     def model(self, setting: RunSetting) -> ModelClient:
         key = (setting.provider_config.to_json(), setting.model)
@@ -172,7 +180,7 @@ class Runtime:
         if previous is not None:  # kept by this worker, most often: no store thread for it
             start, begins_run = self._continue(previous, task), False
         else:
-            start, begins_run = await self.io(self._starting_point, task)
+            start, begins_run = await self.read(self._starting_point, task)
         end, runner, journal = await self._execute(task, setting, start, begins_run, attempt)
         token = random_token(8)
         lines = [e.to_json() for e in runner.events]
@@ -183,7 +191,7 @@ class Runtime:
             log.warning(
                 "step %s of run %s was committed by another attempt; adopting it", end.step_number, end.run_id
             )
-            winner = await self.io(self.store.load_checkpoint, end.job_id, end.id)
+            winner = await self.read(self.store.load_checkpoint, end.job_id, end.id)
             if winner is None:
                 raise LookupError(f"checkpoint {end.id} lost its commit race but cannot be read")
             return await self._adopt(setting, winner)
@@ -234,11 +242,16 @@ class Runtime:
         self, setting: RunSetting, end: Checkpoint, lines: list[str], token: str
     ) -> tuple[list[StepTask], Job | None] | None:
         """`_commit`, then, when this attempt won, `_finish_step`: one store thread for both. None: the step
-        was committed by another attempt."""
-        if not self._commit(end, lines, token):
-            return None
-        self.remember(end)
-        return self._finish_step(setting, end)
+        was committed by another attempt.
+
+        The commit's name (its checkpoint) is flushed with the job record's data instead of on its own:
+        the record is written after the commit point still, and every name is on the disk before the step
+        hands on."""
+        with self.store.backend.names_flushed_late():
+            if not self._commit(end, lines, token):
+                return None
+            self.remember(end)
+            return self._finish_step(setting, end)
 
     def _commit(self, end: Checkpoint, lines: list[str], token: str) -> bool:
         """Write the step: events and messages under this attempt's token, then the create-only checkpoint.

@@ -207,10 +207,12 @@ class JobStore:
             self.backend.locked(key) if isinstance(self.backend, LocalBackend) else contextlib.nullcontext()
         )
         with lock:
-            job = self.load_job(job_id)
-            if job is None:
+            data = self.backend.read(key)
+            if data is None:
                 return None
-            changed = change(job.model_copy(deep=True))
+            job = self._parse(key, data, Job)
+            # `change` gets a copy of its own to change: parsed again, which costs less than a deep copy
+            changed = change(self._parse(key, data, Job))
             if changed is None:
                 return job
             self.save_job(changed)
@@ -385,10 +387,12 @@ class JobStore:
         checkpoint.commit = None  # a run's starting point is written by whoever starts the run, not committed
         self.backend.write(key, self._stored_form(checkpoint, secrets.token_hex(8)))
 
-    def load_initial_checkpoint(self, job_id: str, run_id: str) -> Checkpoint | None:
+    def load_initial_checkpoint(
+        self, job_id: str, run_id: str, *, messages: bool = True
+    ) -> Checkpoint | None:
         key = f"{self._run(job_id, run_id)}/initial-checkpoint.json"
         data = self.backend.read(key)
-        return None if data is None else self._with_messages(key, data, None, True)
+        return None if data is None else self._with_messages(key, data, None, messages)
 
     # --- events -------------------------------------------------------------------------------------
 

@@ -7,12 +7,17 @@ import contextlib
 import fcntl
 import os
 import shutil
-import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from shared.randomness import random_token
 from shared.store.backend import Append
 from shared.store.flush import GroupFlush
+
+# a temporary file's name is made at once and created exclusively (tempfile.mkstemp's way, without its
+# per-call set-up); names taken already are tried this often
+_TEMP_NAMES = 100
 
 
 class LocalBackend:
@@ -22,32 +27,75 @@ class LocalBackend:
 
     def __init__(self, root: Path, *, fsync: bool = True) -> None:
         self.root = root
+        # paths are built as strings: a step builds a dozen, and pathlib's cost adds up
+        self._root = str(root)
         self.fsync = fsync
         self.blocking = fsync  # a flush takes milliseconds: worth a thread while other steps go on
+        self.blocking_reads = False
         self._flush = GroupFlush(root)
+        self._late = threading.local()  # `names_flushed_late`: the folders whose names wait, per thread
 
-    def _path(self, key: str) -> Path:
-        return self.root / key
+    def _path(self, key: str) -> str:
+        return f"{self._root}/{key}" if key else self._root  # "": the store's own folder, as pathlib says
 
     def describe(self, key: str) -> str:
-        return str(self._path(key))
+        return self._path(key)
 
     def read(self, key: str) -> bytes | None:
         try:
-            return self._path(key).read_bytes()
+            fd = os.open(self._path(key), os.O_RDONLY | os.O_CLOEXEC)
         except (FileNotFoundError, NotADirectoryError):
             return None
+        # plain reads of the size fstat gives, where open() adds a seek and a terminal check to each file
+        try:
+            size = os.fstat(fd).st_size
+            data = os.read(fd, size + 1)
+            if len(data) <= size:  # all of it: a read stops short only at the end of a file
+                return data
+            chunks = [data]  # the file grew since fstat (a log being appended to): read on to its end
+            while chunk := os.read(fd, 1 << 20):
+                chunks.append(chunk)
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
 
     # --- durability -----------------------------------------------------------------------------------
 
     def _flush_files(self, fds: list[int]) -> None:
-        """What was written to these open files is on the disk when this returns."""
-        if self.fsync:
-            self._flush.flush(fds)
+        """What was written to these open files is on the disk when this returns, and so is every name
+        this thread left waiting (`names_flushed_late`)."""
+        if not self.fsync:
+            return
+        waiting: set[str] | None = getattr(self._late, "folders", None)
+        if waiting and not self._flush.grouped:  # no syncfs to cover them: their folders are flushed first
+            self._flush_names(set(waiting), now=True)
+        self._flush.flush(fds)
+        if waiting:  # one syncfs of the whole file system covered them, or they were flushed above
+            waiting.clear()
 
-    def _flush_names(self, folders: set[Path]) -> None:
-        """The names created or renamed in these folders are on the disk when this returns."""
+    @contextlib.contextmanager
+    def names_flushed_late(self) -> Iterator[None]:
+        """Within the block, this thread's names wait for the next flush of any file's data (one syncfs
+        serves both) or the block's end. A name still reaches the disk before any later write's name: every
+        create, replace or append flushes its data, and with it the waiting names, before it names a file."""
+        if getattr(self._late, "folders", None) is not None:  # nested: the outer block flushes
+            yield
+            return
+        self._late.folders = set()
+        try:
+            yield
+        finally:
+            waiting, self._late.folders = self._late.folders, None
+            self._flush_names(waiting, now=True)
+
+    def _flush_names(self, folders: set[str], *, now: bool = False) -> None:
+        """The names created or renamed in these folders are on the disk when this returns, or, in a
+        `names_flushed_late` block (unless `now`), once the next flush or the block's end comes."""
         if not self.fsync or not folders:
+            return
+        waiting: set[str] | None = getattr(self._late, "folders", None)
+        if waiting is not None and not now:
+            waiting.update(folders)
             return
         if self._flush.grouped:
             self._flush.flush()
@@ -60,23 +108,24 @@ class LocalBackend:
                 os.close(fd)
 
     @staticmethod
-    def _parent(path: Path, made: set[Path]) -> None:
+    def _parent(path: str, made: set[str]) -> None:
         """Make `path`'s folder if it is missing; note every folder whose entries changed."""
-        missing = path.parent
-        while not missing.exists() and missing != missing.parent:
-            made.add(missing.parent)
-            missing = missing.parent
-        path.parent.mkdir(parents=True, exist_ok=True)
+        missing = os.path.dirname(path)
+        while not os.path.exists(missing) and missing != os.path.dirname(missing):
+            missing = os.path.dirname(missing)
+            made.add(missing)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
 
     # --- writing ---------------------------------------------------------------------------------------
 
-    def _temp(self, path: Path, data: bytes, made: set[Path]) -> tuple[int, str]:
+    def _temp(self, path: str, data: bytes, made: set[str]) -> tuple[int, str]:
         """A temporary file beside `path` holding `data`, still open and not yet flushed."""
+        folder, name = os.path.split(path)
         try:
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            fd, tmp = _create_temp(folder, name)
         except FileNotFoundError:  # the folder is new: make it then (a mkdir on every write costs a syscall)
             self._parent(path, made)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            fd, tmp = _create_temp(folder, name)
         try:
             _write_all(fd, data)
         except BaseException:
@@ -86,7 +135,7 @@ class LocalBackend:
             raise
         return fd, tmp
 
-    def _append_open(self, key: str, data: bytes, made: set[Path]) -> int:
+    def _append_open(self, key: str, data: bytes, made: set[str]) -> int:
         """Append with one write() of an O_APPEND file (lines of concurrent writers never interleave);
         return the open file, noting its folder when this write made it."""
         path = self._path(key)
@@ -99,7 +148,7 @@ class LocalBackend:
         try:
             size = os.fstat(fd).st_size
             if size == 0:
-                made.add(path.parent)  # this write makes the file: its name must last too
+                made.add(os.path.dirname(path))  # this write makes the file: its name must last too
             elif os.pread(fd, 1, size - 1) != b"\n":
                 # a crash cut the last line short: start on a line of our own, or the reader would see
                 # our first line glued to the torn one and drop both
@@ -110,7 +159,7 @@ class LocalBackend:
             raise
         return fd
 
-    def _publish(self, fds: list[int], tmp: str, path: Path, made: set[Path], *, exclusive: bool) -> bool:
+    def _publish(self, fds: list[int], tmp: str, path: str, made: set[str], *, exclusive: bool) -> bool:
         """Flush the written files (and close them), then give the temporary file its name (only if the
         name is free when `exclusive`), then flush the name."""
         try:
@@ -118,31 +167,34 @@ class LocalBackend:
         finally:
             for fd in fds:
                 os.close(fd)
+        renamed = False
         try:
             if exclusive:
                 os.link(tmp, path)  # fails if the name exists: of two attempts, exactly one links
             else:
                 os.replace(tmp, path)
+                renamed = True  # the temporary name went with it: no unlink that can only fail
         except FileExistsError:
             return False
         finally:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        self._flush_names({path.parent, *made})
+            if not renamed:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+        self._flush_names({os.path.dirname(path), *made})
         return True
 
     def write(self, key: str, data: bytes) -> None:
-        path, made = self._path(key), set[Path]()
+        path, made = self._path(key), set[str]()
         fd, tmp = self._temp(path, data, made)
         self._publish([fd], tmp, path, made, exclusive=False)
 
     def create(self, key: str, data: bytes) -> bool:
-        path, made = self._path(key), set[Path]()
+        path, made = self._path(key), set[str]()
         fd, tmp = self._temp(path, data, made)
         return self._publish([fd], tmp, path, made, exclusive=True)
 
     def append(self, key: str, data: bytes, order: int = 0) -> None:
-        made = set[Path]()
+        made = set[str]()
         fd = self._append_open(key, data, made)
         try:
             self._flush_files([fd])
@@ -152,7 +204,7 @@ class LocalBackend:
 
     def commit(self, appends: list[Append], key: str, data: bytes) -> bool:
         """The appends and the commit file written first and flushed together, then the file's name."""
-        path, made = self._path(key), set[Path]()
+        path, made = self._path(key), set[str]()
         fds: list[int] = []
         try:
             for append in appends:
@@ -172,27 +224,41 @@ class LocalBackend:
 
     def delete_tree(self, prefix: str) -> None:
         path = self._path(prefix)
-        if path.is_dir():
+        try:
+            os.unlink(path)  # most often one marker file: one call, with no look at what it is first
+        except FileNotFoundError:
+            pass
+        except (IsADirectoryError, PermissionError):  # a folder (macOS refuses with EPERM)
+            if not os.path.isdir(path):
+                raise
             shutil.rmtree(path, ignore_errors=True)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
 
     @contextlib.contextmanager
     def locked(self, key: str) -> Iterator[None]:
         """Hold an exclusive lock named by `key` (a dot file beside it) across processes of this machine."""
-        path = self._path(key)
-        lock = path.parent / f".{path.name}.lock"
+        folder, name = os.path.split(self._path(key))
+        lock = f"{folder}/.{name}.lock"
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         except FileNotFoundError:
-            lock.parent.mkdir(parents=True, exist_ok=True)
+            os.makedirs(folder, exist_ok=True)
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
             os.close(fd)
+
+
+def _create_temp(folder: str, name: str) -> tuple[int, str]:
+    """Create `.{name}.{random}.tmp` in `folder`, private to this user as mkstemp makes it; return it open."""
+    for _ in range(_TEMP_NAMES):
+        tmp = f"{folder}/.{name}.{random_token(6)}.tmp"
+        try:
+            return os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name for {name} in {folder}")
 
 
 def _write_all(fd: int, data: bytes) -> None:
