@@ -550,6 +550,38 @@ def test_names_flushed_late_without_syncfs_flush_their_folders(
     assert texts(store.load_checkpoint("j1", "cp1")) == ["a"] and store.load_job("j1") == job("j1")
 
 
+def test_a_names_wait_ends_before_a_removal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job's last record removes its unfinished marker: in the block, the record's name reaches the disk
+    before the marker goes, or a power loss could keep the removal and lose the final record (the job would
+    stay running, unknown to reconciliation)."""
+    from shared.store import flush
+
+    monkeypatch.setattr(flush, "_SYNCFS", None)  # per-folder flushes, whose order shows
+    store = JobStore.open(str(tmp_path / "perstack"))
+    store.save_job(job("j1", status="queued"), new=True)
+    done: list[str] = []
+    real_fsync, real_unlink = os.fsync, os.unlink
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: (done.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd))[1]
+    )
+    monkeypatch.setattr(os, "unlink", lambda p: (done.append(f"unlink {p}"), real_unlink(p))[1])
+    with store.backend.names_flushed_late():
+        store.save_job(job("j1", status="completed"))
+    folder = str(tmp_path / "perstack" / "jobs" / "j1")
+    marker = next(i for i, d in enumerate(done) if d.startswith("unlink") and "unfinished" in d)
+    assert folder in done[:marker]  # the record's name, then the removal
+    assert store.list_unfinished() == [] and store.load_job("j1") == job("j1", status="completed")
+
+
+def test_a_read_that_stops_short_reads_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """os.read may return less than asked (a network file system, a file over 2 GiB): the store reads on."""
+    store = JobStore.open(str(tmp_path / "perstack"))
+    store.save_job(job("j1"))
+    real = os.read
+    monkeypatch.setattr(os, "read", lambda fd, n: real(fd, min(n, 5)))
+    assert store.load_job("j1") == job("j1")
+
+
 def test_a_short_write_is_finished_not_published_cut_off(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -50,9 +50,11 @@ class LocalBackend:
         try:
             size = os.fstat(fd).st_size
             data = os.read(fd, size + 1)
-            if len(data) <= size:  # all of it: a read stops short only at the end of a file
+            if len(data) == size:  # all of it as fstat saw it (one byte more was asked: growth would show)
                 return data
-            chunks = [data]  # the file grew since fstat (a log being appended to): read on to its end
+            # a read may stop short (a file over 2 GiB, a network file system), and a log being appended
+            # to may have grown since fstat: read on to its end
+            chunks = [data]
             while chunk := os.read(fd, 1 << 20):
                 chunks.append(chunk)
             return b"".join(chunks)
@@ -87,6 +89,13 @@ class LocalBackend:
         finally:
             waiting, self._late.folders = self._late.folders, None
             self._flush_names(waiting, now=True)
+
+    def _flush_waiting(self) -> None:
+        """The names this thread left waiting (`names_flushed_late`) are on the disk when this returns."""
+        waiting: set[str] | None = getattr(self._late, "folders", None)
+        if waiting:
+            self._flush_names(set(waiting), now=True)
+            waiting.clear()
 
     def _flush_names(self, folders: set[str], *, now: bool = False) -> None:
         """The names created or renamed in these folders are on the disk when this returns, or, in a
@@ -223,6 +232,10 @@ class LocalBackend:
             return []
 
     def delete_tree(self, prefix: str) -> None:
+        # a removal may reach the disk before names made earlier (another process's flush of the folder
+        # makes it durable): the names this thread left waiting go first, or a power loss could keep the
+        # removal (an unfinished marker) and lose what it follows (the final job record)
+        self._flush_waiting()
         path = self._path(prefix)
         try:
             os.unlink(path)  # most often one marker file: one call, with no look at what it is first
