@@ -13,9 +13,10 @@ Every action in 4 is idempotent, so an attempt that dies anywhere can simply be 
 
 Store calls go through `io`: where they block (S3's round trips, a local disk's flushes) they run on a
 thread pool, so a worker's hundreds of concurrent steps do not wait on each other's; a local store without
-fsync runs them inline, which measures faster than a thread hop. Reads go through `read`, inline wherever
-they do not wait on a network: a local read comes from the page cache, and a step of a local store then
-takes one thread hop, its commit's.
+fsync runs them inline, which measures faster than a thread hop. Small reads of a bounded size (a run
+setting, whether a checkpoint exists) go through `read`, inline wherever they do not wait on a network: a
+local read of a small file costs less than the hop. A read that may parse a whole conversation (a starting
+point, a checkpoint with its messages) stays on `io`, so a long job's log never stalls the event loop.
 """
 
 from __future__ import annotations
@@ -103,7 +104,8 @@ class Runtime:
         )
 
     async def read(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
-        """Run a store call that only reads: inline unless the store's reads block, else as `io`."""
+        """Run a store call that only reads a small file: inline unless the store's reads block, else as
+        `io`. Never for a read whose size grows with the conversation."""
         if not self.store.backend.blocking_reads:
             return fn(*args, **kwargs)
         return await self.io(fn, *args, **kwargs)
@@ -141,8 +143,15 @@ class Runtime:
         return setting if setting is not None else await self.read(self.run_setting, job_id, run_id)
 
     async def _cached_checkpoint(self, job_id: str, checkpoint_id: str) -> Checkpoint | None:
-        """`checkpoint`, with a hit in this worker's cache answered at once instead of on a store thread."""
-        return self._checkpoints.get(checkpoint_id) or await self.read(self.checkpoint, job_id, checkpoint_id)
+        """`checkpoint`, with a hit in this worker's cache answered at once, and a checkpoint that does not
+        exist (most often asked: has this step been done?) told by a small read; one that exists is read
+        with its conversation on a store thread."""
+        cached = self._checkpoints.get(checkpoint_id)
+        if cached is not None:
+            return cached
+        if not await self.read(self.store.checkpoint_exists, job_id, checkpoint_id):
+            return None
+        return await self.io(self.checkpoint, job_id, checkpoint_id)
 
     def model(self, setting: RunSetting) -> ModelClient:
         key = (setting.provider_config.to_json(), setting.model)
@@ -180,7 +189,7 @@ class Runtime:
         if previous is not None:  # kept by this worker, most often: no store thread for it
             start, begins_run = self._continue(previous, task), False
         else:
-            start, begins_run = await self.read(self._starting_point, task)
+            start, begins_run = await self.io(self._starting_point, task)
         end, runner, journal = await self._execute(task, setting, start, begins_run, attempt)
         token = random_token(8)
         lines = [e.to_json() for e in runner.events]
@@ -191,7 +200,7 @@ class Runtime:
             log.warning(
                 "step %s of run %s was committed by another attempt; adopting it", end.step_number, end.run_id
             )
-            winner = await self.read(self.store.load_checkpoint, end.job_id, end.id)
+            winner = await self.io(self.store.load_checkpoint, end.job_id, end.id)
             if winner is None:
                 raise LookupError(f"checkpoint {end.id} lost its commit race but cannot be read")
             return await self._adopt(setting, winner)
