@@ -174,7 +174,8 @@ def plan_submission(request: RunRequest, store: JobStore) -> Plan:
     budget = budget if budget is not None else (config.reasoning_budget or "low")
     _check_limits(request, "--max-steps", "--max-retries", "--timeout")
     _check_limits(config, *(f"{config_path}: {key}" for key in ("maxSteps", "maxRetries", "timeout")))
-    limits = request.over(config).over(DEFAULT_LIMITS)
+    said = request.over(config)  # the job record keeps a max that neither says as None
+    limits = said.over(DEFAULT_LIMITS)
     workspace = _workspace(request)
 
     continuing = request.continue_job is not None or request.continue_latest
@@ -190,7 +191,7 @@ def plan_submission(request: RunRequest, store: JobStore) -> Plan:
             id=job_id,
             status="queued",
             coordinator_expert_key=request.expert_key,
-            max_steps=request.over(config).max_steps,
+            max_steps=said.max_steps,
             started_at=now_ms(),
         )
         start = None
