@@ -13,6 +13,8 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+from pydantic.alias_generators import to_camel
+
 from shared.models import Event, StepEnd, read_event
 from shared.queue import events_channel
 
@@ -22,9 +24,8 @@ STREAM_TTL_AFTER_STOP_S = 600  # once it stopped: long enough for `perq run --wa
 LIVE_TEXT_LIMIT = 200  # characters of a string a live event keeps (tool results, arguments, queries)
 LIVE_RESULT_LIMIT = 4000  # the final text of a run, which followers print whole when it is short
 # messages (the calls and results beside them say the same) and a step's record (its checkpoint has the usage)
-_DROPPED = frozenset({"newMessage", "newMessages", "messages", "step"})
-# the same, by field name
 _DROPPED_FIELDS = frozenset({"new_message", "new_messages", "messages", "step"})
+_DROPPED = frozenset(map(to_camel, _DROPPED_FIELDS))  # the same, as the JSON keys
 # what a follower shows of a step's end: where the job is, what it cost, whom it waits on, its todo list;
 # with the ids and expert every checkpoint has, so that the follower reads it as a checkpoint
 _LIVE_CHECKPOINT_FIELDS = {"id", "job_id", "run_id", "expert", "status", "step_number", "usage"} | {
