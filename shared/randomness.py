@@ -42,10 +42,6 @@ _RANDOM = _RandomBytes()
 os.register_at_fork(after_in_child=_RANDOM.reset)
 
 
-def random_bytes(n: int) -> bytes:
-    return _RANDOM.take(n)
-
-
 def random_id() -> str:
     """A cuid2-shaped id: a lowercase letter, then 23 lowercase letters and digits 2-7 (base32's, 115
     random bits), spelled by one `bytes.translate` instead of base64's pure-Python b32encode."""
