@@ -68,11 +68,11 @@ class LocalBackend:
         this thread left waiting (`names_flushed_late`)."""
         if not self.fsync:
             return
-        waiting: set[str] | None = getattr(self._late, "folders", None)
-        if waiting and not self._flush.grouped:  # no syncfs to cover them: their folders are flushed first
-            self._flush_names(set(waiting), now=True)
+        if not self._flush.grouped:  # no syncfs to cover the waiting names: their folders are flushed first
+            self._flush_waiting()
         self._flush.flush(fds)
-        if waiting:  # one syncfs of the whole file system covered them, or they were flushed above
+        waiting: set[str] | None = getattr(self._late, "folders", None)
+        if waiting:  # one syncfs of the whole file system covered them
             waiting.clear()
 
     @contextlib.contextmanager
@@ -94,7 +94,7 @@ class LocalBackend:
         """The names this thread left waiting (`names_flushed_late`) are on the disk when this returns."""
         waiting: set[str] | None = getattr(self._late, "folders", None)
         if waiting:
-            self._flush_names(set(waiting), now=True)
+            self._flush_names(waiting, now=True)
             waiting.clear()
 
     def _flush_names(self, folders: set[str], *, now: bool = False) -> None:
