@@ -143,15 +143,14 @@ class Runtime:
         return setting if setting is not None else await self.read(self.run_setting, job_id, run_id)
 
     async def _cached_checkpoint(self, job_id: str, checkpoint_id: str) -> Checkpoint | None:
-        """`checkpoint`, with a hit in this worker's cache answered at once, and a checkpoint that does not
-        exist (most often asked: has this step been done?) told by a small read; one that exists is read
-        with its conversation on a store thread."""
+        """`checkpoint`, with a hit in this worker's cache answered at once; otherwise its file (small: its
+        messages are in the logs) is a small read, which most often finds none (has this step been done?),
+        and the conversation of one that exists is read on a store thread."""
         cached = self._checkpoints.get(checkpoint_id)
         if cached is not None:
             return cached
-        if not await self.read(self.store.checkpoint_exists, job_id, checkpoint_id):
-            return None
-        return await self.io(self.checkpoint, job_id, checkpoint_id)
+        stored = await self.read(self.store.load_checkpoint, job_id, checkpoint_id, messages=False)
+        return None if stored is None else await self.io(self.store.with_messages, stored)
 
     def model(self, setting: RunSetting) -> ModelClient:
         key = (setting.provider_config.to_json(), setting.model)

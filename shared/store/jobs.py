@@ -314,9 +314,12 @@ class JobStore:
         self, key: str, data: bytes, reader: MessageReader | None, messages: bool
     ) -> Checkpoint:
         cp = self._parse(key, data, Checkpoint)
-        if messages and not cp.messages and cp.messages_ref is not None:
-            reader = reader or MessageReader(self, cp.job_id)
-            cp.messages = reader.messages(cp.messages_ref)
+        return self.with_messages(cp, reader) if messages else cp
+
+    def with_messages(self, cp: Checkpoint, reader: MessageReader | None = None) -> Checkpoint:
+        """A checkpoint read without its messages (`messages=False`), with them read from the logs."""
+        if not cp.messages and cp.messages_ref is not None:
+            cp.messages = (reader or MessageReader(self, cp.job_id)).messages(cp.messages_ref)
         return cp
 
     # --- checkpoints --------------------------------------------------------------------------------
@@ -344,7 +347,9 @@ class JobStore:
 
     def load_checkpoint(self, job_id: str, checkpoint_id: str, *, messages: bool = True) -> Checkpoint | None:
         """A whole checkpoint (its messages read from the logs), or without messages when not wanted."""
-        key = self._checkpoint(job_id, checkpoint_id)
+        return self._load_checkpoint(self._checkpoint(job_id, checkpoint_id), messages)
+
+    def _load_checkpoint(self, key: str, messages: bool) -> Checkpoint | None:
         data = self.backend.read(key)
         return None if data is None else self._with_messages(key, data, None, messages)
 
@@ -390,9 +395,7 @@ class JobStore:
     def load_initial_checkpoint(
         self, job_id: str, run_id: str, *, messages: bool = True
     ) -> Checkpoint | None:
-        key = f"{self._run(job_id, run_id)}/initial-checkpoint.json"
-        data = self.backend.read(key)
-        return None if data is None else self._with_messages(key, data, None, messages)
+        return self._load_checkpoint(f"{self._run(job_id, run_id)}/initial-checkpoint.json", messages)
 
     # --- events -------------------------------------------------------------------------------------
 
