@@ -67,8 +67,12 @@ def step_ending(event: Event) -> StepEnding | None:
 
 def job_status_after(event: Event) -> str | None:
     """The job status an event settles, if any: the end of a top-level run (not of a delegate)."""
-    ending = step_ending(event) if event.type in STOPPING_EVENTS else None
-    if ending is None:
+    return _status_after(event, step_ending(event) if event.type in STOPPING_EVENTS else None)
+
+
+def _status_after(event: Event, ending: StepEnding | None) -> str | None:
+    """`job_status_after`, given the step ending `step_ending` read from the event."""
+    if ending is None or event.type not in STOPPING_EVENTS:
         return None
     status = JOB_STATUS_AFTER.get(ending.status)
     if ending.delegated and status != "stoppedByMaxSteps":
@@ -105,7 +109,7 @@ class Progress:
         ending = step_ending(event)
         if ending is not None and not ending.delegated:
             self.usage = ending.usage
-        status = job_status_after(event)
+        status = _status_after(event, ending)
         if status:
             self.status = status
 
