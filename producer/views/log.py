@@ -198,7 +198,7 @@ def event_details(event: Event, *, verbose: bool = False) -> list[str]:
         call = event.tool_call
         lines.append(f"Waiting for: {call.tool_name} {json.dumps(call.args)}")
     elif isinstance(event, StopRunByError):
-        error = event.error or event.checkpoint.error
+        error = event.run_error
         if error is not None:
             lines.append(f"Error: {error.name}")
             lines.append(f"Message: {error.message}")

@@ -72,7 +72,7 @@ def _detail(event: Event) -> str:
     if isinstance(event, CompleteRun):
         return f" {event.text[:80]!r}"
     if isinstance(event, StopRunByError):
-        error = event.error or event.checkpoint.error
+        error = event.run_error
         return f" {error.message if error else ''}"
     return ""
 

@@ -320,6 +320,11 @@ class StopRunByError(StepEnd):
     type: Literal["stopRunByError"] = "stopRunByError"
     error: RunError | None = None  # the checkpoint has it too; Perstack's older events lack this copy
 
+    @property
+    def run_error(self) -> RunError | None:
+        """The run's error, from the event or, where it lacks the copy, from its checkpoint."""
+        return self.error or self.checkpoint.error
+
 
 class CompleteRun(StepEnd):
     type: Literal["completeRun"] = "completeRun"
