@@ -175,9 +175,6 @@ class RunLimits(PerqModel):
         return RunLimits.model_validate(fallback.model_dump(include=limits) | said)
 
 
-DEFAULT_LIMITS = RunLimits(max_steps=100, max_retries=5, timeout=300_000)
-
-
 class RunSetting(PerqModel):
     model: str
     provider_config: ProviderConfig
@@ -199,6 +196,10 @@ class RunSetting(PerqModel):
     # perq: when the submission this run descends from was made (ms); `perq cancel` stops the runs of
     # submissions made before it, and a later continuation (a new epoch) runs on
     epoch: int = Field(default_factory=now_ms)
+
+
+# perq's defaults, where neither a request nor perstack.toml says a limit: a run setting's own
+DEFAULT_LIMITS = RunLimits(**{name: RunSetting.model_fields[name].default for name in RunLimits.model_fields})
 
 
 # --- Perstack's own form of the records: what `perq export` writes ------------------------------------------
