@@ -674,8 +674,9 @@ class StartApp(App[None]):
         if job is None:
             message.say(problem or "no job to continue", error=True)
             return
-        request = r.replaced(expert_key=r.expert_key or job.coordinator_expert_key, continue_job=job.id)
-        request = request.replaced(continue_latest=False)
+        request = r.replaced(
+            expert_key=r.expert_key or job.coordinator_expert_key, continue_job=job.id, continue_latest=False
+        )
         if job.status in ("queued", "running"):
             self.push_screen(LiveScreen(job))
             return
