@@ -27,6 +27,7 @@ from shared.models import (
     ExpertMessage,
     ExpertRef,
     FinishToolCall,
+    NextCheckpoint,
     ResolveToolResults,
     RunError,
     SkillConnected,
@@ -203,7 +204,7 @@ def test_emitted_events_read_back_from_the_store_as_their_types(tmp_path: Path) 
             1,
             checkpoint=end,
             step=Step(step_number=1),
-            nextCheckpoint={"id": checkpoint_id("r1", 2), "stepNumber": 2},
+            nextCheckpoint=NextCheckpoint(id=checkpoint_id("r1", 2), step_number=2),
         ),
         emit("stopRunByError", 2, checkpoint=stopped, step=Step(step_number=2), error=stopped.error),
     ]

@@ -38,6 +38,7 @@ from shared.models import (
     Expert,
     ExpertMessage,
     Message,
+    NextCheckpoint,
     RunError,
     RunSetting,
     Step,
@@ -413,7 +414,10 @@ class FinishingStep:
             return ctx.finish("stopRunByExceededMaxSteps", end)
         end = cp.model_copy()
         end.status = "proceeding"
-        following = {"id": checkpoint_id(end.run_id, end.step_number + 1), "stepNumber": end.step_number + 1}
+        # the next step's checkpoint, named by id and number
+        following = NextCheckpoint(
+            id=checkpoint_id(end.run_id, end.step_number + 1), step_number=end.step_number + 1
+        )
         return ctx.finish("continueToNextStep", end, nextCheckpoint=following)
 
 

@@ -135,9 +135,6 @@ class Event(PerqModel):
         The payload is not validated (the loop hands over models it built, and a step is hot): only its
         keys are checked against the type's fields, so that a misspelt key fails here and not in a reader."""
         kind = _payload_checked(type_, payload)
-        following = payload.get("nextCheckpoint")
-        if isinstance(following, dict):  # the loop names the next step's checkpoint by id and number
-            payload["nextCheckpoint"] = NextCheckpoint.model_validate(following)
         event = kind.model_construct(
             id=new_id(),
             type=type_,
