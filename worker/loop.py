@@ -49,6 +49,7 @@ from shared.models import (
     Usage,
     UserMessage,
     checkpoint_id,
+    first_text,
     now_ms,
     tool_message,
 )
@@ -296,9 +297,8 @@ class CallingTool:
         state = ctx.state
         result = await ctx.skills.call(call)
         results = [result, *skipped(others)]
-        first_text = next((p.text for p in result.result if isinstance(p, TextPart)), "{}")
         try:
-            remaining = json.loads(first_text).get("remainingTodos")
+            remaining = json.loads(first_text(result.result, "{}")).get("remainingTodos")
         except (json.JSONDecodeError, AttributeError):
             remaining = None
         if isinstance(remaining, list) and remaining:

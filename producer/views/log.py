@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
@@ -30,9 +30,9 @@ from shared.models import (
     Retry,
     StartRun,
     StopRunByError,
-    TextPart,
     ToolResultPart,
     UserMessage,
+    first_text,
 )
 
 RULE = "─" * 50
@@ -215,11 +215,6 @@ def event_details(event: Event, *, verbose: bool = False) -> list[str]:
 
 
 # --- small helpers --------------------------------------------------------------------------------
-
-
-def first_text(contents: Sequence[object]) -> str:
-    """The text of the first text part among a message's or a tool result's parts, or ""."""
-    return next((p.text for p in contents if isinstance(p, TextPart)), "")
 
 
 def preview(text: str, width: int) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import Field
@@ -66,6 +67,11 @@ class ThinkingPart(_Part):
     signature: str | None = None
 
 
+def first_text(parts: Sequence[object], default: str = "") -> str:
+    """The text of the first text part among a message's or a tool result's parts, or `default`."""
+    return next((p.text for p in parts if isinstance(p, TextPart)), default)
+
+
 ToolResultContent = Annotated[TextPart | InlinePart, Field(discriminator="type")]
 
 
@@ -113,7 +119,7 @@ class ExpertMessage(_Message):
     @property
     def text(self) -> str:
         """The first text part's text, or "" (what a delegate returns to its parent)."""
-        return next((p.text for p in self.contents if isinstance(p, TextPart)), "")
+        return first_text(self.contents)
 
     @property
     def tool_calls(self) -> list[ToolCallPart]:
