@@ -220,10 +220,16 @@ def _require_writable(path: str, st: os.stat_result) -> None:
         raise ToolError("NotWritable", f"File {path} is not writable.")
 
 
-def _writable_file(path: str, ctx: ToolContext) -> Path:
-    """An existing file a tool may change: not a link, and writable."""
+def _readable_file(path: str, ctx: ToolContext) -> tuple[Path, os.stat_result]:
+    """An existing file a tool may read: not a link."""
     real, st = _existing_file(path, ctx)
     _refuse_symlink(path, ctx)
+    return real, st
+
+
+def _writable_file(path: str, ctx: ToolContext) -> Path:
+    """An existing file a tool may change: not a link, and writable."""
+    real, st = _readable_file(path, ctx)
     _require_writable(path, st)
     return real
 
@@ -358,8 +364,7 @@ class _EditTextInput(_PathInput):
 @_file_tool
 def _read_text_file(args: _ReadTextInput, ctx: ToolContext) -> ToolOutput:
     """Read a UTF-8 text file, optionally only lines [from, to)."""
-    real, _ = _existing_file(args.path, ctx)
-    _refuse_symlink(args.path, ctx)
+    real, _ = _readable_file(args.path, ctx)
     lines = _read_bytes(real, args.path).decode("utf-8", errors="replace").split("\n")
     start = args.from_ or 0
     end = len(lines) if args.to is None else min(args.to, len(lines))
@@ -531,8 +536,7 @@ def _inline(
     path: str, ctx: ToolContext, mime_types: Mapping[str, str], limit: int, kind: str
 ) -> tuple[str, str]:
     """Base64 of a file checked like any other read, with its MIME type from the extension."""
-    real, st = _existing_file(path, ctx)
-    _refuse_symlink(path, ctx)
+    real, st = _readable_file(path, ctx)
     mime = mime_types.get(real.suffix.lower())
     if mime is None:
         allowed = ", ".join(sorted({ext.lstrip(".") for ext in mime_types}))
