@@ -5,7 +5,6 @@ Then a whole job on the S3 store: `perq run` + `perq worker --burst` with PERQ_S
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ from shared.models import (
     checkpoint_id,
 )
 from shared.store import JobStore, LocalBackend, StoreError
+from shared.store.backend import Steps
 from shared.store.s3 import S3Backend
 from tests.conftest import Perq
 
@@ -492,43 +492,61 @@ def test_local_store_without_syncfs_flushes_each_file(
     assert texts(store.load_checkpoint("j1", "cp1")) == ["a"]
 
 
-def _commit_then_record(store: JobStore, late: bool) -> None:
-    """A step's writes: its commit, then its job record (as the worker makes them on one store thread)."""
+def _commit_then_record(store: JobStore, composed: bool, status: str = "running") -> None:
+    """A step's writes: its commit, then its job record; `composed`: as the worker makes them, one sequence
+    of steps whose commit name may wait for the record's data flush."""
     cp = checkpoint(1)
     cp.messages = [said("a")]
-    block = store.backend.names_flushed_late() if late else contextlib.nullcontext()
-    with block:
-        assert store.commit_checkpoint(cp, "t1", [event("startRun", 1).to_json()])
-        store.save_job(job("j1"))
+    lines = [event("startRun", 1).to_json()]
+    record = job("j1", status=status)
+
+    def steps() -> Steps[None]:
+        assert (yield from store.commit_checkpoint_steps(cp, "t1", lines))
+        yield from store.save_job_steps(record)
+
+    if composed:
+        store.backend.run(steps())
+    else:
+        assert store.commit_checkpoint(cp, "t1", lines)
+        store.save_job(record)
 
 
-def test_names_flushed_late_share_the_next_data_flush(
+def _record_names(monkeypatch: pytest.MonkeyPatch, done: list[str]) -> None:
+    """Note each name the local store makes: link (a commit), exchange or rename (a record)."""
+    from shared.store import local
+
+    real_link, real_rename, real_exchange = os.link, os.rename, local._exchange
+    # noted once made: a swap with no file to swap with fails, and a rename takes its place
+    monkeypatch.setattr(os, "link", lambda a, b: (real_link(a, b), done.append("link"))[0])
+    monkeypatch.setattr(os, "rename", lambda a, b: (real_rename(a, b), done.append("name"))[0])
+    monkeypatch.setattr(local, "_exchange", lambda a, b: (real_exchange(a, b), done.append("name"))[0])
+
+
+def test_a_commit_name_waits_for_the_records_data_flush(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """In the block, the commit's name waits for the job record's data flush: one flush fewer, and each
-    name is on the disk before the next name is made (here: the checkpoint's before the record's)."""
+    """Composed, the commit's name waits for the job record's data flush: one flush fewer, and each name is
+    on the disk before the next name is made (here: the checkpoint's before the record's)."""
     from shared.store import flush
 
     if flush._SYNCFS is None:
         pytest.skip("no syncfs here")
     done: list[str] = []
-    real_link, real_replace = os.link, os.replace
     monkeypatch.setattr(flush.GroupFlush, "_syncfs", lambda self: done.append("flush"))
-    monkeypatch.setattr(os, "link", lambda a, b: (done.append("link"), real_link(a, b))[1])
-    monkeypatch.setattr(os, "replace", lambda a, b: (done.append("replace"), real_replace(a, b))[1])
-    for late in (False, True):
+    _record_names(monkeypatch, done)
+    for composed in (False, True):
         done.clear()
-        _commit_then_record(JobStore.open(str(tmp_path / f"late-{late}")), late)
-        if late:
-            assert done == ["flush", "link", "flush", "replace", "flush"]
+        _commit_then_record(JobStore.open(str(tmp_path / f"composed-{composed}")), composed)
+        if composed:
+            assert done == ["flush", "link", "flush", "name", "flush"]
         else:
-            assert done == ["flush", "link", "flush", "flush", "replace", "flush"]
+            assert done == ["flush", "link", "flush", "flush", "name", "flush"]
 
 
-def test_names_flushed_late_without_syncfs_flush_their_folders(
+def test_names_that_wait_without_syncfs_flush_their_folders(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Without syncfs, the waiting folders are flushed before the next file's data, and at the block's end."""
+    """Without syncfs, the waiting folders are flushed before the next file's data, and at the steps' end."""
     from shared.store import flush
 
     monkeypatch.setattr(flush, "_SYNCFS", None)
@@ -541,19 +559,19 @@ def test_names_flushed_late_without_syncfs_flush_their_folders(
 
     monkeypatch.setattr(os, "fsync", fsync)
     store = JobStore.open(str(tmp_path / "perstack"))
-    _commit_then_record(store, late=True)
+    _commit_then_record(store, composed=True)
     folder = str(tmp_path / "perstack" / "jobs" / "j1")
     checkpoints = flushed.index(f"{folder}/checkpoints")
     record_data = next(i for i, f in enumerate(flushed) if f.startswith(f"{folder}/.job.json."))
     assert checkpoints < record_data  # the checkpoint's name, before the record's data and name
-    assert flushed[-1] == folder  # the record's name, at the block's end
+    assert flushed[-1] == folder  # the record's name, last
     assert texts(store.load_checkpoint("j1", "cp1")) == ["a"] and store.load_job("j1") == job("j1")
 
 
 def test_a_names_wait_ends_before_a_removal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A job's last record removes its unfinished marker: in the block, the record's name reaches the disk
-    before the marker goes, or a power loss could keep the removal and lose the final record (the job would
-    stay running, unknown to reconciliation)."""
+    """A job's last record removes its unfinished marker: the names made before (the commit's, the
+    record's) reach the disk before the marker goes, or a power loss could keep the removal and lose the
+    final record (the job would stay running, unknown to reconciliation)."""
     from shared.store import flush
 
     monkeypatch.setattr(flush, "_SYNCFS", None)  # per-folder flushes, whose order shows
@@ -565,12 +583,135 @@ def test_a_names_wait_ends_before_a_removal(tmp_path: Path, monkeypatch: pytest.
         os, "fsync", lambda fd: (done.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd))[1]
     )
     monkeypatch.setattr(os, "unlink", lambda p: (done.append(f"unlink {p}"), real_unlink(p))[1])
-    with store.backend.names_flushed_late():
-        store.save_job(job("j1", status="completed"))
+    _commit_then_record(store, composed=True, status="completed")
     folder = str(tmp_path / "perstack" / "jobs" / "j1")
     marker = next(i for i, d in enumerate(done) if d.startswith("unlink") and "unfinished" in d)
-    assert folder in done[:marker]  # the record's name, then the removal
+    assert f"{folder}/checkpoints" in done[:marker] and folder in done[:marker]
     assert store.list_unfinished() == [] and store.load_job("j1") == job("j1", status="completed")
+
+
+def test_a_record_rewrite_frees_no_inode(tmp_path: Path) -> None:
+    """The job record's versions swap names with a spare beside it: the store keeps reusing two files
+    (no inode freed per rewrite), readers and listings never see the spare, and the latest version reads."""
+    from shared.store import local
+
+    if local._RENAMEAT2 is None:
+        pytest.skip("no renameat2 here")
+    store = JobStore.open(str(tmp_path / "perstack"))
+    store.save_job(job("j1", status="queued"), new=True)
+    record = tmp_path / "perstack" / "jobs" / "j1" / "job.json"
+    inodes = set()
+    for steps in range(1, 6):
+        store.update_job(
+            "j1", lambda j, n=steps: j.model_copy(update={"status": "running", "total_steps": n})
+        )
+        inodes.add(record.stat().st_ino)
+        loaded = store.load_job("j1")
+        assert loaded is not None and loaded.total_steps == steps
+    assert len(inodes) == 2  # the first version and one spare, taking turns
+    assert (record.parent / ".job.json.spare").exists()
+    assert ".job.json.spare" not in store.backend.list("jobs/j1")
+    assert [j.id for j in store.list_jobs().jobs] == ["j1"]
+
+
+def test_a_rewrite_falls_back_where_names_cannot_be_swapped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file system without RENAME_EXCHANGE (EINVAL) still gets the new record, by a plain replace."""
+    import errno
+
+    from shared.store import local
+
+    def refuse(a: str, b: str) -> None:
+        if os.path.exists(b):
+            raise OSError(errno.EINVAL, "not here")
+        raise FileNotFoundError(errno.ENOENT, "missing", a)
+
+    monkeypatch.setattr(local, "_exchange", refuse)
+    store = JobStore.open(str(tmp_path / "perstack"))
+    store.save_job(job("j1", status="queued"), new=True)
+    for n in (1, 2):
+        store.update_job("j1", lambda j, n=n: j.model_copy(update={"status": "running", "total_steps": n}))
+        loaded = store.load_job("j1")
+        assert loaded is not None and loaded.total_steps == n
+
+
+async def test_steps_on_an_event_loop_share_flushes_and_wait_for_a_busy_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Steps run on one event loop (as a worker runs them): many commits share a few flushes, and two
+    updates of one record (a lock held across a flush) both land, neither blocking the loop."""
+    import asyncio
+
+    from shared.store import flush
+
+    if flush._SYNCFS is None:
+        pytest.skip("no syncfs here")
+    store = JobStore.open(str(tmp_path / "perstack"))
+    backend = store.backend
+    assert isinstance(backend, LocalBackend) and backend.flushes_shared
+    calls: list[int] = []
+    real = flush.GroupFlush._syncfs
+
+    def counted(self: flush.GroupFlush) -> None:
+        calls.append(1)
+        time.sleep(0.005)
+        real(self)
+
+    monkeypatch.setattr(flush.GroupFlush, "_syncfs", counted)
+    flusher = flush.LoopFlush(backend.flush_group)
+    try:
+        store.save_job(job("j1", status="queued"), new=True)
+
+        async def commit(n: int) -> bool:
+            cp = checkpoint(n)
+            cp.id = checkpoint_id("r1", n)
+            cp.messages = [said(f"m{n}")]
+            return await backend.run_async(store.commit_checkpoint_steps(cp, f"t{n}"), flusher, None)
+
+        async def count_up() -> None:
+            def add(j: Job) -> Job:
+                return j.model_copy(update={"status": "running", "total_steps": j.total_steps + 1})
+
+            await backend.run_async(store.update_job_steps("j1", add), flusher, None)
+
+        results = await asyncio.wait_for(
+            asyncio.gather(*(commit(n) for n in range(1, 41)), *(count_up() for _ in range(5))), 30
+        )
+    finally:
+        flusher.close()
+    assert all(results[:40])
+    assert len(calls) < 40  # shared: far fewer flushes than the 40 commits' (and 5 records') needs
+    final = store.load_job("j1")
+    assert final is not None and final.total_steps == 5  # no update lost to another
+    assert [c.step_number for c in store.list_checkpoints("j1")[0]] == list(range(1, 41))
+
+
+async def test_a_failed_shared_flush_fails_its_steps_and_the_next_flush_works(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    from shared.store import flush
+
+    group = flush.GroupFlush(tmp_path)
+    flusher = flush.LoopFlush(group)
+    fail = [True]
+    real = group._syncfs
+
+    def maybe_fail() -> None:
+        if fail[0]:
+            raise OSError(5, "disk gone")
+        real()
+
+    group._syncfs = maybe_fail  # type: ignore[method-assign]
+    try:
+        outcomes = await asyncio.gather(*(flusher.flush() for _ in range(3)), return_exceptions=True)
+        assert outcomes and all(isinstance(o, OSError) for o in outcomes)
+        fail[0] = False
+        await asyncio.wait_for(flusher.flush(), 10)
+    finally:
+        flusher.close()
 
 
 def test_a_read_that_stops_short_reads_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

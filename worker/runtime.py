@@ -47,6 +47,9 @@ from shared.models import (
 from shared.queue import StepTask
 from shared.randomness import random_token
 from shared.store import JobStore
+from shared.store.backend import Offload, Steps
+from shared.store.flush import LoopFlush
+from shared.store.local import LocalBackend
 from worker.handon import HandOn
 from worker.journal import QueueAnswerJournal
 from worker.loop import StepRunner
@@ -89,10 +92,14 @@ class Runtime:
     _recorded_at: dict[str, tuple[int, float]] = field(default_factory=dict)  # job: (epoch, when)
     _models: dict[tuple[str, str], ModelClient] = field(default_factory=dict)
     _executor: ThreadPoolExecutor | None = None
+    _flusher: LoopFlush | None = None
 
     def __post_init__(self) -> None:
         if self.store.backend.blocking and self._executor is None:
             self._executor = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="perq-store")
+        backend = self.store.backend
+        if isinstance(backend, LocalBackend) and backend.flushes_shared:
+            self._flusher = LoopFlush(backend.flush_group)
         self.hand_on = HandOn(self.store, self.run_setting, self.checkpoint)
 
     async def io(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
@@ -110,9 +117,19 @@ class Runtime:
             return fn(*args, **kwargs)
         return await self.io(fn, *args, **kwargs)
 
+    async def run(self, steps: Steps[R]) -> R:
+        """Run a store write's steps (`Steps`): on the event loop where the store's flushes can be shared
+        (a local disk with syncfs: only the flush leaves the loop), else as `io`."""
+        if self._flusher is not None:
+            assert isinstance(self.store.backend, LocalBackend)
+            return await self.store.backend.run_async(steps, self._flusher, self._executor)
+        return await self.io(self.store.backend.run, steps)
+
     def close(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=False)
+        if self._flusher is not None:
+            self._flusher.close()
 
     # --- caches (called inline or from the store's threads) -----------------------------------------
 
@@ -180,7 +197,7 @@ class Runtime:
             before = checkpoint_id(task.run_id, task.step_number - 1)
             previous = await self._cached_checkpoint(task.job_id, before)
             if previous is not None:  # progress is recorded lazily: the record must show where it stopped
-                await self.io(self._record, setting, previous, catch_up=True)
+                await self.run(self._record(setting, previous, catch_up=True))
             await self.io(self._settle_cancel, setting)
             return None
 
@@ -192,7 +209,7 @@ class Runtime:
         end, runner, journal = await self._execute(task, setting, start, begins_run, attempt)
         token = random_token(8)
         lines = [e.to_json() for e in runner.events]
-        committed = await self.io(self._commit_and_finish, setting, end, lines, token)
+        committed = await self.run(self._commit_and_finish(setting, end, lines, token))
         if committed is None:
             # another attempt of this step committed first (this one paused past its lease): its checkpoint
             # is the step's; this attempt's result, events included, is dropped
@@ -208,7 +225,7 @@ class Runtime:
         handed = HandOver(task.job_id, setting.epoch, live_lines(runner.events), tasks, journal.keys, stopped)
         refused = await self.queue.hand_over(handed)
         if refused:  # cancelled meanwhile: the record shows this step (it may have been written lazily)
-            await self.io(self._record, setting, end, catch_up=True)
+            await self.run(self._record(setting, end, catch_up=True))
             await self.io(self._settle_cancel, setting)
         return end
 
@@ -248,26 +265,25 @@ class Runtime:
 
     def _commit_and_finish(
         self, setting: RunSetting, end: Checkpoint, lines: list[str], token: str
-    ) -> tuple[list[StepTask], Job | None] | None:
-        """`_commit`, then, when this attempt won, `_finish_step`: one store thread for both. None: the step
-        was committed by another attempt.
+    ) -> Steps[tuple[list[StepTask], Job | None] | None]:
+        """Commit the step; when this attempt won, record it in the job record and prepare what follows.
+        Returns the tasks to enqueue and the record (None: the step was committed by another attempt).
 
-        The commit's name (its checkpoint) is flushed with the job record's data instead of on its own:
-        the record is written after the commit point still, and every name is on the disk before the step
-        hands on."""
-        with self.store.backend.names_flushed_late():
-            if not self._commit(end, lines, token):
-                return None
-            self.remember(end)
-            return self._finish_step(setting, end)
-
-    def _commit(self, end: Checkpoint, lines: list[str], token: str) -> bool:
-        """Write the step: events and messages under this attempt's token, then the create-only checkpoint.
-        False: the step was committed by another attempt (looked for first, so a late attempt writes
-        nothing at all in the common case)."""
+        As one sequence of steps (`Steps`): the commit's name (its checkpoint) waits for the job record's
+        data flush instead of having one of its own; the record is still written after the commit point,
+        and every name is on the disk before the step hands on."""
+        # looked for first, so a late attempt writes nothing at all in the common case
         if self.store.checkpoint_exists(end.job_id, end.id):
-            return False
-        return self.store.commit_checkpoint(end, token, lines)
+            return None
+        if not (yield from self.store.commit_checkpoint_steps(end, token, lines)):
+            return None
+        self.remember(end)
+        job = yield from self._record(setting, end)
+        if end.status == "proceeding":  # the next step: a read
+            return self.hand_on.next_step(end.job_id, end.run_id, end.step_number + 1), job
+        # delegates, a parent's resumption: writes of their own (run settings, starting points)
+        tasks = yield Offload(functools.partial(self.hand_on.follow_ups, setting, end))
+        return tasks, job
 
     async def _adopt(self, setting: RunSetting, done: Checkpoint) -> Checkpoint:
         """Hand the job on from a step that is committed already (a re-run, or a lost commit race)."""
@@ -275,7 +291,7 @@ class Runtime:
         # the attempt that finished the step may have died before the job record: catch it up, unless what
         # follows the step has run already (then the record is past this step, or moved on)
         if tasks or done.status != "proceeding":
-            await self.io(self._record, setting, done, catch_up=True)
+            await self.run(self._record(setting, done, catch_up=True))
         if await self.queue.hand_over(HandOver(done.job_id, setting.epoch, tasks=tasks)):
             await self.io(self._settle_cancel, setting)
         return done
@@ -297,14 +313,9 @@ class Runtime:
             update={"id": checkpoint_id(task.run_id, task.step_number), "step_number": task.step_number}
         )
 
-    def _finish_step(self, setting: RunSetting, end: Checkpoint) -> tuple[list[StepTask], Job | None]:
-        """After the commit: the job record, then what follows. Returns the tasks and the record."""
-        job = self._record(setting, end)
-        return self.hand_on.follow_ups(setting, end), job
-
     # --- the job record -----------------------------------------------------------------------------
 
-    def _record(self, setting: RunSetting, end: Checkpoint, *, catch_up: bool = False) -> Job | None:
+    def _record(self, setting: RunSetting, end: Checkpoint, *, catch_up: bool = False) -> Steps[Job | None]:
         """Record a step's end in the job record (the rules are shared/job_record.py's).
 
         A step that only moves a running job on rewrites the record at most every `record_interval_s`;
@@ -327,7 +338,7 @@ class Runtime:
                 now=now_ms(),
             )
 
-        job = self.store.update_job(end.job_id, change)
+        job = yield from self.store.update_job_steps(end.job_id, change)
         if job is None:
             raise LookupError(f"job {end.job_id} has no job record")
         if job.status == "running":

@@ -7,13 +7,52 @@ store that uses it.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
+
+T = TypeVar("T")
 
 
 class StoreError(Exception):
     """A file of the store that is missing or damaged; the message names it."""
+
+
+@dataclass(frozen=True)
+class Flush:
+    """A point in a write's steps where what it wrote must be on the disk before it goes on: the data
+    written to `fds`, and the names made in `folders`. `late`: the names may wait for the next flush of any
+    data, or the steps' end, whichever comes first (one flush serves both)."""
+
+    fds: tuple[int, ...] = ()
+    folders: frozenset[str] = field(default_factory=frozenset)
+    late: bool = False
+
+
+@dataclass(frozen=True)
+class Offload(Generic[T]):
+    """Work inside a write's steps that blocks (it writes and flushes on its own): run elsewhere than an
+    event loop, after the names waiting so far are on the disk; the steps get its result back."""
+
+    work: Callable[[], T]
+
+
+class LockBusy:
+    """The lock a write's steps wait for is held: try again shortly."""
+
+
+LOCK_BUSY = LockBusy()
+
+# A write as a generator of the points where it waits (flushes, a busy lock, blocking work), returning its
+# result: the same steps run on a thread (`Backend.run`, which waits in place) or on an event loop (the
+# local store's `run_async`, where the waits are awaited and a flush is shared by every step that asked).
+Steps = Generator[Flush | Offload[Any] | LockBusy, Any, T]
+
+
+def no_steps(value: T) -> Steps[T]:
+    """Steps that wait on nothing: a write that was done (durably) before it returns `value`."""
+    return value
+    yield  # a generator all the same
 
 
 class Backend(Protocol):
@@ -31,9 +70,15 @@ class Backend(Protocol):
     def append(self, key: str, data: bytes, order: int = 0) -> None: ...
     # the appends, all durable, then `create` of the commit file: one flush for all of them where it can
     def commit(self, appends: list[Append], key: str, data: bytes) -> bool: ...
-    # within the block, this thread's writes may leave their names' flush to the next flush of any file's
-    # data or to the block's end, whichever comes first: every name is durable when the block ends
-    def names_flushed_late(self) -> AbstractContextManager[None]: ...
+    # as steps (`Steps`), where a composed write lets one flush serve two writes: `commit`; `write` of a
+    # file rewritten often while its lock is held (the job record); the lock itself (None where the
+    # store has none) and its release
+    def commit_steps(self, appends: list[Append], key: str, data: bytes) -> Steps[bool]: ...
+    def rewrite_steps(self, key: str, data: bytes) -> Steps[None]: ...
+    def removal_steps(self, key: str) -> Steps[None]: ...  # delete_tree, after every name made before it
+    def lock_steps(self, key: str) -> Steps[Any]: ...
+    def unlock(self, lock: Any) -> None: ...
+    def run(self, steps: Steps[T]) -> T: ...  # run steps on this thread, waiting where they wait
     def list(self, prefix: str) -> list[str]: ...  # names directly under prefix
     def delete_tree(self, prefix: str) -> None: ...
     def describe(self, key: str) -> str: ...  # how to name the file to a person

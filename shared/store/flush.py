@@ -10,11 +10,13 @@ each file is flushed on its own, as callers pass them.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import os
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 
@@ -84,3 +86,46 @@ class GroupFlush:
                 raise OSError(err, f"syncfs: {os.strerror(err)}")
         finally:
             os.close(fd)
+
+
+class LoopFlush:
+    """`GroupFlush` for the steps of one event loop: a step awaits a flush; one flush, run on one thread of
+    its own, serves every step that asked before it started, and the steps that ask while it runs share the
+    next. The loop never waits, and no thread but the flusher's takes part: a worker's steps write on the
+    loop, where a thread per waiting step would pass the GIL back and forth at each of their writes."""
+
+    def __init__(self, group: GroupFlush) -> None:
+        self._group = group
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="perq-flush")
+        self._asking: list[asyncio.Future[None]] = []  # steps waiting for the next flush to start
+        self._running = False
+
+    async def flush(self) -> None:
+        """Return once everything written before the call is on the disk."""
+        asked = asyncio.get_running_loop().create_future()
+        self._asking.append(asked)
+        if not self._running:
+            self._start()
+        await asked
+
+    def _start(self) -> None:
+        self._running = True
+        covered, self._asking = self._asking, []
+        running = asyncio.get_running_loop().run_in_executor(self._thread, self._group.flush)
+        running.add_done_callback(lambda done: self._finished(covered, done))
+
+    def _finished(self, covered: list[asyncio.Future[None]], done: asyncio.Future[None]) -> None:
+        self._running = False
+        error = done.exception() if not done.cancelled() else asyncio.CancelledError()
+        for asked in covered:
+            if asked.done():  # its step was cancelled meanwhile
+                continue
+            if error is None:
+                asked.set_result(None)
+            else:  # a failed flush covers nobody: each of its steps fails (and is run again)
+                asked.set_exception(error)
+        if self._asking:
+            self._start()
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=False)

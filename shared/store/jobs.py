@@ -57,7 +57,7 @@ from shared.models import (
     misfit,
     read_event,
 )
-from shared.store.backend import Append, Backend, StoreError
+from shared.store.backend import Append, Backend, Steps, StoreError
 from shared.store.local import LocalBackend
 
 T = TypeVar("T", Job, Checkpoint, RunSetting)
@@ -183,17 +183,24 @@ class JobStore:
     # --- jobs ---------------------------------------------------------------------------------------
 
     def save_job(self, job: Job, *, new: bool = False) -> None:
+        """Write a new job record (`new`), or its next version (as `update_job` does, under its lock)."""
+        self.backend.run(self.save_job_steps(job, new=new))
+
+    def save_job_steps(self, job: Job, *, new: bool = False) -> Steps[None]:
         data = job.model_dump_json(by_alias=True, indent=2, exclude_none=True).encode()
-        self.backend.write(f"{self._job(job.id)}/job.json", data)
+        key = f"{self._job(job.id)}/job.json"
         if new:
+            self.backend.write(key, data)
             self.backend.write(f"index/{_INDEX_BASE - job.started_at:013d}-{job.id}", b"")
+        else:
+            yield from self.backend.rewrite_steps(key, data)
         # a submission saves the job queued, its steps running, its end a final status: the marker of an
         # unfinished job is written at the first and dropped at the last, never touched by a step's write.
         # A cancelled job keeps it until reconciliation has seen its last step end (`settle_unfinished`).
         if job.status == "queued":
             self.backend.write(f"unfinished/{job.id}", b"")
         elif job.status in FINAL_JOB_STATUSES and job.status != "cancelled":
-            self.backend.delete_tree(f"unfinished/{job.id}")
+            yield from self.backend.removal_steps(f"unfinished/{job.id}")
 
     def update_job(self, job_id: str, change: Callable[[Job], Job | None]) -> Job | None:
         """Read, change and write the job record as one step against other writers on this machine.
@@ -202,11 +209,12 @@ class JobStore:
         afterwards (None for a job without a record). On S3 the read and write are not isolated from
         another machine's; the rules in shared/job_record.py keep a late writer from moving a job back.
         """
+        return self.backend.run(self.update_job_steps(job_id, change))
+
+    def update_job_steps(self, job_id: str, change: Callable[[Job], Job | None]) -> Steps[Job | None]:
         key = f"{self._job(job_id)}/job.json"
-        lock = (
-            self.backend.locked(key) if isinstance(self.backend, LocalBackend) else contextlib.nullcontext()
-        )
-        with lock:
+        lock = yield from self.backend.lock_steps(key)
+        try:
             data = self.backend.read(key)
             if data is None:
                 return None
@@ -215,8 +223,10 @@ class JobStore:
             changed = change(self._parse(key, data, Job))
             if changed is None:
                 return job
-            self.save_job(changed)
+            yield from self.save_job_steps(changed)
             return changed
+        finally:
+            self.backend.unlock(lock)
 
     def load_job(self, job_id: str) -> Job | None:
         return self._load(f"{self._job(job_id)}/job.json", Job)
@@ -329,6 +339,12 @@ class JobStore:
         appended under the attempt's `token`, then the checkpoint is created unless it exists. False when
         another attempt of the step committed first (this one must then discard its result and adopt the
         winner's; readers never see what it appended)."""
+        return self.backend.run(self.commit_checkpoint_steps(checkpoint, token, event_lines))
+
+    def commit_checkpoint_steps(
+        self, checkpoint: Checkpoint, token: str, event_lines: Sequence[str] = ()
+    ) -> Steps[bool]:
+        """`commit_checkpoint` as steps, to compose with the writes that follow it (the job record)."""
         checkpoint.commit = token
         appends: list[Append] = []
         if event_lines:
@@ -338,7 +354,11 @@ class JobStore:
                 )
             )
         data = self._stored_form(checkpoint, token, appends)
-        return self.backend.commit(appends, self._checkpoint(checkpoint.job_id, checkpoint.id), data)
+        return (
+            yield from self.backend.commit_steps(
+                appends, self._checkpoint(checkpoint.job_id, checkpoint.id), data
+            )
+        )
 
     def save_checkpoint(self, checkpoint: Checkpoint) -> None:
         """Write a checkpoint whatever is there (tools, tests; a step commits with `commit_checkpoint`)."""

@@ -3,17 +3,42 @@ before the name that publishes it (flushes grouped by `flush.py`), and the job r
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import ctypes
+import ctypes.util
+import errno
 import fcntl
 import os
 import shutil
-import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from pathlib import Path
+from typing import Any, TypeVar, cast
 
 from shared.randomness import random_token
-from shared.store.backend import Append
-from shared.store.flush import GroupFlush
+from shared.store.backend import LOCK_BUSY, Append, Flush, Offload, Steps
+from shared.store.flush import GroupFlush, LoopFlush
+
+T = TypeVar("T")
+# how long a write waits before it tries a busy lock again (the job record's: held for one update)
+_LOCK_RETRY_S = 0.002
+
+
+def _renameat2() -> Callable[[int, bytes, int, bytes, int], int] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        renameat2: Callable[[int, bytes, int, bytes, int], int] = libc.renameat2
+    except (OSError, AttributeError, TypeError):  # not Linux, or a libc older than glibc 2.28
+        return None
+    return renameat2
+
+
+_RENAMEAT2 = _renameat2()
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+_NO_EXCHANGE = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
 
 # a temporary file's name is made at once and created exclusively (tempfile.mkstemp's way, without its
 # per-call set-up); names taken already are tried this often
@@ -33,7 +58,6 @@ class LocalBackend:
         self.blocking = fsync  # a flush takes milliseconds: worth a thread while other steps go on
         self.blocking_reads = False
         self._flush = GroupFlush(root)
-        self._late = threading.local()  # `names_flushed_late`: the folders whose names wait, per thread
 
     def _path(self, key: str) -> str:
         return f"{self._root}/{key}" if key else self._root  # "": the store's own folder, as pathlib says
@@ -61,60 +85,90 @@ class LocalBackend:
         finally:
             os.close(fd)
 
-    # --- durability -----------------------------------------------------------------------------------
+    # --- running steps ----------------------------------------------------------------------------------
 
-    def _flush_files(self, fds: list[int]) -> None:
-        """What was written to these open files is on the disk when this returns, and so is every name
-        this thread left waiting (`names_flushed_late`)."""
-        if not self.fsync:
-            return
-        if not self._flush.grouped:  # no syncfs to cover the waiting names: their folders are flushed first
-            self._flush_waiting()
-        self._flush.flush(fds)
-        waiting: set[str] | None = getattr(self._late, "folders", None)
-        if waiting:  # one syncfs of the whole file system covered them
-            waiting.clear()
-
-    @contextlib.contextmanager
-    def names_flushed_late(self) -> Iterator[None]:
-        """Within the block, this thread's names wait for the next flush of any file's data (one syncfs
-        serves both) or the block's end. A name still reaches the disk before any later write's name: every
-        create, replace or append flushes its data, and with it the waiting names, before it names a file."""
-        if getattr(self._late, "folders", None) is not None:  # nested: the outer block flushes
-            yield
-            return
-        self._late.folders = set()
+    def run(self, steps: Steps[T]) -> T:
+        """Run a write's steps on this thread: each flush done in place, names asked `late` made durable
+        with the next flush of data, before blocking work, or at the end."""
+        waiting: set[str] = set()
+        reply: Any = None
         try:
-            yield
+            while True:
+                request = steps.send(reply)
+                reply = None
+                if isinstance(request, Flush):
+                    if request.late:
+                        waiting |= request.folders
+                    else:
+                        self._flush_now(request.fds, waiting | request.folders)
+                        waiting.clear()
+                elif isinstance(request, Offload):
+                    self._flush_now((), waiting)
+                    waiting.clear()
+                    reply = request.work()
+                else:
+                    time.sleep(_LOCK_RETRY_S)
+        except StopIteration as done:
+            self._flush_now((), waiting)
+            return cast(T, done.value)
         finally:
-            waiting, self._late.folders = self._late.folders, None
-            self._flush_names(waiting, now=True)
+            steps.close()  # stopped at a wait (a failed flush): the steps' files and lock are let go
 
-    def _flush_waiting(self) -> None:
-        """The names this thread left waiting (`names_flushed_late`) are on the disk when this returns."""
-        waiting: set[str] | None = getattr(self._late, "folders", None)
-        if waiting:
-            self._flush_names(waiting, now=True)
-            waiting.clear()
+    async def run_async(self, steps: Steps[T], flusher: LoopFlush, offload: Executor | None) -> T:
+        """Run a write's steps on an event loop: the writes inline, each flush awaited and shared with every
+        step that asked meanwhile (one syncfs on `flusher`'s thread), blocking work on `offload`. Only where
+        one syncfs flushes everything (`flushes_shared`): a flush there needs no list of what to flush."""
+        assert self.flushes_shared
+        loop = asyncio.get_running_loop()
+        waiting = False
+        reply: Any = None
+        try:
+            while True:
+                request = steps.send(reply)
+                reply = None
+                if isinstance(request, Flush):
+                    if request.late:
+                        waiting = waiting or bool(request.folders)
+                    elif waiting or request.fds or request.folders:
+                        await flusher.flush()
+                        waiting = False
+                elif isinstance(request, Offload):
+                    if waiting:
+                        await flusher.flush()
+                        waiting = False
+                    reply = await loop.run_in_executor(offload, request.work)
+                else:
+                    await asyncio.sleep(_LOCK_RETRY_S)
+        except StopIteration as done:
+            if waiting:
+                await flusher.flush()
+            return cast(T, done.value)
+        finally:
+            steps.close()  # a step cancelled at a wait: its lock is let go (the generator's finally)
 
-    def _flush_names(self, folders: set[str], *, now: bool = False) -> None:
-        """The names created or renamed in these folders are on the disk when this returns, or, in a
-        `names_flushed_late` block (unless `now`), once the next flush or the block's end comes."""
-        if not self.fsync or not folders:
+    @property
+    def flushes_shared(self) -> bool:
+        """Whether one flush of the file system covers every write (syncfs): steps can share flushes."""
+        return self.fsync and self._flush.grouped
+
+    @property
+    def flush_group(self) -> GroupFlush:
+        return self._flush
+
+    def _flush_now(self, fds: Sequence[int], folders: set[str] | frozenset[str]) -> None:
+        """What was written to `fds` and the names made in `folders` are on the disk when this returns."""
+        if not self.fsync or not (fds or folders):
             return
-        waiting: set[str] | None = getattr(self._late, "folders", None)
-        if waiting is not None and not now:
-            waiting.update(folders)
-            return
-        if self._flush.grouped:
+        if self._flush.grouped:  # one syncfs covers all of it
             self._flush.flush()
             return
-        for folder in folders:
+        for folder in folders:  # names that waited first: they were made before this data was written
             fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+        self._flush.flush(fds)
 
     @staticmethod
     def _parent(path: str, made: set[str]) -> None:
@@ -168,11 +222,13 @@ class LocalBackend:
             raise
         return fd
 
-    def _publish(self, fds: list[int], tmp: str, path: str, made: set[str], *, exclusive: bool) -> bool:
+    def _publish(
+        self, fds: list[int], tmp: str, path: str, made: set[str], *, exclusive: bool
+    ) -> Steps[bool]:
         """Flush the written files (and close them), then give the temporary file its name (only if the
-        name is free when `exclusive`), then flush the name."""
+        name is free when `exclusive`); the name is flushed late."""
         try:
-            self._flush_files(fds)
+            yield Flush(fds=tuple(fds))
         finally:
             for fd in fds:
                 os.close(fd)
@@ -189,29 +245,31 @@ class LocalBackend:
             if not renamed:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
-        self._flush_names({os.path.dirname(path), *made})
+        yield Flush(folders=frozenset((os.path.dirname(path), *made)), late=True)
         return True
 
     def write(self, key: str, data: bytes) -> None:
         path, made = self._path(key), set[str]()
         fd, tmp = self._temp(path, data, made)
-        self._publish([fd], tmp, path, made, exclusive=False)
+        self.run(self._publish([fd], tmp, path, made, exclusive=False))
 
     def create(self, key: str, data: bytes) -> bool:
         path, made = self._path(key), set[str]()
         fd, tmp = self._temp(path, data, made)
-        return self._publish([fd], tmp, path, made, exclusive=True)
+        return self.run(self._publish([fd], tmp, path, made, exclusive=True))
 
     def append(self, key: str, data: bytes, order: int = 0) -> None:
         made = set[str]()
         fd = self._append_open(key, data, made)
         try:
-            self._flush_files([fd])
+            self._flush_now((fd,), made)
         finally:
             os.close(fd)
-        self._flush_names(made)
 
     def commit(self, appends: list[Append], key: str, data: bytes) -> bool:
+        return self.run(self.commit_steps(appends, key, data))
+
+    def commit_steps(self, appends: list[Append], key: str, data: bytes) -> Steps[bool]:
         """The appends and the commit file written first and flushed together, then the file's name."""
         path, made = self._path(key), set[str]()
         fds: list[int] = []
@@ -223,7 +281,55 @@ class LocalBackend:
             for opened in fds:
                 os.close(opened)
             raise
-        return self._publish([*fds, fd], tmp, path, made, exclusive=True)
+        return (yield from self._publish([*fds, fd], tmp, path, made, exclusive=True))
+
+    def rewrite_steps(self, key: str, data: bytes) -> Steps[None]:
+        """`write`, for a file rewritten often under its lock (`lock_steps`): the new content goes into a
+        spare file beside it, which then swaps names with it; the old file is the next rewrite's spare.
+
+        Why: a replace frees the old file's inode, and ext4 without a journal skips every inode freed in
+        the last minutes, one by one, at each file it creates: a job record rewritten every second per job
+        made file creation a worker's largest kernel cost (bench: concurrency). The spare is never freed.
+        Durability is `write`'s: the spare's data is flushed before the swap, and the swap before the
+        steps end (so before the lock is let go): the next writer, in any process, only ever overwrites
+        a file that no name reaches."""
+        if _RENAMEAT2 is None:
+            path, made = self._path(key), set[str]()
+            fd, tmp = self._temp(path, data, made)
+            yield from self._publish([fd], tmp, path, made, exclusive=False)
+            yield Flush()
+            return
+        path, made = self._path(key), set[str]()
+        folder, name = os.path.split(path)
+        spare = f"{folder}/.{name}.spare"
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+        try:
+            fd = os.open(spare, flags, 0o600)
+        except FileNotFoundError:
+            self._parent(path, made)
+            fd = os.open(spare, flags, 0o600)
+        try:
+            _write_all(fd, data)
+            os.ftruncate(fd, len(data))  # after the write: the old content is never cut to nothing first
+            yield Flush(fds=(fd,), folders=frozenset(made))
+        finally:
+            os.close(fd)
+        try:
+            _exchange(spare, path)
+        except FileNotFoundError:  # the first write of the file: the spare takes its name
+            os.rename(spare, path)
+        except OSError as e:
+            if e.errno not in _NO_EXCHANGE:
+                raise
+            os.replace(spare, path)  # a file system without the swap (some network ones): as `write`
+        yield Flush(folders=frozenset((folder,)))
+
+    def removal_steps(self, key: str) -> Steps[None]:
+        # a removal may reach the disk before names made earlier (another process's flush of the folder
+        # makes it durable): the names waiting go first, or a power loss could keep the removal (an
+        # unfinished marker) and lose what it follows (the final job record)
+        yield Flush()
+        self.delete_tree(key)
 
     def list(self, prefix: str) -> list[str]:
         try:
@@ -232,10 +338,6 @@ class LocalBackend:
             return []
 
     def delete_tree(self, prefix: str) -> None:
-        # a removal may reach the disk before names made earlier (another process's flush of the folder
-        # makes it durable): the names this thread left waiting go first, or a power loss could keep the
-        # removal (an unfinished marker) and lose what it follows (the final job record)
-        self._flush_waiting()
         path = self._path(prefix)
         try:
             os.unlink(path)  # most often one marker file: one call, with no look at what it is first
@@ -246,21 +348,30 @@ class LocalBackend:
                 raise
             shutil.rmtree(path, ignore_errors=True)
 
-    @contextlib.contextmanager
-    def locked(self, key: str) -> Iterator[None]:
-        """Hold an exclusive lock named by `key` (a dot file beside it) across processes of this machine."""
+    def lock_steps(self, key: str) -> Steps[int]:
+        """An exclusive lock named by `key` (a dot file beside it) across threads, steps and processes of
+        this machine; waited for by trying again (`LOCK_BUSY`), so a step on an event loop never blocks it.
+        Returns the lock to give to `unlock`."""
         folder, name = os.path.split(self._path(key))
         lock = f"{folder}/.{name}.lock"
         try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except FileNotFoundError:
             os.makedirs(folder, exist_ok=True)
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return fd
+                except BlockingIOError:
+                    yield LOCK_BUSY
+        except BaseException:
             os.close(fd)
+            raise
+
+    def unlock(self, lock: int) -> None:
+        os.close(lock)  # closing the file lets its lock go
 
 
 def _create_temp(folder: str, name: str) -> tuple[int, str]:
@@ -272,6 +383,15 @@ def _create_temp(folder: str, name: str) -> tuple[int, str]:
         except FileExistsError:
             continue
     raise FileExistsError(f"no free temporary name for {name} in {folder}")
+
+
+def _exchange(a: str, b: str) -> None:
+    """Swap the files named `a` and `b` in one step (renameat2's RENAME_EXCHANGE): each name names one
+    whole file throughout. FileNotFoundError when either is missing."""
+    assert _RENAMEAT2 is not None
+    if _RENAMEAT2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), a, None, b)  # ENOENT comes out as FileNotFoundError
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -25,12 +25,16 @@ from __future__ import annotations
 import contextlib
 import secrets
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from tenacity import retry, retry_if_exception_type, stop_after_attempt
 
+from shared.store.backend import Offload, Steps, no_steps
+
 if TYPE_CHECKING:
     from shared.store.backend import Append
+
+T = TypeVar("T")
 
 LOG_SUFFIX = ".jsonl"
 PARTS_SUFFIX = ".parts"
@@ -48,9 +52,6 @@ class S3Backend:
 
     blocking = True
     blocking_reads = True
-
-    def names_flushed_late(self) -> contextlib.nullcontext[None]:
-        return contextlib.nullcontext()  # a PUT is durable when it returns: nothing is left to flush
 
     def __init__(self, bucket: str, prefix: str = "", fs: Any = None) -> None:
         self.bucket = bucket
@@ -114,6 +115,35 @@ class S3Backend:
             self.fs.pipe_file(self._path(key), data)
             return
         raise ValueError(f"cannot rewrite {self.describe(key)}: the store's logs are append-only")
+
+    # --- as steps: a PUT is durable when it returns, so nothing waits (no flush, no lock) ----------------
+
+    def commit_steps(self, appends: list[Append], key: str, data: bytes) -> Steps[bool]:
+        return no_steps(self.commit(appends, key, data))
+
+    def rewrite_steps(self, key: str, data: bytes) -> Steps[None]:
+        self.write(key, data)
+        return no_steps(None)
+
+    def removal_steps(self, key: str) -> Steps[None]:
+        self.delete_tree(key)
+        return no_steps(None)
+
+    def lock_steps(self, key: str) -> Steps[None]:
+        # no lock across machines: the rules of shared/job_record.py keep a late writer from moving a job back
+        return no_steps(None)
+
+    def unlock(self, lock: None) -> None:
+        pass
+
+    def run(self, steps: Steps[T]) -> T:
+        reply: Any = None
+        try:
+            while True:
+                request = steps.send(reply)
+                reply = request.work() if isinstance(request, Offload) else None
+        except StopIteration as done:
+            return cast(T, done.value)
 
     def create(self, key: str, data: bytes) -> bool:
         """A conditional PUT (`If-None-Match: *`): S3 lets exactly one of two writers of a new name win."""
