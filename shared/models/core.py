@@ -66,7 +66,9 @@ SafeId = Annotated[str, Field(pattern=_ID_RE.pattern)]
 
 
 def now_ms() -> int:
-    return int(time.time() * 1000)
+    # rounded as arq rounds its scores: a truncated "now" saw a step arq enqueued within the same
+    # millisecond as not yet due (the poll skipped it, the pick-up refused it)
+    return round(time.time() * 1000)
 
 
 # --- usage --------------------------------------------------------------------------------------------------
