@@ -22,6 +22,10 @@ from worker.queue.steps import RedisStepQueue
 from worker.step_queue import HandOver
 
 
+async def _ignore(_arq_ids: list[str]) -> None:
+    pass
+
+
 def _task(job: str, step: int = 2) -> StepTask:
     return StepTask(job_id=job, run_id="r1", step_number=step)
 
@@ -29,7 +33,11 @@ def _task(job: str, step: int = 2) -> StepTask:
 async def test_hand_over_to_a_redis_that_forgot_the_script_enqueues_once(redis: ArqRedis) -> None:
     queue, job = f"perq:test:scripts:{time.monotonic_ns()}", f"j{time.monotonic_ns()}"
     woken: list[str] = []
-    steps = RedisStepQueue(redis, queue, woken.extend)
+
+    async def wake(arq_ids: list[str]) -> None:
+        woken.extend(arq_ids)
+
+    steps = RedisStepQueue(redis, queue, wake)
     await redis.script_flush()
     handed = HandOver(job, epoch=1, event_lines=['{"type":"x"}'], tasks=[_task(job)])
     assert await steps.hand_over(handed) is False
@@ -50,7 +58,7 @@ async def test_hand_over_to_a_redis_that_forgot_the_script_enqueues_once(redis: 
 async def test_hand_over_refuses_a_cancelled_job(redis: ArqRedis) -> None:
     queue, job = f"perq:test:scripts:{time.monotonic_ns()}", f"j{time.monotonic_ns()}"
     await redis.set(cancel_key(job), "5")
-    steps = RedisStepQueue(redis, queue, lambda _ids: None)
+    steps = RedisStepQueue(redis, queue, _ignore)
     assert await steps.hand_over(HandOver(job, epoch=5, tasks=[_task(job)])) is True
     assert await redis.zcard(queue) == 0
     # a cancel before the submission the step descends from stops nothing

@@ -15,7 +15,7 @@ The worker says which step runs through `FINISHING`, a context variable set in t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from typing import Any
 
@@ -60,10 +60,10 @@ FINISHING: ContextVar[Finish | None] = ContextVar("perq_finishing", default=None
 
 
 class RedisStepQueue:
-    def __init__(self, redis: Any, queue_name: str, enqueued: Callable[[list[str]], None]) -> None:
+    def __init__(self, redis: Any, queue_name: str, enqueued: Callable[[list[str]], Awaitable[None]]) -> None:
         self.redis = redis
         self.queue_name = queue_name
-        self.enqueued = enqueued  # tells this worker's poll loop, which takes the steps at once
+        self.enqueued = enqueued  # tells this worker, which takes the steps at once
 
     async def is_cancelled(self, job_id: str, epoch: int) -> bool:
         """Whether `perq cancel` came after the submission this run descends from."""
@@ -102,7 +102,7 @@ class RedisStepQueue:
             replies = await pipe.execute(raise_on_error=False)
         replies = await ENQUEUE.settle(self.redis, replies, calls)
         if tasks:
-            self.enqueued([step_job_id(t) for t in tasks])
+            await self.enqueued([step_job_id(t) for t in tasks])
         refused = any(replies[c.position] == REFUSED_CANCELLED for c in calls)
         if finish is not None:
             finish.done = not tasks or replies[calls[-1].position] != REFUSED_CANCELLED

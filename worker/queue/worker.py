@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import gc
 import logging
@@ -118,6 +119,15 @@ class Wake:
     def __init__(self) -> None:
         self.event = asyncio.Event()
         self.fresh: list[str] = []  # arq ids
+        # takes steps in the caller's task, returning those it did not take (the worker's `_take_handed`)
+        self.take_now: Callable[[list[str]], Awaitable[list[str]]] | None = None
+
+    async def handed(self, arq_ids: list[str]) -> None:
+        """Steps a step of this worker just handed on: taken at once where they can be, the rest left to
+        the loop."""
+        left = arq_ids if self.take_now is None else await self.take_now(arq_ids)
+        if left:
+            self(left)
 
     def __call__(self, arq_ids: list[str]) -> None:
         self.fresh.extend(arq_ids)
@@ -143,6 +153,7 @@ class PerqWorker(Worker):
         self.concurrency = settings.worker.concurrency
         self.read_limit = max(5 * settings.worker.concurrency, 100)  # ids read per poll, as arq reads them
         self.lease_owner = new_worker_id()  # the value of this worker's in-progress keys: whose lease it is
+        wake.take_now = self._take_handed
         super().__init__(
             functions=[func(step, name=STEP_TASK, timeout=ARQ_STEP_TIMEOUT_S, max_tries=MAX_TRIES)],
             queue_name=settings.redis.queue,
@@ -216,12 +227,28 @@ class PerqWorker(Worker):
             await self._take([arq_id.decode() for arq_id in due])
         await self.record_health()
 
-    async def _take(self, arq_ids: list[str]) -> None:
-        """Take what the pick-up script gives of these steps, up to the room left, and run each with arq."""
-        room = self.concurrency - len(self.tasks)
+    async def _take_handed(self, arq_ids: list[str]) -> list[str]:
+        """The steps that a running step just handed on (its job's next step, most often), taken in that
+        step's own task with its room counted free, as it is about to end. Why not through the poll loop:
+        on a busy worker the loop waits its turn behind every other step at each of its round trips, so
+        next steps started in batches, late, and every job kept the pace of the slowest (bench:
+        concurrency). Returns those not taken (no room, shutting down, Redis lost): the loop tries them."""
+        if not self.allow_pick_jobs:
+            return arq_ids
+        try:
+            taken = await self._take(arq_ids, freeing=1)
+        except REDIS_DOWN as e:
+            log.warning("taking handed-on steps failed (%s); the poll loop takes them", e)
+            return arq_ids
+        return [i for i in arq_ids if i not in taken]
+
+    async def _take(self, arq_ids: list[str], *, freeing: int = 0) -> list[str]:
+        """Take what the pick-up script gives of these steps, up to the room left (`freeing`: running steps
+        about to end), and run each with arq. Returns the ids taken."""
+        room = self.concurrency - len(self.tasks) + freeing
         candidates = [i for i in arq_ids if i not in self.tasks]
         if room <= 0 or not candidates:
-            return
+            return []
         picked = await pick_up(
             self.redis,
             self.settings.redis.queue,
@@ -231,9 +258,11 @@ class PerqWorker(Worker):
             owner=self.lease_owner,
         )
         for p in picked:
-            task = asyncio.create_task(self._run(p))
+            # a context of its own: a step taken in another step's task must not see that step's variables
+            task = asyncio.create_task(self._run(p), context=contextvars.Context())
             self.tasks[p.arq_id] = task
             task.add_done_callback(functools.partial(self._finished, p.arq_id))
+        return [p.arq_id for p in picked]
 
     async def _run(self, picked: Picked) -> None:
         """Run one taken step as arq's `run_job` would, its outcome recorded as arq's `finish_job` records
@@ -354,7 +383,7 @@ async def serve(
         except REDIS_DOWN as e:
             await opening.wait(e)
     wake = Wake()
-    runtime = runtime_for(RedisStepQueue(redis, settings.redis.queue, wake))
+    runtime = runtime_for(RedisStepQueue(redis, settings.redis.queue, wake.handed))
     try:
         worker = PerqWorker(settings, redis, runtime, wake, burst=burst)
         # what start-up made (modules, the skill pool) lives as long as the process: keep it out of the
