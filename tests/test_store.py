@@ -502,13 +502,13 @@ def _commit_then_record(store: JobStore, composed: bool, status: str = "running"
 
     def steps() -> Steps[None]:
         assert (yield from store.commit_checkpoint_steps(cp, "t1", lines))
-        yield from store.save_job_steps(record)
+        yield from store.update_job_steps("j1", lambda _job: record)
 
     if composed:
         store.backend.run(steps())
     else:
         assert store.commit_checkpoint(cp, "t1", lines)
-        store.save_job(record)
+        store.update_job("j1", lambda _job: record)
 
 
 def _record_names(monkeypatch: pytest.MonkeyPatch, done: list[str]) -> None:
@@ -535,8 +535,10 @@ def test_a_commit_name_waits_for_the_records_data_flush(
     monkeypatch.setattr(flush.GroupFlush, "_syncfs", lambda self: done.append("flush"))
     _record_names(monkeypatch, done)
     for composed in (False, True):
+        store = JobStore.open(str(tmp_path / f"composed-{composed}"))
+        store.save_job(job("j1", status="queued"), new=True)
         done.clear()
-        _commit_then_record(JobStore.open(str(tmp_path / f"composed-{composed}")), composed)
+        _commit_then_record(store, composed)
         if composed:
             assert done == ["flush", "link", "flush", "name", "flush"]
         else:
@@ -557,8 +559,9 @@ def test_names_that_wait_without_syncfs_flush_their_folders(
         flushed.append(os.readlink(f"/proc/self/fd/{fd}"))
         real_fsync(fd)
 
-    monkeypatch.setattr(os, "fsync", fsync)
     store = JobStore.open(str(tmp_path / "perstack"))
+    store.save_job(job("j1", status="queued"), new=True)
+    monkeypatch.setattr(os, "fsync", fsync)
     _commit_then_record(store, composed=True)
     folder = str(tmp_path / "perstack" / "jobs" / "j1")
     checkpoints = flushed.index(f"{folder}/checkpoints")
@@ -612,6 +615,75 @@ def test_a_record_rewrite_frees_no_inode(tmp_path: Path) -> None:
     assert (record.parent / ".job.json.spare").exists()
     assert ".job.json.spare" not in store.backend.list("jobs/j1")
     assert [j.id for j in store.list_jobs().jobs] == ["j1"]
+
+
+def test_a_spare_is_overwritten_only_once_its_swap_is_on_the_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The spare was the record until the last swap: where no flush is known to have covered that swap (a
+    writer interrupted before its flush, in any process), the names are flushed before the spare changes."""
+    from shared.store import flush, local
+
+    if flush._SYNCFS is None or local._RENAMEAT2 is None:
+        pytest.skip("no syncfs or renameat2 here")
+    store = JobStore.open(str(tmp_path / "perstack"))
+    store.save_job(job("j1", status="queued"), new=True)
+    store.update_job("j1", lambda j: j.model_copy(update={"status": "running"}))  # a spare exists now
+    done: list[str] = []
+    real_write = os.write
+    monkeypatch.setattr(flush.GroupFlush, "_syncfs", lambda self: done.append("flush"))
+    monkeypatch.setattr(os, "write", lambda fd, data: (done.append("write"), real_write(fd, data))[1])
+    for covered in (True, False):
+        monkeypatch.setattr(flush.GroupFlush, "covers", lambda self, ns, c=covered: c)
+        done.clear()
+        store.update_job("j1", lambda j: j.model_copy(update={"total_steps": j.total_steps + 1}))
+        assert done == (["write", "flush", "flush"] if covered else ["flush", "write", "flush", "flush"])
+    final = store.load_job("j1")
+    assert final is not None and final.total_steps == 2
+
+
+def test_a_flush_covers_what_changed_before_it_started(tmp_path: Path) -> None:
+    from shared.store import flush
+
+    group = flush.GroupFlush(tmp_path)
+    if not group.grouped:
+        pytest.skip("no syncfs here")
+    before = time.time_ns() - 10 * flush._STAMP_SLACK_NS
+    assert not group.covers(before)  # no flush yet
+    group.flush()
+    assert group.covers(before)
+    assert not group.covers(time.time_ns())  # after the flush began: not covered
+
+
+def test_a_reader_waits_for_a_rewrite_in_progress_and_reads_past_a_stopped_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """load_job reads under the record's lock, shared: never a spare that a rewrite is changing. A lock
+    held past the wait (a writer stopped by SIGSTOP) is read past rather than hanging the reader."""
+    from shared.store import local
+
+    store = JobStore.open(str(tmp_path / "perstack"))
+    store.save_job(job("j1", status="queued"), new=True)
+    backend = store.backend
+    assert isinstance(backend, LocalBackend)
+    holding = backend.lock_steps("jobs/j1/job.json")
+    lock = backend.run(holding)  # a writer, mid-update
+    read: list[Job | None] = []
+    reader = threading.Thread(target=lambda: read.append(store.load_job("j1")))
+    reader.start()
+    time.sleep(0.2)
+    assert read == []  # waiting for the writer
+    backend.unlock(lock)
+    reader.join(5)
+    assert [j.status for j in read if j is not None] == ["queued"]
+    monkeypatch.setattr(local, "_SHARED_WAIT_S", 0.1)
+    lock = backend.run(backend.lock_steps("jobs/j1/job.json"))
+    try:
+        started = time.monotonic()
+        loaded = store.load_job("j1")
+        assert loaded is not None and time.monotonic() - started < 2
+    finally:
+        backend.unlock(lock)
 
 
 def test_a_rewrite_falls_back_where_names_cannot_be_swapped(

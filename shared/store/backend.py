@@ -64,6 +64,8 @@ class Backend(Protocol):
     blocking_reads: bool
 
     def read(self, key: str) -> bytes | None: ...
+    # read, of a file rewritten under its lock (`rewrite_steps`): never while a rewrite changes it
+    def read_shared(self, key: str) -> bytes | None: ...
     def write(self, key: str, data: bytes) -> None: ...  # atomic and durable: old or new, never torn
     def create(self, key: str, data: bytes) -> bool: ...  # like write, only if absent; False if it exists
     # durable; `order` sorts the pieces of a log on stores that cannot append (the step number)

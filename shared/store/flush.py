@@ -15,6 +15,7 @@ import ctypes
 import ctypes.util
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,6 +31,8 @@ def _syncfs() -> Callable[[int], int] | None:
 
 
 _SYNCFS = _syncfs()
+# how far a file's ctime may trail the clock that stamps flushes (the kernel's coarse clock: one tick)
+_STAMP_SLACK_NS = 50_000_000
 
 
 class GroupFlush:
@@ -41,6 +44,7 @@ class GroupFlush:
         self._asked = 0  # flushes asked for so far
         self._done = 0  # every ask up to this one is on the disk
         self._running = False
+        self._covered_ns = 0  # the wall-clock start of the latest flush done: all before it is on the disk
 
     @property
     def grouped(self) -> bool:
@@ -62,6 +66,7 @@ class GroupFlush:
                     continue
                 self._running = True
                 covered = self._asked  # every ask so far wrote before this flush starts
+                started = time.time_ns()
                 self._cond.release()
                 flushed = False
                 try:
@@ -72,7 +77,14 @@ class GroupFlush:
                     self._running = False
                     if flushed:
                         self._done = max(self._done, covered)
+                        self._covered_ns = max(self._covered_ns, started)
                     self._cond.notify_all()
+
+    def covers(self, changed_ns: int) -> bool:
+        """Whether a change the file system stamped at `changed_ns` (a ctime) is on the disk: a flush of the
+        whole file system (syncfs) begun after it is done, in this process. Stamps come from the kernel's
+        coarse clock, up to a tick behind this one: `_STAMP_SLACK_NS` makes up for it."""
+        return self.grouped and changed_ns + _STAMP_SLACK_NS < self._covered_ns
 
     def _syncfs(self) -> None:
         assert _SYNCFS is not None
@@ -111,7 +123,14 @@ class LoopFlush:
     def _start(self) -> None:
         self._running = True
         covered, self._asking = self._asking, []
-        running = asyncio.get_running_loop().run_in_executor(self._thread, self._group.flush)
+        try:
+            running = asyncio.get_running_loop().run_in_executor(self._thread, self._group.flush)
+        except BaseException as e:  # the flusher is closed (shutdown): its steps fail instead of waiting
+            self._running = False
+            for asked in covered:
+                if not asked.done():
+                    asked.set_exception(e if isinstance(e, Exception) else RuntimeError(str(e)))
+            raise
         running.add_done_callback(lambda done: self._finished(covered, done))
 
     def _finished(self, covered: list[asyncio.Future[None]], done: asyncio.Future[None]) -> None:

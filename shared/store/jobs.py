@@ -32,6 +32,7 @@ the store.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import secrets
 from collections.abc import Callable, Iterator, Sequence
@@ -57,7 +58,7 @@ from shared.models import (
     misfit,
     read_event,
 )
-from shared.store.backend import Append, Backend, Steps, StoreError
+from shared.store.backend import Append, Backend, Offload, Steps, StoreError
 from shared.store.local import LocalBackend
 
 T = TypeVar("T", Job, Checkpoint, RunSetting)
@@ -183,12 +184,20 @@ class JobStore:
     # --- jobs ---------------------------------------------------------------------------------------
 
     def save_job(self, job: Job, *, new: bool = False) -> None:
-        """Write a new job record (`new`), or its next version (as `update_job` does, under its lock)."""
-        self.backend.run(self.save_job_steps(job, new=new))
+        """Write a new job record (`new`), or its next version under the record's lock."""
+        self.backend.run(self._save_job_steps(job, new=True) if new else self._locked_save(job))
 
-    def save_job_steps(self, job: Job, *, new: bool = False) -> Steps[None]:
+    def _locked_save(self, job: Job) -> Steps[None]:
+        lock = yield from self.backend.lock_steps(self._job_key(job.id))
+        try:
+            yield from self._save_job_steps(job)
+        finally:
+            self.backend.unlock(lock)
+
+    def _save_job_steps(self, job: Job, *, new: bool = False) -> Steps[None]:
+        """Write the record: a new one, or (the caller holding its lock) its next version."""
         data = job.model_dump_json(by_alias=True, indent=2, exclude_none=True).encode()
-        key = f"{self._job(job.id)}/job.json"
+        key = self._job_key(job.id)
         if new:
             self.backend.write(key, data)
             self.backend.write(f"index/{_INDEX_BASE - job.started_at:013d}-{job.id}", b"")
@@ -198,9 +207,12 @@ class JobStore:
         # unfinished job is written at the first and dropped at the last, never touched by a step's write.
         # A cancelled job keeps it until reconciliation has seen its last step end (`settle_unfinished`).
         if job.status == "queued":
-            self.backend.write(f"unfinished/{job.id}", b"")
+            yield Offload(functools.partial(self.backend.write, f"unfinished/{job.id}", b""))
         elif job.status in FINAL_JOB_STATUSES and job.status != "cancelled":
             yield from self.backend.removal_steps(f"unfinished/{job.id}")
+
+    def _job_key(self, job_id: str) -> str:
+        return f"{self._job(job_id)}/job.json"
 
     def update_job(self, job_id: str, change: Callable[[Job], Job | None]) -> Job | None:
         """Read, change and write the job record as one step against other writers on this machine.
@@ -212,7 +224,7 @@ class JobStore:
         return self.backend.run(self.update_job_steps(job_id, change))
 
     def update_job_steps(self, job_id: str, change: Callable[[Job], Job | None]) -> Steps[Job | None]:
-        key = f"{self._job(job_id)}/job.json"
+        key = self._job_key(job_id)
         lock = yield from self.backend.lock_steps(key)
         try:
             data = self.backend.read(key)
@@ -223,13 +235,16 @@ class JobStore:
             changed = change(self._parse(key, data, Job))
             if changed is None:
                 return job
-            yield from self.save_job_steps(changed)
+            yield from self._save_job_steps(changed)
             return changed
         finally:
             self.backend.unlock(lock)
 
     def load_job(self, job_id: str) -> Job | None:
-        return self._load(f"{self._job(job_id)}/job.json", Job)
+        key = self._job_key(job_id)
+        # read under the record's lock, shared: a rewrite changes a spare file in place (`rewrite_steps`)
+        data = self.backend.read_shared(key)
+        return None if data is None else self._parse(key, data, Job)
 
     def head_checkpoint_id(self, job: Job) -> str | None:
         """The checkpoint a continuation of `job` resumes: the one its record names, or for a record Perstack

@@ -24,6 +24,8 @@ from shared.store.flush import GroupFlush, LoopFlush
 T = TypeVar("T")
 # how long a write waits before it tries a busy lock again (the job record's: held for one update)
 _LOCK_RETRY_S = 0.002
+# how long a reader waits for a writer's lock before it reads past it (see `read_shared`)
+_SHARED_WAIT_S = 2.0
 
 
 def _renameat2() -> Callable[[int, bytes, int, bytes, int], int] | None:
@@ -290,24 +292,33 @@ class LocalBackend:
         Why: a replace frees the old file's inode, and ext4 without a journal skips every inode freed in
         the last minutes, one by one, at each file it creates: a job record rewritten every second per job
         made file creation a worker's largest kernel cost (bench: concurrency). The spare is never freed.
-        Durability is `write`'s: the spare's data is flushed before the swap, and the swap before the
-        steps end (so before the lock is let go): the next writer, in any process, only ever overwrites
-        a file that no name reaches."""
-        if _RENAMEAT2 is None:
-            path, made = self._path(key), set[str]()
+        Durability is `write`'s: the spare's data is flushed before the swap, the swap before the steps
+        end, and a spare is overwritten only once the swap that made it the spare is on the disk (else a
+        power loss could bring its name back on a torn file). Readers read under the lock (`read_shared`),
+        so none reads a spare while it changes."""
+        path, made = self._path(key), set[str]()
+        if _RENAMEAT2 is None or (self.fsync and not self._flush.grouped):
+            # no swap here, or no flush of the whole file system to tell a swap durable: as `write`
             fd, tmp = self._temp(path, data, made)
             yield from self._publish([fd], tmp, path, made, exclusive=False)
             yield Flush()
             return
-        path, made = self._path(key), set[str]()
         folder, name = os.path.split(path)
         spare = f"{folder}/.{name}.spare"
-        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
         try:
-            fd = os.open(spare, flags, 0o600)
+            fd = os.open(spare, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
-            self._parent(path, made)
-            fd = os.open(spare, flags, 0o600)
+            fd = self._new_spare(path, spare, made)  # a new file: no name ever reached it
+        else:
+            # the spare's ctime is the swap that made it the spare (an interrupted writer, in any process,
+            # may not have flushed it): a flush begun after it covers it, else one is made first
+            swapped = os.fstat(fd).st_ctime_ns
+            if self.fsync and not self._flush.covers(swapped):
+                try:
+                    yield Flush(folders=frozenset((folder,)))
+                except BaseException:
+                    os.close(fd)
+                    raise
         try:
             _write_all(fd, data)
             os.ftruncate(fd, len(data))  # after the write: the old content is never cut to nothing first
@@ -323,6 +334,14 @@ class LocalBackend:
                 raise
             os.replace(spare, path)  # a file system without the swap (some network ones): as `write`
         yield Flush(folders=frozenset((folder,)))
+
+    def _new_spare(self, path: str, spare: str, made: set[str]) -> int:
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            return os.open(spare, flags, 0o600)
+        except FileNotFoundError:  # a new folder
+            self._parent(path, made)
+            return os.open(spare, flags, 0o600)
 
     def removal_steps(self, key: str) -> Steps[None]:
         # a removal may reach the disk before names made earlier (another process's flush of the folder
@@ -352,12 +371,11 @@ class LocalBackend:
         """An exclusive lock named by `key` (a dot file beside it) across threads, steps and processes of
         this machine; waited for by trying again (`LOCK_BUSY`), so a step on an event loop never blocks it.
         Returns the lock to give to `unlock`."""
-        folder, name = os.path.split(self._path(key))
-        lock = f"{folder}/.{name}.lock"
+        lock = self._lock_path(key)
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except FileNotFoundError:
-            os.makedirs(folder, exist_ok=True)
+            os.makedirs(os.path.dirname(lock), exist_ok=True)
             fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             while True:
@@ -372,6 +390,32 @@ class LocalBackend:
 
     def unlock(self, lock: int) -> None:
         os.close(lock)  # closing the file lets its lock go
+
+    def read_shared(self, key: str) -> bytes | None:
+        """`read` under `key`'s lock, shared with other readers: no rewrite changes the file meanwhile. A
+        lock held past `_SHARED_WAIT_S` (a writer stopped mid-update, by SIGSTOP or a debugger) is read past:
+        a stopped writer changes nothing, and a reader must not hang on it."""
+        try:
+            fd = os.open(self._lock_path(key), os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):  # never rewritten under its lock
+            return self.read(key)
+        try:
+            deadline = time.monotonic() + _SHARED_WAIT_S
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(_LOCK_RETRY_S)
+            return self.read(key)
+        finally:
+            os.close(fd)
+
+    def _lock_path(self, key: str) -> str:
+        folder, name = os.path.split(self._path(key))
+        return f"{folder}/.{name}.lock"
 
 
 def _create_temp(folder: str, name: str) -> tuple[int, str]:

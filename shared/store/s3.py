@@ -121,6 +121,9 @@ class S3Backend:
     def commit_steps(self, appends: list[Append], key: str, data: bytes) -> Steps[bool]:
         return no_steps(self.commit(appends, key, data))
 
+    def read_shared(self, key: str) -> bytes | None:
+        return self.read(key)  # an object is replaced whole: a read sees one version
+
     def rewrite_steps(self, key: str, data: bytes) -> Steps[None]:
         self.write(key, data)
         return no_steps(None)
@@ -144,6 +147,8 @@ class S3Backend:
                 reply = request.work() if isinstance(request, Offload) else None
         except StopIteration as done:
             return cast(T, done.value)
+        finally:
+            steps.close()
 
     def create(self, key: str, data: bytes) -> bool:
         """A conditional PUT (`If-None-Match: *`): S3 lets exactly one of two writers of a new name win."""

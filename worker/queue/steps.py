@@ -101,11 +101,11 @@ class RedisStepQueue:
                 pipe.delete(*handed.answered)
             replies = await pipe.execute(raise_on_error=False)
         replies = await ENQUEUE.settle(self.redis, replies, calls)
-        if tasks:
-            await self.enqueued([step_job_id(t) for t in tasks])
         refused = any(replies[c.position] == REFUSED_CANCELLED for c in calls)
         if finish is not None:
             finish.done = not tasks or replies[calls[-1].position] != REFUSED_CANCELLED
+        if tasks:
+            await self.enqueued([step_job_id(t) for t in tasks])
         return refused
 
     async def save_answer(self, key: str, data: bytes) -> None:

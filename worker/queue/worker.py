@@ -237,8 +237,8 @@ class PerqWorker(Worker):
             return arq_ids
         try:
             taken = await self._take(arq_ids, freeing=1)
-        except REDIS_DOWN as e:
-            log.warning("taking handed-on steps failed (%s); the poll loop takes them", e)
+        except Exception as e:  # the step handed over already: whatever failed here, the loop takes them
+            log.warning("taking handed-on steps failed (%r); the poll loop takes them", e)
             return arq_ids
         return [i for i in arq_ids if i not in taken]
 
