@@ -69,8 +69,10 @@ class Harness:
             redis=RedisSection(url=url, queue=self.queue), worker=WorkerSection(lease_seconds=lease_s)
         )
         self.wake = Wake()
-        self.runtime = FakeRuntime(RedisStepQueue(redis, self.queue, self.wake.handed), behaviour)
+        queue = RedisStepQueue(redis, self.queue, self.wake)
+        self.runtime = FakeRuntime(queue, behaviour)
         self.worker = PerqWorker(settings, redis, self.runtime, self.wake)  # type: ignore[arg-type]
+        queue.taking = self.worker.taking()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):  # arq's handlers, installed on the test's loop
             loop.remove_signal_handler(sig)
@@ -175,7 +177,7 @@ async def test_the_hand_over_finishes_the_step_and_its_successor_runs(
     assert await enqueue_step(redis, h.task(), h.queue)
     await h.worker._run((await h.take())[0])
     assert seen == {"duplicate": False, "after": GONE}  # finished inside the hand-over's round trip
-    # the job perq's hand-over wrote is taken at once, in the handing step's task (its room counted free)
+    # the job perq's hand-over wrote is taken in the same round trip, into the handing step's room
     second = h.worker.tasks.get(step_job_id(h.task(2)))
     assert second is not None and h.wake.take() == []
     await second
@@ -184,31 +186,42 @@ async def test_the_hand_over_finishes_the_step_and_its_successor_runs(
     assert h.worker.jobs_complete == 2
 
 
-async def test_handed_on_steps_the_worker_has_no_room_for_are_left_to_its_loop(
+async def test_a_fan_out_takes_its_first_step_and_leaves_the_rest_to_the_loop(
     redis: ArqRedis, redis_server: LocalRedis
 ) -> None:
+    """The handing step's room is one step: the first it hands on runs here at once (leased to this
+    worker, its try counted), the others wait for the poll loop, where the worker's room decides."""
+
     async def hand_on(rt: FakeRuntime, task: StepTask, _attempt: int) -> None:
         if task.step_number == 1:
             await rt.queue.hand_over(HandOver(task.job_id, epoch=1, tasks=[h.task(2), h.task(3)]))
 
     h = Harness(redis, redis_server.url, hand_on)
-    h.worker.concurrency = 1  # room for the handing step's successor only: one of the two waits
     assert await enqueue_step(redis, h.task(), h.queue)
-    assert await h.worker._take([step_job_id(h.task())]) == [step_job_id(h.task())]
-    await h.worker.tasks[step_job_id(h.task())]
-    taken = [i for i in (step_job_id(h.task(2)), step_job_id(h.task(3))) if i in h.worker.tasks]
-    left = h.wake.take()
-    assert (
-        len(taken) == 1
-        and len(left) == 1
-        and set(taken) | set(left)
-        == {
-            step_job_id(h.task(2)),
-            step_job_id(h.task(3)),
-        }
-    )
-    await asyncio.gather(*h.worker.tasks.values())
-    assert (await h.keys_of(2 if left[0].endswith(":2") else 3))["queued"]  # still queued for the loop
+    await h.worker._run((await h.take())[0])
+    second = h.worker.tasks.get(step_job_id(h.task(2)))
+    assert second is not None and step_job_id(h.task(3)) not in h.worker.tasks
+    assert h.wake.take() == [step_job_id(h.task(3))]
+    assert (await h.keys_of(3))["queued"] and not (await h.keys_of(3))["lease"]
+    await second
+    assert [(t.step_number, attempt) for t, attempt in h.runtime.attempts] == [(1, 1), (2, 1)]
+    assert await h.keys_of(2) == GONE
+
+
+async def test_a_draining_worker_takes_nothing_it_hands_on(redis: ArqRedis, redis_server: LocalRedis) -> None:
+    """After SIGTERM (arq stops picking jobs), a step still hands on, but leaves its successor queued for
+    another worker."""
+
+    async def hand_on(rt: FakeRuntime, task: StepTask, _attempt: int) -> None:
+        if task.step_number == 1:
+            await rt.queue.hand_over(HandOver(task.job_id, epoch=1, tasks=[h.task(2)]))
+
+    h = Harness(redis, redis_server.url, hand_on)
+    assert await enqueue_step(redis, h.task(), h.queue)
+    h.worker.allow_pick_jobs = False
+    await h.worker._run((await h.take())[0])
+    assert h.worker.tasks == {} and h.wake.take() == [step_job_id(h.task(2))]
+    assert await h.keys_of(2) == {"queued": True, "job": True, "lease": False, "tries": False}
 
 
 async def test_a_cancelled_job_keeps_its_step_until_the_step_returns(

@@ -22,10 +22,6 @@ from worker.queue.steps import RedisStepQueue
 from worker.step_queue import HandOver
 
 
-async def _ignore(_arq_ids: list[str]) -> None:
-    pass
-
-
 def _task(job: str, step: int = 2) -> StepTask:
     return StepTask(job_id=job, run_id="r1", step_number=step)
 
@@ -33,11 +29,7 @@ def _task(job: str, step: int = 2) -> StepTask:
 async def test_hand_over_to_a_redis_that_forgot_the_script_enqueues_once(redis: ArqRedis) -> None:
     queue, job = f"perq:test:scripts:{time.monotonic_ns()}", f"j{time.monotonic_ns()}"
     woken: list[str] = []
-
-    async def wake(arq_ids: list[str]) -> None:
-        woken.extend(arq_ids)
-
-    steps = RedisStepQueue(redis, queue, wake)
+    steps = RedisStepQueue(redis, queue, woken.extend)
     await redis.script_flush()
     handed = HandOver(job, epoch=1, event_lines=['{"type":"x"}'], tasks=[_task(job)])
     assert await steps.hand_over(handed) is False
@@ -58,7 +50,7 @@ async def test_hand_over_to_a_redis_that_forgot_the_script_enqueues_once(redis: 
 async def test_hand_over_refuses_a_cancelled_job(redis: ArqRedis) -> None:
     queue, job = f"perq:test:scripts:{time.monotonic_ns()}", f"j{time.monotonic_ns()}"
     await redis.set(cancel_key(job), "5")
-    steps = RedisStepQueue(redis, queue, _ignore)
+    steps = RedisStepQueue(redis, queue, lambda _ids: None)
     assert await steps.hand_over(HandOver(job, epoch=5, tasks=[_task(job)])) is True
     assert await redis.zcard(queue) == 0
     # a cancel before the submission the step descends from stops nothing
@@ -91,3 +83,34 @@ def test_every_lua_file_is_packaged() -> None:
     assert set(folder.glob("*.lua")) <= packaged
     used = {s.name for s in vars(scripts).values() if isinstance(s, scripts.LuaScript)}
     assert {p.stem for p in packaged} == used
+
+
+async def test_a_hand_over_takes_its_first_step_with_a_lease_and_a_counted_try(redis: ArqRedis) -> None:
+    """Taken in the hand-over (`Taking`): the step is enqueued as arq would, leased to the taking worker,
+    its try counted, its job's cancel mark (an older one) returned; a live duplicate is not taken."""
+    from shared.queue.broker import in_progress_key_prefix
+    from worker.queue.steps import FINISHING, Finish, Picked, Taking
+
+    queue, job = f"perq:test:scripts:{time.monotonic_ns()}", f"j{time.monotonic_ns()}"
+    await redis.set(cancel_key(job), "3")  # a cancel before the submission (epoch 5): stops nothing
+    started: list[Picked] = []
+    woken: list[str] = []
+    steps = RedisStepQueue(redis, queue, woken.extend)
+    steps.taking = Taking("w1", 5000, lambda: True, started.append)
+    token = FINISHING.set(Finish("perq:none:r1:1"))
+    try:
+        assert await steps.hand_over(HandOver(job, epoch=5, tasks=[_task(job)])) is False
+    finally:
+        FINISHING.reset(token)
+    arq_id = step_job_id(_task(job))
+    assert [(p.arq_id, p.tries, p.cancel_mark) for p in started] == [(arq_id, 1, 3)] and woken == []
+    assert await redis.get(in_progress_key_prefix + arq_id) == b"w1"
+    assert 0 < await redis.pttl(in_progress_key_prefix + arq_id) <= 5000
+    assert await redis.zrange(queue, 0, -1) == [arq_id.encode()]  # queued while it runs, as arq keeps it
+    assert started[0].job == await redis.get(job_key_prefix + arq_id)
+    token = FINISHING.set(Finish("perq:none:r1:1"))
+    try:  # the same step again: live, so neither enqueued nor taken a second time
+        assert await steps.hand_over(HandOver(job, epoch=5, tasks=[_task(job)])) is False
+    finally:
+        FINISHING.reset(token)
+    assert len(started) == 1 and woken == [arq_id]

@@ -278,12 +278,7 @@ async def reconcile(
                 await asyncio.to_thread(store.settle_unfinished, job_id)
     suspects = {u.arq_id for u in first.missing}
     missing = [u for u in again.missing if u.arq_id in suspects]
-
-    async def tell(arq_ids: list[str]) -> None:  # the worker's poll loop takes them (no step's room to use)
-        if enqueued is not None:
-            enqueued(arq_ids)
-
-    queue = RedisStepQueue(redis, queue_name, tell)
+    queue = RedisStepQueue(redis, queue_name, enqueued or (lambda _ids: None))
     recoveries: list[Recovery] = []
     for job_id in sorted({u.task.job_id for u in missing}):
         job = again.jobs[job_id]

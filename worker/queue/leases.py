@@ -12,28 +12,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from shared.models import now_ms
 from shared.queue import CANCEL_PREFIX, STEP_ID_PREFIX
 from shared.queue.broker import in_progress_key_prefix, job_key_prefix
 from worker.queue.scripts import PICK_UP, RENEW, Arg
-from worker.queue.steps import retry_key_prefix
+from worker.queue.steps import Picked, retry_key_prefix
 
 log = logging.getLogger("perq.worker")
-
-
-@dataclass(frozen=True)
-class Picked:
-    """A step taken by this worker: its arq id, its queue score, its job's cancel mark (None: none), the job
-    as arq stored it (None: its key expired) and this try of it (arq's counter, counted at pick-up)."""
-
-    arq_id: str
-    score: int
-    cancel_mark: int | None
-    job: bytes | None
-    tries: int
 
 
 async def pick_up(

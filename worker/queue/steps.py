@@ -15,8 +15,9 @@ The worker says which step runs through `FINISHING`, a context variable set in t
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 from arq.constants import retry_key_prefix
@@ -59,11 +60,36 @@ class Finish:
 FINISHING: ContextVar[Finish | None] = ContextVar("perq_finishing", default=None)
 
 
+@dataclass(frozen=True)
+class Picked:
+    """A step taken by this worker: its arq id, its queue score, its job's cancel mark (None: none), the job
+    as arq stored it (None: its key expired) and this try of it (arq's counter, counted at pick-up)."""
+
+    arq_id: str
+    score: int
+    cancel_mark: int | None
+    job: bytes | None
+    tries: int
+
+
+@dataclass(frozen=True)
+class Taking:
+    """How a worker takes the first step a step of its hands on, in the hand-over's own round trip: the
+    handing step's room is about to be free, and the poll loop, which on a busy worker waits its turn behind
+    every other step at each of its round trips, is not in between (bench: step handoff, concurrency)."""
+
+    owner: str  # the lease owner: this worker
+    lease_ms: int
+    allowed: Callable[[], bool]  # not while the worker drains
+    start: Callable[[Picked], None]  # runs the step
+
+
 class RedisStepQueue:
-    def __init__(self, redis: Any, queue_name: str, enqueued: Callable[[list[str]], Awaitable[None]]) -> None:
+    def __init__(self, redis: Any, queue_name: str, enqueued: Callable[[list[str]], None]) -> None:
         self.redis = redis
         self.queue_name = queue_name
-        self.enqueued = enqueued  # tells this worker, which takes the steps at once
+        self.enqueued = enqueued  # tells this worker's poll loop, which takes the steps at once
+        self.taking: Taking | None = None  # set by the worker that runs this queue's steps
 
     async def is_cancelled(self, job_id: str, epoch: int) -> bool:
         """Whether `perq cancel` came after the submission this run descends from."""
@@ -82,6 +108,11 @@ class RedisStepQueue:
         finish = FINISHING.get()
         if finish is not None and finish.done:
             finish = None
+        # a step run by a worker takes the first step it hands on (its own room): see `Taking`
+        taking = self.taking if finish is not None else None
+        if taking is not None and not taking.allowed():
+            taking = None
+        payloads: list[bytes] = []
         async with self.redis.pipeline(transaction=False) as pipe:
             if handed.event_lines:
                 add_events(pipe, handed.job_id, handed.event_lines, stopped=handed.stopped)
@@ -89,10 +120,16 @@ class RedisStepQueue:
                 arq_id = step_job_id(task)
                 keys = [job_key_prefix + arq_id, result_key_prefix + arq_id, self.queue_name]
                 keys.append(cancel_key(handed.job_id))
-                args: list[Arg] = [step_payload(task, now), now, expires_extra_ms, arq_id, epoch]
-                if finish is not None and i == len(tasks) - 1:
-                    keys.extend(finish.keys())
-                    args.append(finish.arq_id)
+                payloads.append(step_payload(task, now))
+                args: list[Arg] = [payloads[-1], now, expires_extra_ms, arq_id, epoch]
+                finishing = finish if i == len(tasks) - 1 else None
+                if finishing is not None or (taking and i == 0):
+                    # the finished step's keys, or (none finished) three the script does not read
+                    keys.extend(finishing.keys() if finishing is not None else keys[:3])
+                    args.append(finishing.arq_id if finishing is not None else "")
+                if taking and i == 0:
+                    keys += [in_progress_key_prefix + arq_id, retry_key_prefix + arq_id]
+                    args += [taking.owner, taking.lease_ms]
                 ENQUEUE.add_to(pipe, keys, args, calls)
             if finish is not None and not tasks:
                 pipe.delete(*finish.keys())
@@ -104,8 +141,13 @@ class RedisStepQueue:
         refused = any(replies[c.position] == REFUSED_CANCELLED for c in calls)
         if finish is not None:
             finish.done = not tasks or replies[calls[-1].position] != REFUSED_CANCELLED
-        if tasks:
-            await self.enqueued([step_job_id(t) for t in tasks])
+        left = [step_job_id(t) for t in tasks]
+        taken = replies[calls[0].position] if taking is not None and calls else None
+        if taking is not None and isinstance(taken, list):
+            _, tries, mark = taken
+            taking.start(Picked(left.pop(0), now, int(mark) if mark else None, payloads[0], int(tries)))
+        if left:
+            self.enqueued(left)
         return refused
 
     async def save_answer(self, key: str, data: bytes) -> None:

@@ -45,8 +45,8 @@ from shared.queue.broker import ArqRedis, open_pool
 from worker.heartbeat import heartbeat, new_worker_id
 from worker.loop import StepInterrupted
 from worker.queue.arq_private import arq_mismatches, arq_version
-from worker.queue.leases import Picked, pick_up, renew_leases
-from worker.queue.steps import FINISHING, Finish, RedisStepQueue
+from worker.queue.leases import pick_up, renew_leases
+from worker.queue.steps import FINISHING, Finish, Picked, RedisStepQueue, Taking
 from worker.reconcile import reconcile_forever
 from worker.runtime import UNKNOWN, Runtime
 from worker.step_queue import StepQueue
@@ -119,15 +119,6 @@ class Wake:
     def __init__(self) -> None:
         self.event = asyncio.Event()
         self.fresh: list[str] = []  # arq ids
-        # takes steps in the caller's task, returning those it did not take (the worker's `_take_handed`)
-        self.take_now: Callable[[list[str]], Awaitable[list[str]]] | None = None
-
-    async def handed(self, arq_ids: list[str]) -> None:
-        """Steps a step of this worker just handed on: taken at once where they can be, the rest left to
-        the loop."""
-        left = arq_ids if self.take_now is None else await self.take_now(arq_ids)
-        if left:
-            self(left)
 
     def __call__(self, arq_ids: list[str]) -> None:
         self.fresh.extend(arq_ids)
@@ -153,7 +144,6 @@ class PerqWorker(Worker):
         self.concurrency = settings.worker.concurrency
         self.read_limit = max(5 * settings.worker.concurrency, 100)  # ids read per poll, as arq reads them
         self.lease_owner = new_worker_id()  # the value of this worker's in-progress keys: whose lease it is
-        wake.take_now = self._take_handed
         super().__init__(
             functions=[func(step, name=STEP_TASK, timeout=ARQ_STEP_TIMEOUT_S, max_tries=MAX_TRIES)],
             queue_name=settings.redis.queue,
@@ -227,25 +217,15 @@ class PerqWorker(Worker):
             await self._take([arq_id.decode() for arq_id in due])
         await self.record_health()
 
-    async def _take_handed(self, arq_ids: list[str]) -> list[str]:
-        """The steps that a running step just handed on (its job's next step, most often), taken in that
-        step's own task with its room counted free, as it is about to end. Why not through the poll loop:
-        on a busy worker the loop waits its turn behind every other step at each of its round trips, so
-        next steps started in batches, late, and every job kept the pace of the slowest (bench:
-        concurrency). Returns those not taken (no room, shutting down, Redis lost): the loop tries them."""
-        if not self.allow_pick_jobs:
-            return arq_ids
-        try:
-            taken = await self._take(arq_ids, freeing=1)
-        except Exception as e:  # the step handed over already: whatever failed here, the loop takes them
-            log.warning("taking handed-on steps failed (%r); the poll loop takes them", e)
-            return arq_ids
-        return [i for i in arq_ids if i not in taken]
+    def taking(self) -> Taking:
+        """How this worker's steps take the steps they hand on, in the hand-over (`steps.Taking`)."""
+        lease_ms = int(self.settings.worker.lease_seconds * 1000)
+        return Taking(self.lease_owner, lease_ms, lambda: self.allow_pick_jobs, self._start)
 
-    async def _take(self, arq_ids: list[str], *, freeing: int = 0) -> list[str]:
-        """Take what the pick-up script gives of these steps, up to the room left (`freeing`: running steps
-        about to end), and run each with arq. Returns the ids taken."""
-        room = self.concurrency - len(self.tasks) + freeing
+    async def _take(self, arq_ids: list[str]) -> list[str]:
+        """Take what the pick-up script gives of these steps, up to the room left, and run each with arq.
+        Returns the ids taken."""
+        room = self.concurrency - len(self.tasks)
         candidates = [i for i in arq_ids if i not in self.tasks]
         if room <= 0 or not candidates:
             return []
@@ -258,11 +238,15 @@ class PerqWorker(Worker):
             owner=self.lease_owner,
         )
         for p in picked:
-            # a context of its own: a step taken in another step's task must not see that step's variables
-            task = asyncio.create_task(self._run(p), context=contextvars.Context())
-            self.tasks[p.arq_id] = task
-            task.add_done_callback(functools.partial(self._finished, p.arq_id))
+            self._start(p)
         return [p.arq_id for p in picked]
+
+    def _start(self, picked: Picked) -> None:
+        """Run a taken step in a task of its own, counted in the worker's room."""
+        # a context of its own: a step taken in another step's hand-over must not see that step's variables
+        task = asyncio.create_task(self._run(picked), context=contextvars.Context())
+        self.tasks[picked.arq_id] = task
+        task.add_done_callback(functools.partial(self._finished, picked.arq_id))
 
     async def _run(self, picked: Picked) -> None:
         """Run one taken step as arq's `run_job` would, its outcome recorded as arq's `finish_job` records
@@ -383,9 +367,11 @@ async def serve(
         except REDIS_DOWN as e:
             await opening.wait(e)
     wake = Wake()
-    runtime = runtime_for(RedisStepQueue(redis, settings.redis.queue, wake.handed))
+    queue = RedisStepQueue(redis, settings.redis.queue, wake)
+    runtime = runtime_for(queue)
     try:
         worker = PerqWorker(settings, redis, runtime, wake, burst=burst)
+        queue.taking = worker.taking()
         # what start-up made (modules, the skill pool) lives as long as the process: keep it out of the
         # collector's full passes, which each step's allocations trigger (bench: step handoff, +15%)
         gc.collect()
