@@ -49,7 +49,8 @@ from shared.randomness import random_token
 from shared.store import JobStore
 from shared.store.backend import Offload, Steps
 from shared.store.flush import LoopFlush
-from shared.store.local import LocalBackend
+from shared.store.local import Aside, LocalBackend
+from worker.gate import Gate, Slot
 from worker.handon import HandOn
 from worker.journal import QueueAnswerJournal
 from worker.loop import StepRunner
@@ -65,13 +66,10 @@ P = ParamSpec("P")
 R = TypeVar("R")
 # threads for a blocking store's calls: each concurrent step holds one while it waits on the store
 STORE_THREADS = 64
-# steps of one worker process that commit and hand over at once; the others wait their turn. Why: steps
-# whose model answers come back together (jobs started together, a burst) each await the store and Redis
-# several times, and the event loop serves those awaits in turn: unlimited, every step of the burst ended
-# near the burst's end, so the jobs slept, woke and queued together again at every step. Limited, they end
-# one after another, and their next steps spread out (bench: concurrency, 500 jobs: 6.4 s -> 5.85 s, 1.17x
-# the ideal). 16 to 32 measured alike, 64 slower; the store's shared flushes still serve many steps each.
-COMMITTING_AT_ONCE = 32
+# steps of one worker process that commit and hand over at once (worker/gate.py): 16 and 32 measured alike
+# for 500 waiting jobs (5.8 s, ungated 6.4 s), 64 slower; a job-throughput run of instant one-step jobs pays
+# for the gate (about 1100 jobs/s, ungated up to 1400), as its steps never wait on a model
+COMMITTING_AT_ONCE = 16
 
 
 class Unknown(enum.Enum):
@@ -100,7 +98,7 @@ class Runtime:
     _models: dict[tuple[str, str], ModelClient] = field(default_factory=dict)
     _executor: ThreadPoolExecutor | None = None
     _flusher: LoopFlush | None = None
-    _committing: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(COMMITTING_AT_ONCE))
+    _gate: Gate = field(default_factory=lambda: Gate(COMMITTING_AT_ONCE))
 
     def __post_init__(self) -> None:
         if self.store.backend.blocking and self._executor is None:
@@ -125,12 +123,12 @@ class Runtime:
             return fn(*args, **kwargs)
         return await self.io(fn, *args, **kwargs)
 
-    async def run(self, steps: Steps[R]) -> R:
+    async def run(self, steps: Steps[R], aside: Aside | None = None) -> R:
         """Run a store write's steps (`Steps`): on the event loop where the store's flushes can be shared
-        (a local disk with syncfs: only the flush leaves the loop), else as `io`."""
+        (a local disk with syncfs: only the flush leaves the loop, each wait inside `aside`), else as `io`."""
         if self._flusher is not None:
             assert isinstance(self.store.backend, LocalBackend)
-            return await self.store.backend.run_async(steps, self._flusher, self._executor)
+            return await self.store.backend.run_async(steps, self._flusher, self._executor, aside)
         return await self.io(self.store.backend.run, steps)
 
     def close(self) -> None:
@@ -215,8 +213,8 @@ class Runtime:
         else:
             start, begins_run = await self.io(self._starting_point, task)
         end, runner, journal = await self._execute(task, setting, start, begins_run, attempt)
-        async with self._committing:
-            return await self._commit_and_hand_on(task, setting, end, runner, journal)
+        async with self._gate.slot(time.monotonic()) as slot:
+            return await self._commit_and_hand_on(task, setting, end, runner, journal, slot)
 
     async def _commit_and_hand_on(
         self,
@@ -225,11 +223,13 @@ class Runtime:
         end: Checkpoint,
         runner: StepRunner,
         journal: QueueAnswerJournal,
+        slot: Slot,
     ) -> Checkpoint:
-        """Commit the step run in memory, then hand its job on (or adopt the attempt that committed first)."""
+        """Commit the step run in memory, then hand its job on (or adopt the attempt that committed first);
+        in the gate's `slot`, stepping aside while the store flushes."""
         token = random_token(8)
         lines = [e.to_json() for e in runner.events]
-        committed = await self.run(self._commit_and_finish(setting, end, lines, token))
+        committed = await self.run(self._commit_and_finish(setting, end, lines, token), aside=slot.aside)
         if committed is None:
             # another attempt of this step committed first (this one paused past its lease): its checkpoint
             # is the step's; this attempt's result, events included, is dropped

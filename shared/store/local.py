@@ -22,6 +22,8 @@ from shared.store.backend import LOCK_BUSY, Append, Flush, Offload, Steps
 from shared.store.flush import GroupFlush, LoopFlush
 
 T = TypeVar("T")
+# what a step on an event loop waits in while the store flushes (worker/gate.py: it lets another step go)
+Aside = Callable[[], contextlib.AbstractAsyncContextManager[None]]
 # how long a write waits before it tries a busy lock again (the job record's: held for one update)
 _LOCK_RETRY_S = 0.002
 # how long a reader waits for a writer's lock before it reads past it (see `read_shared`)
@@ -116,10 +118,14 @@ class LocalBackend:
         finally:
             steps.close()  # stopped at a wait (a failed flush): the steps' files and lock are let go
 
-    async def run_async(self, steps: Steps[T], flusher: LoopFlush, offload: Executor | None) -> T:
-        """Run a write's steps on an event loop: the writes inline, each flush awaited and shared with every
-        step that asked meanwhile (one syncfs on `flusher`'s thread), blocking work on `offload`. Only where
-        one syncfs flushes everything (`flushes_shared`): a flush there needs no list of what to flush."""
+    async def run_async(
+        self, steps: Steps[T], flusher: LoopFlush, offload: Executor | None, aside: Aside | None = None
+    ) -> T:
+        """Run a write's steps on an event loop: the writes inline, each flush awaited (inside `aside`, when
+        given) and shared with every step that asked meanwhile (one syncfs on `flusher`'s thread), blocking
+        work on `offload`. Only where one syncfs flushes everything (`flushes_shared`): a flush there needs
+        no list of what to flush."""
+        wait = aside or contextlib.nullcontext
         assert self.flushes_shared
         loop = asyncio.get_running_loop()
         waiting = False
@@ -132,18 +138,21 @@ class LocalBackend:
                     if request.late:
                         waiting = waiting or bool(request.folders)
                     elif waiting or request.fds or request.folders:
-                        await flusher.flush()
+                        async with wait():
+                            await flusher.flush()
                         waiting = False
                 elif isinstance(request, Offload):
-                    if waiting:
-                        await flusher.flush()
-                        waiting = False
-                    reply = await loop.run_in_executor(offload, request.work)
+                    async with wait():
+                        if waiting:
+                            await flusher.flush()
+                            waiting = False
+                        reply = await loop.run_in_executor(offload, request.work)
                 else:
                     await asyncio.sleep(_LOCK_RETRY_S)
         except StopIteration as done:
             if waiting:
-                await flusher.flush()
+                async with wait():
+                    await flusher.flush()
             return cast(T, done.value)
         finally:
             steps.close()  # a step cancelled at a wait: its lock is let go (the generator's finally)
