@@ -824,3 +824,29 @@ def test_the_unfinished_index_on_every_backend(store: JobStore) -> None:
     assert store.list_unfinished() == ["j2"]
     store.settle_unfinished("j2")
     assert store.list_unfinished() == []
+
+
+def test_where_folders_cannot_be_locked_a_lock_file_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job record is locked by its folder; a file system that cannot lock a folder (NFS) gets a lock
+    file in it instead, for writers and readers alike."""
+    import errno
+    import fcntl
+    import stat
+
+    real = fcntl.flock
+
+    def flock(fd: int, operation: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EBADF, "cannot lock a folder here")
+        real(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    store = JobStore.open(str(tmp_path / "perstack"))
+    store.save_job(job("j1", status="queued"), new=True)
+    for n in (1, 2):
+        store.update_job("j1", lambda j, n=n: j.model_copy(update={"status": "running", "total_steps": n}))
+    loaded = store.load_job("j1")
+    assert loaded is not None and loaded.total_steps == 2
+    assert (tmp_path / "perstack" / "jobs" / "j1" / ".lock").exists()

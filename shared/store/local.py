@@ -62,6 +62,7 @@ class LocalBackend:
         self.blocking = fsync  # a flush takes milliseconds: worth a thread while other steps go on
         self.blocking_reads = False
         self._flush = GroupFlush(root)
+        self._lock_folders: bool | None = None  # None: not known yet (`_lockable`)
 
     def _path(self, key: str) -> str:
         return f"{self._root}/{key}" if key else self._root  # "": the store's own folder, as pathlib says
@@ -377,15 +378,13 @@ class LocalBackend:
             shutil.rmtree(path, ignore_errors=True)
 
     def lock_steps(self, key: str) -> Steps[int]:
-        """An exclusive lock named by `key` (a dot file beside it) across threads, steps and processes of
-        this machine; waited for by trying again (`LOCK_BUSY`), so a step on an event loop never blocks it.
-        Returns the lock to give to `unlock`."""
-        lock = self._lock_path(key)
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except FileNotFoundError:
-            os.makedirs(os.path.dirname(lock), exist_ok=True)
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        """An exclusive lock named by `key` across threads, steps and processes of this machine: a lock on
+        the folder that holds it (a lock file beside it would be one more file to create per job record).
+        Waited for by trying again (`LOCK_BUSY`), so a step on an event loop never blocks on it. Returns the
+        lock to give to `unlock`."""
+        folder = os.path.dirname(self._path(key))
+        os.makedirs(folder, exist_ok=True)
+        fd = self._lockable(folder)
         try:
             while True:
                 try:
@@ -397,17 +396,36 @@ class LocalBackend:
             os.close(fd)
             raise
 
+    def _lockable(self, folder: str) -> int:
+        """What locks a folder's file, open: the folder itself; where the file system cannot lock a folder
+        (NFS emulates flock with locks that need a file open for writing), a `.lock` file in it."""
+        if self._lock_folders is False:
+            return os.open(f"{folder}/.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        if self._lock_folders is None:  # the first lock tells whether folders lock here
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            except BlockingIOError:
+                pass  # held by another: folders lock
+            except OSError:
+                os.close(fd)
+                self._lock_folders = False
+                return self._lockable(folder)
+            self._lock_folders = True
+        return fd
+
     def unlock(self, lock: int) -> None:
-        os.close(lock)  # closing the file lets its lock go
+        os.close(lock)  # closing the folder lets its lock go
 
     def read_shared(self, key: str) -> bytes | None:
         """`read` under `key`'s lock, shared with other readers: no rewrite changes the file meanwhile. A
         lock held past `_SHARED_WAIT_S` (a writer stopped mid-update, by SIGSTOP or a debugger) is read past:
         a stopped writer changes nothing, and a reader must not hang on it."""
         try:
-            fd = os.open(self._lock_path(key), os.O_RDONLY | os.O_CLOEXEC)
-        except (FileNotFoundError, NotADirectoryError):  # never rewritten under its lock
-            return self.read(key)
+            fd = self._lockable(os.path.dirname(self._path(key)))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
         try:
             deadline = time.monotonic() + _SHARED_WAIT_S
             while True:
@@ -421,10 +439,6 @@ class LocalBackend:
             return self.read(key)
         finally:
             os.close(fd)
-
-    def _lock_path(self, key: str) -> str:
-        folder, name = os.path.split(self._path(key))
-        return f"{folder}/.{name}.lock"
 
 
 def _create_temp(folder: str, name: str) -> tuple[int, str]:
