@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from pathlib import Path
+
+import pytest
 
 from worker.gate import Gate
 
@@ -84,3 +88,68 @@ async def test_a_cancelled_step_never_keeps_a_place() -> None:
     async with asyncio.timeout(1):  # the place is free again
         async with gate.slot(5.0):
             pass
+
+
+async def test_a_step_cancelled_while_aside_ends_without_waiting_for_a_place() -> None:
+    gate = Gate(1)
+    aside = asyncio.Event()
+    forever = asyncio.Event()
+
+    async def old() -> None:
+        async with gate.slot(1.0) as slot, slot.aside():
+            aside.set()
+            await forever.wait()
+
+    async def young() -> None:
+        async with gate.slot(2.0):
+            await forever.wait()  # holds the place for good
+
+    first = asyncio.create_task(old())
+    await aside.wait()
+    second = asyncio.create_task(young())
+    await asyncio.sleep(0.01)
+    first.cancel()  # e.g. a shutdown: it must not wait for `young`'s place first
+    async with asyncio.timeout(1):
+        await asyncio.gather(first, return_exceptions=True)
+    second.cancel()
+    await asyncio.gather(second, return_exceptions=True)
+
+
+async def test_steps_waiting_on_a_records_lock_step_aside_for_its_holder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The holder of a job record's lock flushes aside; the steps spinning on that lock must wait aside too,
+    or they fill the gate and the holder never gets back in (parallel branches of one job)."""
+    from shared.models import Job
+    from shared.store import JobStore, LocalBackend, flush
+
+    if flush._SYNCFS is None:
+        pytest.skip("no syncfs here")
+    real = flush.GroupFlush._syncfs
+
+    def slow(self: flush.GroupFlush) -> None:
+        time.sleep(0.02)
+        real(self)
+
+    monkeypatch.setattr(flush.GroupFlush, "_syncfs", slow)
+    store = JobStore.open(str(tmp_path / "perstack"))
+    backend = store.backend
+    assert isinstance(backend, LocalBackend)
+    store.save_job(Job(id="j1", coordinator_expert_key="e", status="running", started_at=1), new=True)
+    flusher = flush.LoopFlush(backend.flush_group)
+    gate = Gate(1)
+
+    async def branch(n: int) -> None:
+        def add(job: Job) -> Job:
+            return job.model_copy(update={"total_steps": job.total_steps + 1})
+
+        async with gate.slot(float(n)) as slot:
+            await backend.run_async(store.update_job_steps("j1", add), flusher, None, slot.aside)
+
+    try:
+        async with asyncio.timeout(20):
+            await asyncio.gather(*(branch(n) for n in range(4)))
+    finally:
+        flusher.close()
+    final = store.load_job("j1")
+    assert final is not None and final.total_steps == 4

@@ -16,6 +16,7 @@ relies on, against a real Redis, with a stand-in for the step runtime.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -294,3 +295,29 @@ async def test_a_retry_after_a_finished_hand_over_does_not_queue_the_step_again(
     finish.done = False
     await h.worker._finish(finish, retry=True, defer_ms=1000)
     assert await h.keys_of() == GONE
+
+
+async def test_a_take_that_comes_back_to_a_draining_worker_drops_its_lease(
+    redis: ArqRedis, redis_server: LocalRedis
+) -> None:
+    """SIGTERM during the hand-over's round trip: the step it took is not started here; its lease goes at
+    once (another worker takes it now, not after the lease), and it stays queued."""
+
+    async def hand_on(rt: FakeRuntime, task: StepTask, _attempt: int) -> None:
+        if task.step_number == 1:
+            await rt.queue.hand_over(HandOver(task.job_id, epoch=1, tasks=[h.task(2)]))
+
+    h = Harness(redis, redis_server.url, hand_on)
+    asked = iter([True, False])  # allowed when the hand-over is sent, draining when its reply comes
+    queue = h.runtime.queue
+    assert isinstance(queue, RedisStepQueue) and queue.taking is not None
+    queue.taking = dataclasses.replace(queue.taking, allowed=lambda: next(asked))
+    assert await enqueue_step(redis, h.task(), h.queue)
+    await h.worker._run((await h.take())[0])
+    assert h.worker.tasks == {} and h.wake.take() == [step_job_id(h.task(2))]
+    for _ in range(100):  # the lease is dropped by a task of its own
+        if not (await h.keys_of(2))["lease"]:
+            break
+        await asyncio.sleep(0.01)
+    assert await h.keys_of(2) == {"queued": True, "job": True, "lease": False, "tries": True}
+    assert [p.tries for p in await h.take(2, owner="w2")] == [2]  # taken by another worker at once

@@ -114,3 +114,25 @@ async def test_a_hand_over_takes_its_first_step_with_a_lease_and_a_counted_try(r
     finally:
         FINISHING.reset(token)
     assert len(started) == 1 and woken == [arq_id]
+
+
+async def test_a_step_taken_in_a_hand_over_that_fails_elsewhere_still_starts(redis: ArqRedis) -> None:
+    """The take succeeded but another command of the round trip failed (here the events stream is not a
+    stream): the hand-over raises, and the step it took runs all the same, not left leased to no one."""
+    import pytest
+    from redis.exceptions import ResponseError
+
+    from worker.queue.steps import FINISHING, Finish, Picked, Taking
+
+    queue, job = f"perq:test:scripts:{time.monotonic_ns()}", f"j{time.monotonic_ns()}"
+    await redis.set(events_channel(job), "not a stream")
+    started: list[Picked] = []
+    steps = RedisStepQueue(redis, queue, lambda _ids: None)
+    steps.taking = Taking("w1", 5000, lambda: True, started.append)
+    token = FINISHING.set(Finish("perq:none:r1:1"))
+    try:
+        with pytest.raises(ResponseError):
+            await steps.hand_over(HandOver(job, epoch=1, event_lines=['{"type":"x"}'], tasks=[_task(job)]))
+    finally:
+        FINISHING.reset(token)
+    assert [p.arq_id for p in started] == [step_job_id(_task(job))]

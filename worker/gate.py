@@ -71,11 +71,11 @@ class Slot:
 
     @contextlib.asynccontextmanager
     async def aside(self) -> AsyncIterator[None]:
+        """Let the place go for a wait; take it back after, unless the wait failed or was cancelled (the
+        step then ends without it: waiting for a place first would hold up a shutdown)."""
         if self._held:
             self._held = False
             self._gate._release()
-        try:
-            yield
-        finally:
-            await self._gate._acquire(self._since)
-            self._held = True
+        yield
+        await self._gate._acquire(self._since)
+        self._held = True

@@ -43,6 +43,8 @@ _RENAMEAT2 = _renameat2()
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 _NO_EXCHANGE = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
+# what flock on a folder fails with where the file system cannot lock folders
+_NO_FOLDER_LOCKS = (errno.EBADF, errno.EINVAL, errno.EOPNOTSUPP)
 
 # a temporary file's name is made at once and created exclusively (tempfile.mkstemp's way, without its
 # per-call set-up); names taken already are tried this often
@@ -148,8 +150,9 @@ class LocalBackend:
                             await flusher.flush()
                             waiting = False
                         reply = await loop.run_in_executor(offload, request.work)
-                else:
-                    await asyncio.sleep(_LOCK_RETRY_S)
+                else:  # a busy lock: its holder may be waiting aside for a flush, so wait aside too
+                    async with wait():
+                        await asyncio.sleep(_LOCK_RETRY_S)
         except StopIteration as done:
             if waiting:
                 async with wait():
@@ -396,22 +399,27 @@ class LocalBackend:
             os.close(fd)
             raise
 
-    def _lockable(self, folder: str) -> int:
+    def _lockable(self, folder: str, *, reading: bool = False) -> int:
         """What locks a folder's file, open: the folder itself; where the file system cannot lock a folder
-        (NFS emulates flock with locks that need a file open for writing), a `.lock` file in it."""
+        (NFS emulates flock with locks that need a file open for writing), a `.lock` file in it (which a
+        reader only opens: FileNotFoundError when no writer made it)."""
         if self._lock_folders is False:
+            if reading:
+                return os.open(f"{folder}/.lock", os.O_RDONLY | os.O_CLOEXEC)
             return os.open(f"{folder}/.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        if self._lock_folders is None:  # the first lock tells whether folders lock here
+        if self._lock_folders is None:  # the first lock tells whether folders lock here, as writers lock
             try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 fcntl.flock(fd, fcntl.LOCK_UN)
             except BlockingIOError:
                 pass  # held by another: folders lock
-            except OSError:
+            except OSError as e:
                 os.close(fd)
+                if e.errno not in _NO_FOLDER_LOCKS:
+                    raise
                 self._lock_folders = False
-                return self._lockable(folder)
+                return self._lockable(folder, reading=reading)
             self._lock_folders = True
         return fd
 
@@ -423,9 +431,9 @@ class LocalBackend:
         lock held past `_SHARED_WAIT_S` (a writer stopped mid-update, by SIGSTOP or a debugger) is read past:
         a stopped writer changes nothing, and a reader must not hang on it."""
         try:
-            fd = self._lockable(os.path.dirname(self._path(key)))
-        except (FileNotFoundError, NotADirectoryError):
-            return None
+            fd = self._lockable(os.path.dirname(self._path(key)), reading=True)
+        except (FileNotFoundError, NotADirectoryError):  # no folder (no record), or no writer's lock file
+            return self.read(key)
         try:
             deadline = time.monotonic() + _SHARED_WAIT_S
             while True:

@@ -1,11 +1,11 @@
 """The worker's Lua scripts: read from their `.lua` files once, run by SHA1, loaded into Redis on demand.
 
 Lua is used only where a transaction cannot say it in one round trip: taking several ready steps
-(`pick_up.lua`), renewing only this worker's leases (`renew.lua`), and the hand-over's enqueue that refuses
-a cancelled job (`enqueue.lua`). redis-py's registered Script would do the loading too, but inside a pipeline
-it adds a SCRIPT EXISTS round trip to every `execute()`; here a pipeline sends EVALSHA only, and a Redis that
-does not know the script (restarted, flushed, failed over) gets it loaded and only the refused calls run
-again, which keeps the hand-over one round trip.
+(`pick_up.lua`), renewing or dropping only this worker's leases (`renew.lua`, `drop.lua`), and the
+hand-over's enqueue that refuses a cancelled job (`enqueue.lua`). redis-py's registered Script would do the
+loading too, but inside a pipeline it adds a SCRIPT EXISTS round trip to every `execute()`; here a pipeline
+sends EVALSHA only, and a Redis that does not know the script (restarted, flushed, failed over) gets it
+loaded and only the refused calls run again, which keeps the hand-over one round trip.
 """
 
 from __future__ import annotations
@@ -75,3 +75,4 @@ class ScriptCall:
 PICK_UP = LuaScript("pick_up")
 RENEW = LuaScript("renew")
 ENQUEUE = LuaScript("enqueue")
+DROP = LuaScript("drop")

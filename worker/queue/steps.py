@@ -15,6 +15,8 @@ The worker says which step runs through `FINISHING`, a context variable set in t
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -32,9 +34,10 @@ from shared.queue.broker import (
     result_key_prefix,
     step_payload,
 )
-from worker.queue.scripts import ENQUEUE, Arg, ScriptCall
+from worker.queue.scripts import DROP, ENQUEUE, Arg, ScriptCall
 from worker.step_queue import HandOver
 
+log = logging.getLogger("perq.worker")
 ANSWER_TTL_S = 24 * 3600
 REFUSED_CANCELLED = -1  # enqueue.lua's reply for a job cancelled after the step's submission
 
@@ -58,6 +61,11 @@ class Finish:
 
 
 FINISHING: ContextVar[Finish | None] = ContextVar("perq_finishing", default=None)
+
+
+def _dropped(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:  # the lease lapses instead: a try more
+        log.warning("could not drop the lease of a step taken but not started: %r", task.exception())
 
 
 @dataclass(frozen=True)
@@ -136,19 +144,35 @@ class RedisStepQueue:
                 pipe.zrem(self.queue_name, finish.arq_id)
             if handed.answered:
                 pipe.delete(*handed.answered)
-            replies = await pipe.execute(raise_on_error=False)
-        replies = await ENQUEUE.settle(self.redis, replies, calls)
+            left = [step_job_id(t) for t in tasks]
+            replies: list[Any] = []
+            try:
+                replies = await pipe.execute(raise_on_error=False)
+                await ENQUEUE.settle(self.redis, replies, calls)  # fills in `replies`; raises the first error
+            finally:
+                if taking is not None and calls:
+                    self._started(
+                        taking, replies[calls[0].position] if replies else None, left, now, payloads
+                    )
         refused = any(replies[c.position] == REFUSED_CANCELLED for c in calls)
         if finish is not None:
             finish.done = not tasks or replies[calls[-1].position] != REFUSED_CANCELLED
-        left = [step_job_id(t) for t in tasks]
-        taken = replies[calls[0].position] if taking is not None and calls else None
-        if taking is not None and isinstance(taken, list):
-            _, tries, mark = taken
-            taking.start(Picked(left.pop(0), now, int(mark) if mark else None, payloads[0], int(tries)))
         if left:
             self.enqueued(left)
         return refused
+
+    def _started(self, taking: Taking, reply: Any, left: list[str], now: int, payloads: list[bytes]) -> None:
+        """Start the step the hand-over took (taken out of `left`): whatever else failed in the round trip,
+        and unless the worker began to drain meanwhile. A take that cannot start (draining, or its reply lost
+        to a cancel or an error) has its lease dropped, so that any worker takes the step at once."""
+        arq_id = left[0]
+        if isinstance(reply, list) and taking.allowed():
+            _, tries, mark = reply
+            left.pop(0)
+            taking.start(Picked(arq_id, now, int(mark) if mark else None, payloads[0], int(tries)))
+        elif reply is None or isinstance(reply, list):
+            task = asyncio.ensure_future(DROP(self.redis, [in_progress_key_prefix + arq_id], [taking.owner]))
+            task.add_done_callback(_dropped)
 
     async def save_answer(self, key: str, data: bytes) -> None:
         await self.redis.set(key, data, ex=ANSWER_TTL_S)
