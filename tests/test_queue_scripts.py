@@ -96,7 +96,7 @@ async def test_a_hand_over_takes_its_first_step_with_a_lease_and_a_counted_try(r
     started: list[Picked] = []
     woken: list[str] = []
     steps = RedisStepQueue(redis, queue, woken.extend)
-    steps.taking = Taking("w1", 5000, lambda: True, started.append)
+    steps.taking = Taking("w1", 5000, lambda: True, started.append, lambda _i: False)
     token = FINISHING.set(Finish("perq:none:r1:1"))
     try:
         assert await steps.hand_over(HandOver(job, epoch=5, tasks=[_task(job)])) is False
@@ -128,7 +128,7 @@ async def test_a_step_taken_in_a_hand_over_that_fails_elsewhere_still_starts(red
     await redis.set(events_channel(job), "not a stream")
     started: list[Picked] = []
     steps = RedisStepQueue(redis, queue, lambda _ids: None)
-    steps.taking = Taking("w1", 5000, lambda: True, started.append)
+    steps.taking = Taking("w1", 5000, lambda: True, started.append, lambda _i: False)
     token = FINISHING.set(Finish("perq:none:r1:1"))
     try:
         with pytest.raises(ResponseError):

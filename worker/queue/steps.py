@@ -63,7 +63,11 @@ class Finish:
 FINISHING: ContextVar[Finish | None] = ContextVar("perq_finishing", default=None)
 
 
+_DROPPING: set[asyncio.Future[Any]] = set()  # the loop keeps tasks weakly: these are kept till they end
+
+
 def _dropped(task: asyncio.Future[Any]) -> None:
+    _DROPPING.discard(task)
     if not task.cancelled() and task.exception() is not None:  # the lease lapses instead: a try more
         log.warning("could not drop the lease of a step taken but not started: %r", task.exception())
 
@@ -90,6 +94,7 @@ class Taking:
     lease_ms: int
     allowed: Callable[[], bool]  # not while the worker drains
     start: Callable[[Picked], None]  # runs the step
+    running: Callable[[str], bool]  # whether the worker runs this step already (by arq id)
 
 
 class RedisStepQueue:
@@ -170,8 +175,11 @@ class RedisStepQueue:
             _, tries, mark = reply
             left.pop(0)
             taking.start(Picked(arq_id, now, int(mark) if mark else None, payloads[0], int(tries)))
-        elif reply is None or isinstance(reply, list):
+        elif not isinstance(reply, int) and not taking.running(arq_id):
+            # taken, or perhaps taken (the reply lost, or an error in place of the script's): -1, 0 and 1
+            # say no lease was set; a step this worker already runs under its own lease is left alone
             task = asyncio.ensure_future(DROP(self.redis, [in_progress_key_prefix + arq_id], [taking.owner]))
+            _DROPPING.add(task)
             task.add_done_callback(_dropped)
 
     async def save_answer(self, key: str, data: bytes) -> None:

@@ -220,7 +220,9 @@ class PerqWorker(Worker):
     def taking(self) -> Taking:
         """How this worker's steps take the steps they hand on, in the hand-over (`steps.Taking`)."""
         lease_ms = int(self.settings.worker.lease_seconds * 1000)
-        return Taking(self.lease_owner, lease_ms, lambda: self.allow_pick_jobs, self._start)
+        return Taking(
+            self.lease_owner, lease_ms, lambda: self.allow_pick_jobs, self._start, lambda i: i in self.tasks
+        )
 
     async def _take(self, arq_ids: list[str]) -> list[str]:
         """Take what the pick-up script gives of these steps, up to the room left, and run each with arq.
