@@ -211,7 +211,7 @@ class Runtime:
         if previous is not None:  # kept by this worker, most often: no store thread for it
             start, begins_run = self._continue(previous, task), False
         else:
-            start, begins_run = await self.io(self._starting_point, task)
+            start, begins_run = await self._start_of(task)
         end, runner, journal = await self._execute(task, setting, start, begins_run, attempt)
         async with self._gate.slot(time.monotonic()) as slot:
             return await self._commit_and_hand_on(task, setting, end, runner, journal, slot)
@@ -315,6 +315,15 @@ class Runtime:
         if await self.queue.hand_over(HandOver(done.job_id, setting.epoch, tasks=tasks)):
             await self.io(self._settle_cancel, setting)
         return done
+
+    async def _start_of(self, task: StepTask) -> tuple[Checkpoint, bool]:
+        """`_starting_point`, with a run's first step (most often: a new job) found by a small read of its
+        initial checkpoint, whose conversation (a continuation's) alone is read on a store thread."""
+        load = self.store.load_initial_checkpoint
+        initial = await self.read(load, task.job_id, task.run_id, messages=False)
+        if initial is not None and initial.step_number == task.step_number:
+            return await self.io(self.store.with_messages, initial) if initial.messages_ref else initial, True
+        return await self.io(self._starting_point, task)
 
     def _starting_point(self, task: StepTask) -> tuple[Checkpoint, bool]:
         """The previous step's checkpoint turned into this step's, or the run's initial checkpoint."""
