@@ -54,9 +54,10 @@ class HandOn:
 
     def follow_ups(self, setting: RunSetting, end: Checkpoint) -> list[StepTask]:
         """Prepare what follows the step that ended with `end`; return the steps to enqueue."""
+        unwritten = self.without_writes(end)
+        if unwritten is not None:
+            return unwritten
         status = end.status
-        if status == "proceeding":
-            return self.next_step(end.job_id, end.run_id, end.step_number + 1)
         if status == "stoppedByDelegate":
             return self._start_delegates(setting, end)
         if end.delegated_by is not None and status in ("completed", "stoppedByError"):
@@ -66,6 +67,18 @@ class HandOn:
             if len(parent.delegate_to or []) > 1:
                 return self._fan_in(end, parent)
             return self._return_to_parent(end, parent)
+        return []
+
+    def without_writes(self, end: Checkpoint) -> list[StepTask] | None:
+        """What follows `end` where preparing it writes nothing (a run's next step, or nothing after a run
+        that stopped on its own: a worker works it out on its event loop); None where it writes (delegates
+        to start, a parent to resume)."""
+        if end.status == "proceeding":
+            return self.next_step(end.job_id, end.run_id, end.step_number + 1)
+        if end.status == "stoppedByDelegate":
+            return None
+        if end.delegated_by is not None and end.status in ("completed", "stoppedByError"):
+            return None
         return []
 
     def next_step(self, job_id: str, run_id: str, step_number: int) -> list[StepTask]:

@@ -299,10 +299,9 @@ class Runtime:
             return None
         self.remember(end)
         job = yield from self._record(setting, end)
-        if end.status == "proceeding":  # the next step: a read
-            return self.hand_on.next_step(end.job_id, end.run_id, end.step_number + 1), job
-        # delegates, a parent's resumption: writes of their own (run settings, starting points)
-        tasks = yield Offload(functools.partial(self.hand_on.follow_ups, setting, end))
+        tasks = self.hand_on.without_writes(end)  # the next step (a read), or nothing
+        if tasks is None:  # delegates, a parent's resumption: writes of their own (run settings, starts)
+            tasks = yield Offload(functools.partial(self.hand_on.follow_ups, setting, end))
         return tasks, job
 
     async def _adopt(self, setting: RunSetting, done: Checkpoint) -> Checkpoint:
