@@ -700,12 +700,7 @@ def test_a_rewrite_falls_back_where_names_cannot_be_swapped(
         raise FileNotFoundError(errno.ENOENT, "missing", a)
 
     monkeypatch.setattr(local, "_exchange", refuse)
-    store = JobStore.open(str(tmp_path / "perstack"))
-    store.save_job(job("j1", status="queued"), new=True)
-    for n in (1, 2):
-        store.update_job("j1", lambda j, n=n: j.model_copy(update={"status": "running", "total_steps": n}))
-        loaded = store.load_job("j1")
-        assert loaded is not None and loaded.total_steps == n
+    _updated_twice(tmp_path)
 
 
 async def test_steps_on_an_event_loop_share_flushes_and_wait_for_a_busy_lock(
@@ -843,10 +838,15 @@ def test_where_folders_cannot_be_locked_a_lock_file_is(
         real(fd, operation)
 
     monkeypatch.setattr(fcntl, "flock", flock)
+    _updated_twice(tmp_path)
+    assert (tmp_path / "perstack" / "jobs" / "j1" / ".lock").exists()
+
+
+def _updated_twice(tmp_path: Path) -> None:
+    """A new record, updated twice: each version reads back."""
     store = JobStore.open(str(tmp_path / "perstack"))
     store.save_job(job("j1", status="queued"), new=True)
     for n in (1, 2):
         store.update_job("j1", lambda j, n=n: j.model_copy(update={"status": "running", "total_steps": n}))
-    loaded = store.load_job("j1")
-    assert loaded is not None and loaded.total_steps == 2
-    assert (tmp_path / "perstack" / "jobs" / "j1" / ".lock").exists()
+        loaded = store.load_job("j1")
+        assert loaded is not None and loaded.total_steps == n

@@ -95,71 +95,80 @@ class LocalBackend:
     # --- running steps ----------------------------------------------------------------------------------
 
     def run(self, steps: Steps[T]) -> T:
-        """Run a write's steps on this thread: each flush done in place, names asked `late` made durable
-        with the next flush of data, before blocking work, or at the end."""
+        """Run a write's steps on this thread, each wait done in place."""
+        plan = self._plan(steps)
+        reply: Any = None
+        try:
+            while True:
+                wait = plan.send(reply)
+                reply = None
+                if isinstance(wait, Flush):
+                    self._flush_now(wait.fds, wait.folders)
+                elif isinstance(wait, Offload):
+                    reply = wait.work()
+                else:
+                    time.sleep(_LOCK_RETRY_S)
+        except StopIteration as done:
+            return cast(T, done.value)
+        finally:
+            plan.close()
+
+    async def run_async(
+        self, steps: Steps[T], flusher: LoopFlush, offload: Executor | None, aside: Aside | None = None
+    ) -> T:
+        """Run a write's steps on an event loop: the writes inline, each wait awaited (inside `aside`, when
+        given): a flush shared with every step that asked meanwhile (one syncfs on `flusher`'s thread),
+        blocking work on `offload`, a busy lock (whose holder may be aside, flushing). Only where one syncfs
+        flushes everything (`flushes_shared`): a flush there needs no list of what to flush."""
+        assert self.flushes_shared
+        plan = self._plan(steps)
+        reply: Any = None
+        try:
+            while True:
+                wait = plan.send(reply)
+                async with (aside or contextlib.nullcontext)():
+                    reply = None
+                    if isinstance(wait, Flush):
+                        await flusher.flush()
+                    elif isinstance(wait, Offload):
+                        reply = await asyncio.get_running_loop().run_in_executor(offload, wait.work)
+                    else:
+                        await asyncio.sleep(_LOCK_RETRY_S)
+        except StopIteration as done:
+            return cast(T, done.value)
+        finally:
+            plan.close()
+
+    @staticmethod
+    def _plan(steps: Steps[T]) -> Steps[T]:
+        """A write's steps as the waits a driver must make: names asked `late` wait for the next flush of
+        data, for blocking work (which may name files of its own) or for the end; a flush that would cover
+        nothing is left out. What comes out is only ever a flush now, blocking work, or a busy lock."""
         waiting: set[str] = set()
         reply: Any = None
         try:
             while True:
                 request = steps.send(reply)
                 reply = None
-                if isinstance(request, Flush):
-                    if request.late:
-                        waiting |= request.folders
-                    else:
-                        self._flush_now(request.fds, waiting | request.folders)
+                if isinstance(request, Flush) and request.late:
+                    waiting |= request.folders
+                elif isinstance(request, Flush):
+                    if waiting or request.fds or request.folders:
+                        yield Flush(request.fds, frozenset(waiting | request.folders))
                         waiting.clear()
                 elif isinstance(request, Offload):
-                    self._flush_now((), waiting)
-                    waiting.clear()
-                    reply = request.work()
+                    if waiting:
+                        yield Flush(folders=frozenset(waiting))
+                        waiting.clear()
+                    reply = yield request
                 else:
-                    time.sleep(_LOCK_RETRY_S)
-        except StopIteration as done:
-            self._flush_now((), waiting)
-            return cast(T, done.value)
-        finally:
-            steps.close()  # stopped at a wait (a failed flush): the steps' files and lock are let go
-
-    async def run_async(
-        self, steps: Steps[T], flusher: LoopFlush, offload: Executor | None, aside: Aside | None = None
-    ) -> T:
-        """Run a write's steps on an event loop: the writes inline, each flush awaited (inside `aside`, when
-        given) and shared with every step that asked meanwhile (one syncfs on `flusher`'s thread), blocking
-        work on `offload`. Only where one syncfs flushes everything (`flushes_shared`): a flush there needs
-        no list of what to flush."""
-        wait = aside or contextlib.nullcontext
-        assert self.flushes_shared
-        loop = asyncio.get_running_loop()
-        waiting = False
-        reply: Any = None
-        try:
-            while True:
-                request = steps.send(reply)
-                reply = None
-                if isinstance(request, Flush):
-                    if request.late:
-                        waiting = waiting or bool(request.folders)
-                    elif waiting or request.fds or request.folders:
-                        async with wait():
-                            await flusher.flush()
-                        waiting = False
-                elif isinstance(request, Offload):
-                    async with wait():
-                        if waiting:
-                            await flusher.flush()
-                            waiting = False
-                        reply = await loop.run_in_executor(offload, request.work)
-                else:  # a busy lock: its holder may be waiting aside for a flush, so wait aside too
-                    async with wait():
-                        await asyncio.sleep(_LOCK_RETRY_S)
+                    yield request
         except StopIteration as done:
             if waiting:
-                async with wait():
-                    await flusher.flush()
+                yield Flush(folders=frozenset(waiting))
             return cast(T, done.value)
         finally:
-            steps.close()  # a step cancelled at a wait: its lock is let go (the generator's finally)
+            steps.close()  # stopped at a wait (a failed flush, a cancelled step): files and lock let go
 
     @property
     def flushes_shared(self) -> bool:
