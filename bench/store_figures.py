@@ -27,6 +27,8 @@ from shared.config import RedisSection, Settings, StoreSection
 from shared.models import Checkpoint, Message
 from shared.queue import StepTask
 from shared.store import JobStore
+from shared.store.backend import Steps
+from shared.store.local import Aside
 from worker.runtime import Runtime
 from worker.step_queue import LocalQueue
 
@@ -52,7 +54,8 @@ def reading_expert(area: Area, steps: int) -> RunRequest:
 
 @dataclass
 class TimedRuntime(Runtime):
-    """The worker's Runtime, timing every store call of each step (they all go through `io`)."""
+    """The worker's Runtime, timing every store call of each step (they all go through `io`, `read` or, for
+    the writes as steps, `run`)."""
 
     current: int = 0
     spent: defaultdict[int, float] = field(default_factory=lambda: defaultdict(float))
@@ -61,6 +64,20 @@ class TimedRuntime(Runtime):
         t0 = time.perf_counter()
         try:
             return await super().io(fn, *args, **kwargs)
+        finally:
+            self.spent[self.current] += time.perf_counter() - t0
+
+    async def read(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        t0 = time.perf_counter()
+        try:
+            return await super().read(fn, *args, **kwargs)
+        finally:
+            self.spent[self.current] += time.perf_counter() - t0
+
+    async def run(self, steps: Steps[R], aside: Aside | None = None) -> R:
+        t0 = time.perf_counter()
+        try:
+            return await super().run(steps, aside)
         finally:
             self.spent[self.current] += time.perf_counter() - t0
 

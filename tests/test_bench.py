@@ -92,3 +92,16 @@ def test_bench_entry_point_prints_json_rows() -> None:
     assert row["figure"] == "CLI start" and row["goal"] == "<= 1.5"
     assert isinstance(row["value"], float) and row["holds"] in (True, False)
     assert result.returncode == (0 if row["holds"] else 1)
+
+
+def test_the_store_figures_time_every_step_of_a_job(tmp_path: Path) -> None:
+    """The growth and fsync figures read each step's store time from the timed runtime: every step must
+    have one (a store path that bypasses the timing would leave the figures without their numbers)."""
+    from bench.common import Area
+    from bench.store_figures import run_in_process
+
+    area = Area(bench=None, name="t", root=tmp_path, queue="unused")  # type: ignore[arg-type]
+    area.storage.mkdir(parents=True)
+    job = run_in_process(area, 4)
+    assert sorted(job.store_ms) == [1, 2, 3, 4] and all(ms > 0 for ms in job.store_ms.values())
+    assert job.store_bytes > job.conversation_bytes > 0
