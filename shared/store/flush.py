@@ -21,16 +21,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 
-def _syncfs() -> Callable[[int], int] | None:
+def libc_function(name: str) -> Callable[..., int] | None:
+    """A function of the C library that Python's os module lacks (syncfs, renameat2), called with errno
+    kept; None where the system has none (not Linux, an older libc)."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        syncfs: Callable[[int], int] = libc.syncfs
+        function: Callable[..., int] = getattr(libc, name)
     except (OSError, AttributeError, TypeError):
         return None
-    return syncfs
+    return function
 
 
-_SYNCFS = _syncfs()
+_SYNCFS = libc_function("syncfs")
 # how far a file's ctime may trail the clock that stamps flushes (the kernel's coarse clock: one tick)
 _STAMP_SLACK_NS = 50_000_000
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import os
@@ -19,7 +18,7 @@ from typing import Any, TypeVar, cast
 
 from shared.randomness import random_token
 from shared.store.backend import LOCK_BUSY, Append, Flush, Offload, Steps
-from shared.store.flush import GroupFlush, LoopFlush
+from shared.store.flush import GroupFlush, LoopFlush, libc_function
 
 T = TypeVar("T")
 # what a step on an event loop waits in while the store flushes (worker/gate.py: it lets another step go)
@@ -30,16 +29,7 @@ _LOCK_RETRY_S = 0.002
 _SHARED_WAIT_S = 2.0
 
 
-def _renameat2() -> Callable[[int, bytes, int, bytes, int], int] | None:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        renameat2: Callable[[int, bytes, int, bytes, int], int] = libc.renameat2
-    except (OSError, AttributeError, TypeError):  # not Linux, or a libc older than glibc 2.28
-        return None
-    return renameat2
-
-
-_RENAMEAT2 = _renameat2()
+_RENAMEAT2 = libc_function("renameat2")  # glibc 2.28 and later
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 _NO_EXCHANGE = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
@@ -395,8 +385,11 @@ class LocalBackend:
         Waited for by trying again (`LOCK_BUSY`), so a step on an event loop never blocks on it. Returns the
         lock to give to `unlock`."""
         folder = os.path.dirname(self._path(key))
-        os.makedirs(folder, exist_ok=True)
-        fd = self._lockable(folder)
+        try:
+            fd = self._lockable(folder)
+        except FileNotFoundError:  # a new folder (a mkdir on every lock would cost a syscall)
+            os.makedirs(folder, exist_ok=True)
+            fd = self._lockable(folder)
         try:
             while True:
                 try:
