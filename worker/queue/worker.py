@@ -224,13 +224,12 @@ class PerqWorker(Worker):
             self.lease_owner, lease_ms, lambda: self.allow_pick_jobs, self._start, lambda i: i in self.tasks
         )
 
-    async def _take(self, arq_ids: list[str]) -> list[str]:
-        """Take what the pick-up script gives of these steps, up to the room left, and run each with arq.
-        Returns the ids taken."""
+    async def _take(self, arq_ids: list[str]) -> None:
+        """Take what the pick-up script gives of these steps, up to the room left, and run each with arq."""
         room = self.concurrency - len(self.tasks)
         candidates = [i for i in arq_ids if i not in self.tasks]
         if room <= 0 or not candidates:
-            return []
+            return
         picked = await pick_up(
             self.redis,
             self.settings.redis.queue,
@@ -241,7 +240,6 @@ class PerqWorker(Worker):
         )
         for p in picked:
             self._start(p)
-        return [p.arq_id for p in picked]
 
     def _start(self, picked: Picked) -> None:
         """Run a taken step in a task of its own, counted in the worker's room."""
