@@ -13,7 +13,7 @@ import os
 import statistics
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar, cast
@@ -61,23 +61,23 @@ class TimedRuntime(Runtime):
     spent: defaultdict[int, float] = field(default_factory=lambda: defaultdict(float))
 
     async def io(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
-        t0 = time.perf_counter()
-        try:
+        with self._timing():
             return await super().io(fn, *args, **kwargs)
-        finally:
-            self.spent[self.current] += time.perf_counter() - t0
 
     async def read(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
-        t0 = time.perf_counter()
-        try:
+        with self._timing():
             return await super().read(fn, *args, **kwargs)
-        finally:
-            self.spent[self.current] += time.perf_counter() - t0
 
     async def run(self, steps: Steps[R], aside: Aside | None = None) -> R:
+        with self._timing():
+            return await super().run(steps, aside)
+
+    @contextlib.contextmanager
+    def _timing(self) -> Iterator[None]:
+        """Count the time inside toward the current step's store time."""
         t0 = time.perf_counter()
         try:
-            return await super().run(steps, aside)
+            yield
         finally:
             self.spent[self.current] += time.perf_counter() - t0
 
