@@ -255,6 +255,79 @@ def test_the_live_form_reads_as_the_same_types() -> None:
     assert isinstance(live_calls, CallTools) and live_calls.new_message is None
 
 
+def _live_by_parsing(event: Event) -> dict[str, Any]:
+    """What the live form says, made the slow, plain way: the whole line parsed, then cut."""
+    data = json.loads(event.to_json())
+    if isinstance(event, StepEnd):
+        data["checkpoint"] = event.checkpoint.model_dump(
+            mode="json",
+            by_alias=True,
+            exclude_none=True,
+            include={"id", "job_id", "run_id", "expert", "status", "step_number", "usage"}
+            | {"delegated_by", "error", "pending_tool_calls", "todos"},
+        )
+    for key in ("newMessage", "newMessages", "messages", "step"):
+        data.pop(key, None)
+
+    def cut(value: Any, limit: int = 200) -> Any:
+        if isinstance(value, str):
+            return value if len(value) <= limit else value[:limit] + "…"
+        if isinstance(value, dict):
+            return {k: cut(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [cut(v) for v in value]
+        return value
+
+    text = data.pop("text", None)
+    data = cut(data)
+    if isinstance(text, str):
+        data["text"] = cut(text, 4000)
+    return data
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "short",
+        "y" * 200,  # at the limit: kept
+        "y" * 201,  # past it: cut
+        'q"' * 150,  # escaped quotes: no piece between quotes is long, the string is
+        "\\" * 120,  # escaped backslashes: written longer than they are
+        "é" * 250,
+        "z" * 5000,
+    ],
+)
+def test_the_live_form_is_what_parsing_and_cutting_would_make(text: str) -> None:
+    """The live form skips the parse where it can (the line as it is, a step's end dumped from its models);
+    what it says must be what the whole line parsed and cut says, for events made here and read back."""
+    said = ExpertMessage(contents=[TextPart(text=text)])
+    call = ToolCall(id="t1", skill_name="s", tool_name="t", args={"q": text, "n": 3})
+    cp = checkpoint(2, status="completed", messages=[UserMessage(contents=[TextPart(text=text)])])
+    failed = cp.model_copy(update={"status": "stoppedByError", "error": RunError(name="E", message=text)})
+    asked = [UserMessage(contents=[TextPart(text=text)])]
+    made = [
+        Event.emit("startRun", "j1", "r1", "e", 1, initialCheckpoint=checkpoint(1), inputMessages=asked),
+        Event.emit("callTools", "j1", "r1", "e", 1, newMessage=said, toolCalls=[call], usage=Usage()),
+        Event.emit("completeRun", "j1", "r1", "e", 2, checkpoint=cp, step=Step(step_number=2), text=text),
+        Event.emit(
+            "stopRunByError",
+            "j1",
+            "r1",
+            "e",
+            2,
+            checkpoint=failed,
+            step=Step(step_number=2),
+            error=failed.error,
+        ),
+    ]
+    # read back as a stream or a store has them; a step's end with its checkpoint whole
+    read = [read_event(e.to_json()) for e in made[:2]]
+    read += [read_event(json.dumps(e.to_dict() | {"checkpoint": e.checkpoint.to_dict()})) for e in made[2:]]
+    assert [type(e) for e in read] == [type(e) for e in made]
+    for event in made + read:
+        assert json.loads(live_line(event)) == _live_by_parsing(event), (event.type, event.was_read)
+
+
 @pytest.mark.parametrize("root", [PERSTACK_STORE, OLD_STORE], ids=["perstack", "older-perq"])
 def test_stores_written_by_others_read_as_perqs_types(root: Path, tmp_path: Path) -> None:
     if not root.is_dir():

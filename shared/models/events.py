@@ -190,6 +190,11 @@ class Event(PerqModel):
             and self.__pydantic_extra__ == other.__pydantic_extra__
         )
 
+    @property
+    def was_read(self) -> bool:
+        """Read from a store or a stream (`read_event`), not made here."""
+        return self._read
+
     def to_json(self) -> str:
         if self._line is not None:
             return self._line
