@@ -1,4 +1,5 @@
-"""What a job waits on, derived from hand-made stores (worker/reconcile.py: next_units), and Sentinel URLs."""
+"""What a job waits on, derived from hand-made stores (worker/reconcile.py: next_units), a pass against a real
+Redis (`reconcile`), and Sentinel URLs."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from arq.connections import ArqRedis
 
 from shared.config import RedisSection, Settings, SettingsError
 from shared.models import (
@@ -19,11 +21,13 @@ from shared.models import (
     RunSetting,
     checkpoint_id,
     derived_id,
+    now_ms,
 )
-from shared.queue.broker import redis_settings
+from shared.queue import StepTask, cancel_key, step_job_id
+from shared.queue.broker import job_key_prefix, redis_settings
 from shared.redisurl import check_redis_url, parse_sentinel_url
 from shared.store import JobStore
-from worker.reconcile import next_units
+from worker.reconcile import next_units, reconcile
 
 BOSS = ExpertRef(key="boss", name="boss")
 HELPER = ExpertRef(key="helper", name="helper")
@@ -206,6 +210,54 @@ def test_a_sequential_delegate_done_resumes_its_parent(store: JobStore) -> None:
     assert steps(store, job) == [(back, 5)]
     record(store, back, 5, "proceeding")
     assert steps(store, job) == [(back, 6)]
+
+
+async def in_queue(redis: ArqRedis, queue: str, run_id: str, step: int) -> None:
+    """A step of job `j` as the queue holds it while it waits or runs (its member in the sorted set)."""
+    await redis.zadd(queue, {step_job_id(StepTask(job_id="j", run_id=run_id, step_number=step)): now_ms()})
+
+
+@pytest.mark.parametrize("thorough", [True, False], ids=["thorough", "workers"])
+async def test_a_delegate_lost_beside_one_queued_is_found_by_every_pass_in_time(
+    store: JobStore, redis: ArqRedis, thorough: bool
+) -> None:
+    """A workers' pass (not thorough) takes a job with a step in the queue as busy, without deriving it: a
+    parallel delegate lost beside a queued one is found once the job has nothing queued; `perq recover`
+    (thorough) finds it at once."""
+    queue = f"perq:test:reconcile:{thorough}:{now_ms()}"
+    job = save_job(store, status="queued")  # submitted (which marks it unfinished), then running
+    store.save_job(job.model_copy(update={"status": "running"}))
+    parent = delegating(store, ["a", "b"])
+    a, b = child(store, parent, "a"), child(store, parent, "b")
+    b_step = step_job_id(StepTask(job_id="j", run_id=b, step_number=3))
+    await redis.delete(job_key_prefix + b_step)  # left by another case: ids are the same in every store
+    await in_queue(redis, queue, a, 3)  # b's first step was lost
+    found = await reconcile(redis, store, queue, settle_s=0, dry_run=True, thorough=thorough)
+    assert [(r.unit.task.run_id, r.unit.task.step_number) for r in found] == ([(b, 3)] if thorough else [])
+    # a's step ran and ended; b's is still missing, and now the job has nothing queued
+    await redis.zrem(queue, step_job_id(StepTask(job_id="j", run_id=a, step_number=3)))
+    record(store, a, 3, "completed", delegatedBy=by(parent, "a"))
+    found = await reconcile(redis, store, queue, settle_s=0, thorough=thorough)
+    assert [(r.unit.task.run_id, r.unit.task.step_number, r.outcome) for r in found] == [(b, 3, "enqueued")]
+    assert job.id == "j" and await redis.zscore(
+        queue, step_job_id(StepTask(job_id="j", run_id=b, step_number=3))
+    )
+
+
+async def test_a_workers_pass_restores_the_mark_of_a_cancelled_job_with_a_step_queued(
+    store: JobStore, redis: ArqRedis
+) -> None:
+    """A cancelled job whose step is still queued is not derived by a workers' pass, but its record is read:
+    a Redis that forgot its cancel mark gets it back, so the step cannot hand the job on."""
+    queue = f"perq:test:reconcile:cancelled:{now_ms()}"
+    job = save_job(store, status="queued")
+    store.save_job(job.model_copy(update={"status": "cancelled", "finished_at": 1234}))
+    begin_run(store, "r1")
+    await in_queue(redis, queue, "r1", 1)
+    await redis.delete(cancel_key("j"))
+    assert await reconcile(redis, store, queue, settle_s=0, thorough=False) == []
+    assert await redis.get(cancel_key("j")) == b"1234"
+    assert store.list_unfinished() == ["j"]  # a step of it may still run: not settled
 
 
 def test_the_unfinished_index_follows_the_status(store: JobStore) -> None:
