@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic.alias_generators import to_camel
 
-from shared.models import Checkpoint, Event, StepEnd, read_event
+from shared.models import STEP_ENDING_EVENTS, Checkpoint, Event, StepEnd, read_event, stored_exclude
 from shared.queue import events_channel
 
 STREAM_MAXLEN = 10_000  # events kept per job in Redis; the store keeps them all
@@ -58,50 +58,81 @@ def _cut(value: Any, limit: int) -> Any:
 _CONTAINERS = (dict, list)
 
 
-# a step's end made here, as the stream carries it: its record and messages left out, its checkpoint cut to
-# what a follower shows
-_LIVE_STEP_END_EXCLUDE: dict[str, Any] = {name: True for name in _DROPPED_FIELDS} | {
-    "checkpoint": set(Checkpoint.model_fields) - _LIVE_CHECKPOINT_FIELDS
-}
+def _live_exclude(event_type: str) -> dict[str, Any]:
+    """What the live form of an event made here leaves out: what its stored line does, its messages and
+    record, and of a step's end's checkpoint all but what a follower shows (the stored line has its id)."""
+    exclude = _LIVE_EXCLUDE.get(event_type)
+    if exclude is None:
+        exclude = stored_exclude(event_type) | {name: True for name in _DROPPED_FIELDS}
+        if event_type in STEP_ENDING_EVENTS:
+            exclude["checkpoint"] = set(Checkpoint.model_fields) - _LIVE_CHECKPOINT_FIELDS
+        exclude = _LIVE_EXCLUDE[event_type] = exclude
+    return exclude
 
 
-def _may_hold_long_strings(line: str) -> bool:
-    """Whether a JSON line may hold a string longer than the live limit. Without an escaped quote, every
-    string's text lies between two quotes, written with at least as many characters as it holds."""
-    return '\\"' in line or max(map(len, line.split('"'))) > LIVE_TEXT_LIMIT
+_LIVE_EXCLUDE: dict[str, dict[str, Any]] = {}
 
 
 def live_line(event: Event) -> str:
     """The event as the live stream carries it: without messages or the step's record, long strings cut, and
     a step's end with what a follower shows of its checkpoint (status, step, usage, delegation, error).
 
-    A step's hot path (bench: throughput): most events are their stored line as it is (nothing to leave out,
-    nothing to cut), and a step's end made here is dumped straight from its models; neither is parsed."""
-    if isinstance(event, StepEnd) and not event.was_read:
-        line = event.model_dump_json(by_alias=True, exclude_none=True, exclude=_LIVE_STEP_END_EXCLUDE)
-        if not _may_hold_long_strings(line):
-            return line
-        data = json.loads(line)
-    else:
-        line = event.to_json()
-        if (
-            not isinstance(event, StepEnd)
-            and not event.model_fields_set & _DROPPED_FIELDS
-            and not _may_hold_long_strings(line)
-        ):
-            return line
-        data = json.loads(line)
+    A step's hot path (bench: throughput): an event made here is dumped straight from its models (its stored
+    line as it is, when it has nothing to leave out) and its long strings are cut in the line itself; an
+    event read from a store or a stream is parsed and cut."""
+    if event.was_read:
+        data = json.loads(event.to_json())
         if isinstance(event, StepEnd):
             data["checkpoint"] = event.checkpoint.model_dump(
                 mode="json", by_alias=True, exclude_none=True, include=_LIVE_CHECKPOINT_FIELDS
             )
         for key in _DROPPED:
             data.pop(key, None)
+        return _dumps(_cut_event(data))
+    if isinstance(event, StepEnd) or event.model_fields_set & _DROPPED_FIELDS:
+        line = event.model_dump_json(by_alias=True, exclude_none=True, exclude=_live_exclude(event.type))
+    else:
+        line = event.to_json()
+    return _cut_line(line)
+
+
+def _cut_event(data: dict[str, Any]) -> dict[str, Any]:
+    """An event's strings cut: its final text (top-level `text`) at the result's limit, all others at the
+    live limit."""
     text = data.pop("text", None)
     data = _cut(data, LIVE_TEXT_LIMIT)
     if isinstance(text, str):
         data["text"] = _cut(text, LIVE_RESULT_LIMIT)
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return data
+
+
+def _cut_line(line: str) -> str:
+    """`_cut_event` on a compact JSON line (as pydantic and `_dumps` write one), without parsing it where it
+    can: without an escaped quote, the line split at its quotes alternates between what lies outside strings
+    and the strings' text, written with at least as many characters as it holds; a string followed by `:` is
+    a key (never cut), and one after `"text":` at the top level is the final text."""
+    if '\\"' in line:
+        return _dumps(_cut_event(json.loads(line)))
+    pieces = line.split('"')
+    if max(map(len, pieces)) <= LIVE_TEXT_LIMIT:  # the common case, at C's speed
+        return line
+    long = [i for i in range(1, len(pieces), 2) if len(pieces[i]) > LIVE_TEXT_LIMIT]
+    for i in long:
+        if pieces[i + 1].startswith(":"):
+            continue
+        limit = LIVE_TEXT_LIMIT
+        if pieces[i - 1] == ":" and pieces[i - 2] == "text":  # a "text" key: the final text at the top level?
+            outside = "".join(pieces[0:i:2])
+            depth = outside.count("{") + outside.count("[") - outside.count("}") - outside.count("]")
+            limit = LIVE_RESULT_LIMIT if depth == 1 else LIVE_TEXT_LIMIT
+        text = json.loads(f'"{pieces[i]}"')
+        if len(text) > limit:
+            pieces[i] = _dumps(text[:limit] + "…")[1:-1]
+    return '"'.join(pieces)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def live_lines(events: list[Event]) -> list[str]:

@@ -94,6 +94,11 @@ _DERIVED_EXCLUDE: dict[str, Any] = {
 }
 
 
+def stored_exclude(type_: str) -> dict[str, Any]:
+    """What an event of this type leaves out of its stored line (`exclude` of `model_dump_json`)."""
+    return _DERIVED_EXCLUDE.get(type_, _STORED_EXCLUDE)
+
+
 class Event(PerqModel):
     """What every event has: Perstack's base fields. Each type is a subclass (`CallTools`, `CompleteRun`, …)
     whose `type` is a literal (or several, for types with one payload: `StopRun`, `StreamDelta`, …) and whose
@@ -145,8 +150,7 @@ class Event(PerqModel):
             step_number=step_number,
             **payload,
         )
-        exclude = _DERIVED_EXCLUDE.get(type_, _STORED_EXCLUDE)
-        event._line = event.model_dump_json(by_alias=True, exclude_none=True, exclude=exclude)
+        event._line = event.model_dump_json(by_alias=True, exclude_none=True, exclude=stored_exclude(type_))
         return event
 
     @classmethod
