@@ -5,6 +5,7 @@ Then a whole job on the S3 store: `perq run` + `perq worker --burst` with PERQ_S
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -615,6 +616,52 @@ def test_a_record_rewrite_frees_no_inode(tmp_path: Path) -> None:
     assert (record.parent / ".job.json.spare").exists()
     assert ".job.json.spare" not in store.backend.list("jobs/j1")
     assert [j.id for j in store.list_jobs().jobs] == ["j1"]
+
+
+def test_index_markers_neither_allocate_nor_free_an_inode(tmp_path: Path) -> None:
+    """The store's index entries are hard links to one empty file per folder: a job marked unfinished and
+    then finished leaves no freed inode behind, and listings never show the shared file."""
+    store = JobStore.open(str(tmp_path / "perstack"))
+    for n in range(3):
+        store.save_job(job(f"j{n}", started_at=1_000 + n, status="queued"), new=True)
+    root = tmp_path / "perstack"
+    shared = os.stat(root / "unfinished" / ".mark")
+    assert {os.stat(root / "unfinished" / f"j{n}").st_ino for n in range(3)} == {shared.st_ino}
+    assert shared.st_nlink == 4 and os.stat(root / "index" / ".mark").st_nlink == 4
+    store.save_job(job("j1", status="completed"))
+    assert os.stat(root / "unfinished" / ".mark").st_nlink == 3  # the marker went; its inode stays
+    assert store.list_unfinished() == ["j0", "j2"]
+    assert [j.id for j in store.list_jobs().jobs] == ["j2", "j1", "j0"]
+
+
+def test_a_marks_shared_file_at_its_link_limit_starts_anew_and_without_links_marks_are_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = LocalBackend(tmp_path)
+    backend.mark("index/a")
+    first = os.stat(tmp_path / "index" / ".mark").st_ino
+    real_link = os.link
+    full = {first}
+
+    def link(src: str, dst: str) -> None:
+        if os.stat(src).st_ino in full:
+            raise OSError(errno.EMLINK, "Too many links")
+        real_link(src, dst)
+
+    monkeypatch.setattr(os, "link", link)
+    backend.mark("index/b")
+    b = os.stat(tmp_path / "index" / "b")
+    assert b.st_ino != first and b.st_ino == os.stat(tmp_path / "index" / ".mark").st_ino
+    assert os.stat(tmp_path / "index" / "a").st_ino == first  # the old marks keep their file
+
+    def no_links(src: str, dst: str) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    backend.mark("index/c")
+    assert os.stat(tmp_path / "index" / "c").st_nlink == 1 and (tmp_path / "index" / "c").read_bytes() == b""
+    backend.mark("index/c")  # marked twice: still marked
+    assert sorted(backend.list("index")) == ["a", "b", "c"]
 
 
 def test_a_spare_is_overwritten_only_once_its_swap_is_on_the_disk(

@@ -200,14 +200,14 @@ class JobStore:
         key = self._job_key(job.id)
         if new:
             self.backend.write(key, data)
-            self.backend.write(f"index/{_INDEX_BASE - job.started_at:013d}-{job.id}", b"")
+            self.backend.mark(f"index/{_INDEX_BASE - job.started_at:013d}-{job.id}")
         else:
             yield from self.backend.rewrite_steps(key, data)
         # a submission saves the job queued, its steps running, its end a final status: the marker of an
         # unfinished job is written at the first and dropped at the last, never touched by a step's write.
         # A cancelled job keeps it until reconciliation has seen its last step end (`settle_unfinished`).
         if job.status == "queued":
-            yield Offload(functools.partial(self.backend.write, f"unfinished/{job.id}", b""))
+            yield Offload(functools.partial(self.backend.mark, f"unfinished/{job.id}"))
         elif job.status in FINAL_JOB_STATUSES and job.status != "cancelled":
             yield from self.backend.removal_steps(f"unfinished/{job.id}")
 

@@ -116,6 +116,9 @@ class S3Backend:
             return
         raise ValueError(f"cannot rewrite {self.describe(key)}: the store's logs are append-only")
 
+    def mark(self, key: str) -> None:
+        self.write(key, b"")
+
     # --- as steps: a PUT is durable when it returns, so nothing waits (no flush, no lock) ----------------
 
     def commit_steps(self, appends: list[Append], key: str, data: bytes) -> Steps[bool]:
