@@ -236,7 +236,7 @@ def test_messages_are_stored_once_and_read_whole(store: JobStore) -> None:
     # a continuation (run r2) refers to its base instead of copying it
     initial = step2.model_copy(update={"id": "cp3", "run_id": "r2", "step_number": 3})
     store.save_initial_checkpoint(initial)
-    assert store.backend.read("jobs/j1/runs/r2/messages.jsonl") is None
+    assert not store.backend.read("jobs/j1/runs/r2/messages.jsonl")  # laid out empty (local), or none (S3)
     assert texts(store.load_initial_checkpoint("j1", "r2")) == ["a", "b", "c"]
     step3 = initial.model_copy()
     step3.messages = [*step3.messages, said("d")]
@@ -616,6 +616,30 @@ def test_a_record_rewrite_frees_no_inode(tmp_path: Path) -> None:
     assert (record.parent / ".job.json.spare").exists()
     assert ".job.json.spare" not in store.backend.list("jobs/j1")
     assert [j.id for j in store.list_jobs().jobs] == ["j1"]
+
+
+def test_a_steps_commit_and_record_create_only_its_checkpoint(tmp_path: Path) -> None:
+    """A job's folders, its run's logs and its record's spare are laid out when it is submitted: its first
+    step creates one file, its checkpoint (file creation is what a recent removal makes slow on ext4)."""
+    store = JobStore.open(str(tmp_path / "perstack"))
+    store.save_job(job("j1", status="queued"), new=True)
+    store.save_initial_checkpoint(checkpoint(0).model_copy(update={"status": "init"}))
+    root = tmp_path / "perstack"
+
+    def files() -> set[str]:
+        return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+    before = files()
+    assert {"jobs/j1/checkpoints", "jobs/j1/.job.json.spare", "jobs/j1/runs/r1/events.jsonl"} <= before
+    _commit_then_record(store, composed=True)
+    assert files() - before == {"jobs/j1/checkpoints/cp1.json"}
+    assert b'"startRun"' in (store.backend.read("jobs/j1/runs/r1/events.jsonl") or b"")
+    assert texts(store.load_checkpoint("j1", "cp1")) == ["a"] and store.load_job("j1") == job("j1")
+    # a store laid out before (or by another writer) without them: the step makes them as it goes
+    other = JobStore.open(str(tmp_path / "bare"))
+    other.backend.write("jobs/j1/job.json", job("j1", status="queued").model_dump_json().encode())
+    _commit_then_record(other, composed=True)
+    assert texts(other.load_checkpoint("j1", "cp1")) == ["a"] and other.load_job("j1") == job("j1")
 
 
 def test_index_markers_neither_allocate_nor_free_an_inode(tmp_path: Path) -> None:

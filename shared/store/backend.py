@@ -7,7 +7,7 @@ store that uses it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -70,6 +70,10 @@ class Backend(Protocol):
     def create(self, key: str, data: bytes) -> bool: ...  # like write, only if absent; False if it exists
     # an empty file whose name alone says something (an index's entry), durable like `write`'s
     def mark(self, key: str) -> None: ...
+    # make ahead what later writes would create (folders, empty logs, a rewritten file's spare): see local.py
+    def lay_out(
+        self, *, folders: Sequence[str] = (), logs: Sequence[str] = (), rewritten: Sequence[str] = ()
+    ) -> None: ...
     # durable; `order` sorts the pieces of a log on stores that cannot append (the step number)
     def append(self, key: str, data: bytes, order: int = 0) -> None: ...
     # the appends, all durable, then `create` of the commit file: one flush for all of them where it can

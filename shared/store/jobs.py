@@ -199,6 +199,8 @@ class JobStore:
         data = job.model_dump_json(by_alias=True, indent=2, exclude_none=True).encode()
         key = self._job_key(job.id)
         if new:
+            # the job's steps create only their checkpoints: its folder for them, and the record's spare
+            self.backend.lay_out(folders=[f"{self._job(job.id)}/checkpoints"], rewritten=[key])
             self.backend.write(key, data)
             self.backend.mark(f"index/{_INDEX_BASE - job.started_at:013d}-{job.id}")
         else:
@@ -423,7 +425,9 @@ class JobStore:
         return self.backend.list(f"{self._job(job_id)}/runs")
 
     def save_initial_checkpoint(self, checkpoint: Checkpoint) -> None:
-        key = f"{self._run(checkpoint.job_id, checkpoint.run_id)}/initial-checkpoint.json"
+        run = self._run(checkpoint.job_id, checkpoint.run_id)
+        key = f"{run}/initial-checkpoint.json"
+        self.backend.lay_out(logs=[f"{run}/events.jsonl", f"{run}/messages.jsonl"])  # the run's logs, empty
         checkpoint.commit = None  # a run's starting point is written by whoever starts the run, not committed
         self.backend.write(key, self._stored_form(checkpoint, secrets.token_hex(8)))
 

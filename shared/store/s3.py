@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from tenacity import retry, retry_if_exception_type, stop_after_attempt
@@ -118,6 +119,11 @@ class S3Backend:
 
     def mark(self, key: str) -> None:
         self.write(key, b"")
+
+    def lay_out(
+        self, *, folders: Sequence[str] = (), logs: Sequence[str] = (), rewritten: Sequence[str] = ()
+    ) -> None:
+        return None  # no folders, and an object is made by its first PUT whoever makes it
 
     # --- as steps: a PUT is durable when it returns, so nothing waits (no flush, no lock) ----------------
 
