@@ -3,8 +3,13 @@ with real workers, such as a finished step run again, or delegates nested inside
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
+
 from shared.models import Usage
 from tests.conftest import Perq
+from worker import runtime
 
 
 def setup(local: Perq, config: str, script: dict[str, list[dict[str, object]]]) -> Perq:
@@ -181,3 +186,29 @@ instruction = "x"
     await h.runtime.run_step(h.ran[-1], attempt=2)
     assert h.job(job.id).status == "stoppedByMaxSteps"
     assert not h.local.pending
+
+
+@pytest.mark.parametrize("looks_again", [True, False], ids=["ran-long", "ran-short"])
+async def test_two_attempts_of_a_step_commit_once_and_a_long_one_writes_nothing(
+    local: Perq, monkeypatch: pytest.MonkeyPatch, looks_again: bool
+) -> None:
+    """Two attempts of one step run together (one paused past its lease, the other took the step over):
+    one commits, the other adopts its checkpoint. An attempt that ran long looks again before it commits
+    and writes nothing; a short one is not expected to have lost a race, writes its lines under its own
+    token and loses the create-only commit: readers see one attempt either way."""
+    h = setup(local, '[experts.e]\ninstruction = "x"\n', {"e": [{"text": "done", "delayMs": 300}]})
+    monkeypatch.setattr(runtime, "LOOK_AGAIN_AFTER_S", 0.2 if looks_again else 60.0)
+    job = h.start("e", "go")
+    task = h.local.pending.popleft()
+    first = asyncio.create_task(h.runtime.run_step(task))
+    await asyncio.sleep(0.1)
+    h.runtime._checkpoints.clear()  # the other attempt is another worker's: it shares no cache
+    second = await h.runtime.run_step(task, attempt=2)
+    ended = await first
+    assert ended is not None and second is not None and ended.id == second.id
+    assert [c.id for c in h.checkpoints(job.id)] == [ended.id]
+    assert [e.type for e in h.events(job.id)] == ["startRun", "startGeneration", "completeRun"]
+    run_log = h.storage / "jobs" / job.id / "runs" / task.run_id / "events.jsonl"
+    written = len(run_log.read_bytes().splitlines())
+    assert written == (3 if looks_again else 6)  # the late attempt's three lines, or none
+    assert h.job(job.id).status == "completed" and h.job(job.id).total_steps == 1

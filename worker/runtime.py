@@ -70,6 +70,9 @@ STORE_THREADS = 64
 # for 500 waiting jobs (5.8 s, ungated 6.4 s), 64 slower; a job-throughput run of instant one-step jobs pays
 # for the gate (about 1100 jobs/s, ungated up to 1400), as its steps never wait on a model
 COMMITTING_AT_ONCE = 16
+# a step that ran this long since it found its checkpoint missing looks again before it commits (a file read
+# per step saved for the others: a step's commit is still create-only, whoever looks)
+LOOK_AGAIN_AFTER_S = 1.0
 
 
 class Unknown(enum.Enum):
@@ -190,6 +193,7 @@ class Runtime:
         """Run one step. `cancel_mark`: the job's cancel mark when the worker read it at pick-up."""
         setting = await self._cached_run_setting(task.job_id, task.run_id)
         this = checkpoint_id(task.run_id, task.step_number)
+        looked = time.monotonic()
         done = await self._cached_checkpoint(task.job_id, this)
         if done is not None:
             log.info("step %s of run %s already done; handing on", task.step_number, task.run_id)
@@ -214,7 +218,7 @@ class Runtime:
             start, begins_run = await self._start_of(task)
         end, runner, journal = await self._execute(task, setting, start, begins_run, attempt)
         async with self._gate.slot(time.monotonic()) as slot:
-            return await self._commit_and_hand_on(task, setting, end, runner, journal, slot)
+            return await self._commit_and_hand_on(task, setting, end, runner, journal, slot, looked)
 
     async def _commit_and_hand_on(
         self,
@@ -224,12 +228,14 @@ class Runtime:
         runner: StepRunner,
         journal: QueueAnswerJournal,
         slot: Slot,
+        looked: float,
     ) -> Checkpoint:
         """Commit the step run in memory, then hand its job on (or adopt the attempt that committed first);
         in the gate's `slot`, stepping aside while the store flushes."""
         token = random_token(8)
         lines = [e.to_json() for e in runner.events]
-        committed = await self.run(self._commit_and_finish(setting, end, lines, token), aside=slot.aside)
+        commit = self._commit_and_finish(setting, end, lines, token, looked)
+        committed = await self.run(commit, aside=slot.aside)
         if committed is None:
             # another attempt of this step committed first (this one paused past its lease): its checkpoint
             # is the step's; this attempt's result, events included, is dropped
@@ -284,7 +290,7 @@ class Runtime:
         return end, runner, journal
 
     def _commit_and_finish(
-        self, setting: RunSetting, end: Checkpoint, lines: list[str], token: str
+        self, setting: RunSetting, end: Checkpoint, lines: list[str], token: str, looked: float
     ) -> Steps[tuple[list[StepTask], Job | None] | None]:
         """Commit the step; when this attempt won, record it in the job record and prepare what follows.
         Returns the tasks to enqueue and the record (None: the step was committed by another attempt).
@@ -292,8 +298,11 @@ class Runtime:
         As one sequence of steps (`Steps`): the commit's name (its checkpoint) waits for the job record's
         data flush instead of having one of its own; the record is still written after the commit point,
         and every name is on the disk before the step hands on."""
-        # looked for first, so a late attempt writes nothing at all in the common case
-        if self.store.checkpoint_exists(end.job_id, end.id):
+        # looked for again (`looked`: when the step found none) by an attempt that ran long enough to have
+        # paused past its lease, so that such a late attempt writes nothing at all in the common case; a
+        # shorter one writes its lines and loses the commit in the rare race (readers skip its lines)
+        late = time.monotonic() - looked >= LOOK_AGAIN_AFTER_S
+        if late and self.store.checkpoint_exists(end.job_id, end.id):
             return None
         if not (yield from self.store.commit_checkpoint_steps(end, token, lines)):
             return None
