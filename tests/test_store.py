@@ -642,6 +642,43 @@ def test_a_steps_commit_and_record_create_only_its_checkpoint(tmp_path: Path) ->
     assert texts(other.load_checkpoint("j1", "cp1")) == ["a"] and other.load_job("j1") == job("j1")
 
 
+def test_what_is_laid_out_is_flushed_where_no_syncfs_covers_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without syncfs each folder is flushed on its own: the folders a job's lay-out makes (the job's, its
+    checkpoints folder) have their entries flushed, and the record's spare is private as the record is."""
+    from shared.store import flush, local
+
+    monkeypatch.setattr(flush, "_SYNCFS", None)
+    monkeypatch.setattr(local, "_RENAMEAT2", None)  # no swaps without syncfs: no spare either
+    store = JobStore.open(str(tmp_path / "perstack"))
+    flushed: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: (flushed.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd))[1]
+    )
+    store.save_job(job("j1", status="queued"), new=True)
+    root = str(tmp_path / "perstack")
+    assert {f"{root}/jobs", f"{root}/jobs/j1"} <= set(flushed)
+    assert not (tmp_path / "perstack" / "jobs" / "j1" / ".job.json.spare").exists()
+    assert (tmp_path / "perstack" / "jobs" / "j1" / "checkpoints").is_dir()
+
+
+def test_a_laid_out_spare_is_private_and_the_record_keeps_its_mode(tmp_path: Path) -> None:
+    from shared.store import local
+
+    if local._RENAMEAT2 is None or not LocalBackend(tmp_path).flushes_shared:
+        pytest.skip("no swaps here")
+    store = JobStore.open(str(tmp_path / "perstack"))
+    store.save_job(job("j1", status="queued"), new=True)
+    record = tmp_path / "perstack" / "jobs" / "j1" / "job.json"
+    modes = {record.stat().st_mode & 0o777}
+    for n in range(3):
+        store.update_job("j1", lambda j, n=n: j.model_copy(update={"status": "running", "total_steps": n}))
+        modes.add(record.stat().st_mode & 0o777)
+    assert modes == {0o600}
+
+
 def test_index_markers_neither_allocate_nor_free_an_inode(tmp_path: Path) -> None:
     """The store's index entries are hard links to one empty file per folder: a job marked unfinished and
     then finished leaves no freed inode behind, and listings never show the shared file."""

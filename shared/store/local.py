@@ -279,7 +279,7 @@ class LocalBackend:
         `rewrite_steps`): a job's unfinished marker, dropped as it ends, made each following job's files
         cost more (bench: throughput). Where no link can be made (a file system without hard links), an
         empty file of its own; at the link limit the folder's `.mark` starts on a new file."""
-        path, made = self._path(key), set[str]()
+        path = self._path(key)
         folder = os.path.dirname(path)
         shared = f"{folder}/.mark"
         for _ in range(3):
@@ -288,22 +288,18 @@ class LocalBackend:
                 break
             except FileExistsError:  # marked already
                 break
-            except FileNotFoundError:  # no `.mark` (or no folder) yet
-                if not os.path.isdir(folder):
-                    self._parent(path, made)
-                os.close(os.open(shared, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+            except FileNotFoundError:  # no `.mark` (or no folder) yet: made as any file is, durable
+                self.write(f"{os.path.dirname(key)}/.mark", b"")
             except OSError as e:
                 if e.errno != errno.EMLINK:
                     self.write(key, b"")  # no hard links here
                     return
                 # a new `.mark` takes the old one's name; the old file stays, linked by its marks
-                fd, tmp = _create_temp(folder, ".mark")
-                os.close(fd)
-                os.replace(tmp, shared)
+                self.write(f"{os.path.dirname(key)}/.mark", b"")
         else:
             self.write(key, b"")
             return
-        self._flush_now((), {folder, *made})  # the name (and any folder made for it) is on the disk
+        self._flush_now((), {folder})  # the name is on the disk
 
     def lay_out(
         self, *, folders: Sequence[str] = (), logs: Sequence[str] = (), rewritten: Sequence[str] = ()
@@ -312,22 +308,31 @@ class LocalBackend:
         empty logs steps append to, the spares of files rewritten often. Why: a step's commit then creates
         one file (its checkpoint), and on ext4 without a journal a file created scans past every inode freed
         in the last minutes (after a test run or any large removal, a step's five creations cost a worker a
-        third of its throughput: bench). Nothing made here needs a flush of its own: it is made before the
-        write that follows it in the same folder (whose name flush covers it), and a write that finds it
-        missing makes it again as it always did."""
+        third of its throughput: bench). With a flush of the whole file system (syncfs), what is made here is
+        on the disk before anything that relies on it (the caller's own writes, a step's commit) is, each of
+        them flushed by a later syncfs; elsewhere the folders whose entries it changed are flushed now. A
+        write that finds something missing makes it again, as it always did."""
+        made = set[str]()
         for folder in folders:
-            os.makedirs(self._path(folder), exist_ok=True)
-        paths = [self._path(key) for key in logs]
+            path = self._path(folder)
+            if not os.path.isdir(path):
+                self._parent(f"{path}/.", made)
+        # modes as the writes would make them: logs as appends do, spares as temporary files (private)
+        files = [(self._path(key), 0o644) for key in logs]
         if self._swaps:
-            paths += [_spare(self._path(key)) for key in rewritten]
-        for path in paths:
-            flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
+            files += [(_spare(self._path(key)), 0o600) for key in rewritten]
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        for path, mode in files:
             try:
-                fd = os.open(path, flags, 0o644)
+                os.close(os.open(path, flags, mode))
+            except FileExistsError:
+                continue
             except FileNotFoundError:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                fd = os.open(path, flags, 0o644)
-            os.close(fd)
+                self._parent(path, made)
+                os.close(os.open(path, flags, mode))
+            made.add(os.path.dirname(path))
+        if self.fsync and not self._flush.grouped:
+            self._flush_now((), made)
 
     @property
     def _swaps(self) -> bool:
