@@ -89,7 +89,7 @@ def live_line(event: Event) -> str:
         for key in _DROPPED:
             data.pop(key, None)
         return _dumps(_cut_event(data))
-    if isinstance(event, StepEnd) or event.model_fields_set & _DROPPED_FIELDS:
+    if isinstance(event, StepEnd) or _DROPPED_FIELDS.intersection(type(event).model_fields):
         line = event.model_dump_json(by_alias=True, exclude_none=True, exclude=_live_exclude(event.type))
     else:
         line = event.to_json()

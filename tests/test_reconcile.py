@@ -3,7 +3,9 @@ Redis (`reconcile`), and Sentinel URLs."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -258,6 +260,43 @@ async def test_a_workers_pass_restores_the_mark_of_a_cancelled_job_with_a_step_q
     assert await reconcile(redis, store, queue, settle_s=0, thorough=False) == []
     assert await redis.get(cancel_key("j")) == b"1234"
     assert store.list_unfinished() == ["j"]  # a step of it may still run: not settled
+
+
+async def test_workers_passes_are_thorough_every_few_periods_but_never_at_start_up(
+    store: JobStore, redis: ArqRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """So a step lost beside a queued one waits a bounded time, while a worker starting beside a full queue
+    still reads one record per job."""
+    import asyncio
+
+    from worker import reconcile as reconciling
+
+    seen: list[tuple[float, bool]] = []
+    enough = asyncio.Event()
+
+    async def pass_(*_args: object, thorough: bool = True, **_kwargs: object) -> list[object]:
+        seen.append((time.monotonic(), thorough))
+        if len(seen) >= 25:
+            enough.set()
+        return []
+
+    monkeypatch.setattr(reconciling, "reconcile", pass_)
+    queue = f"perq:test:reconcile:every:{now_ms()}"
+    period = 0.02
+    service = asyncio.create_task(
+        reconciling.reconcile_forever(
+            redis, store, queue, period_s=period, settle_s=0, enqueued=lambda _: None
+        )
+    )
+    try:
+        await asyncio.wait_for(enough.wait(), 30)
+    finally:
+        service.cancel()
+    assert seen[0][1] is False and seen[1][1] is True  # the start-up pass is light; the next one is thorough
+    thorough = [at for at, t in seen if t]
+    assert len(thorough) >= 2 and len(thorough) < len(seen) / 2
+    # one thorough pass per THOROUGH_EVERY periods across the queue's workers (a Redis key's lifetime)
+    assert all(b - a >= 0.9 * reconciling.THOROUGH_EVERY * period for a, b in itertools.pairwise(thorough))
 
 
 def test_the_unfinished_index_follows_the_status(store: JobStore) -> None:

@@ -242,7 +242,7 @@ async def _look(
     """What the store says the jobs wait on, against the queue. Not `thorough`: a job with a step in the queue
     is taken as busy without deriving its units (a fifth of the reads): a job moves on from a step it has,
     and one whose steps were partly lost (a parallel delegate) is derived once its others are done."""
-    queued = set() if thorough else await _queued_jobs(redis, queue_name)
+    queued = set() if thorough or not job_ids else await _queued_jobs(redis, queue_name)
     derived = await asyncio.to_thread(_derive, store, job_ids, queued)  # store reads never block the loop
     units = [u for _job, job_units in derived.values() for u in job_units or ()]
     missing = {u.arq_id for u in await _missing(redis, queue_name, units)}
@@ -318,6 +318,10 @@ async def reconcile(
     return recoveries
 
 
+# a workers' pass derives every unfinished job at least this often (in periods): see `reconcile_forever`
+THOROUGH_EVERY = 10
+
+
 def lock_key(queue_name: str) -> str:
     return f"perq:reconcile:{queue_name}"
 
@@ -335,13 +339,21 @@ async def reconcile_forever(
     """A worker's service: a pass at start-up, then one per period across all workers of the queue.
 
     The lock is taken for a period and never released, so however many workers there are, one pass runs per
-    period; a worker that dies mid-pass leaves the lock to expire.
+    period; a worker that dies mid-pass leaves the lock to expire. A pass derives only the jobs with no step
+    in the queue (`reconcile`, not thorough), except one every `THOROUGH_EVERY` periods across the queue's
+    workers (never a worker's start-up pass): a step lost beside another still queued (a parallel delegate,
+    a step of an earlier submission) waits at most that long.
     """
+    starting = True
     while True:
         try:
             if await redis.set(lock_key(queue_name), b"1", nx=True, px=int(period_s * 1000)):
+                every = int(THOROUGH_EVERY * period_s * 1000)
+                thorough = not starting and bool(
+                    await redis.set(f"{lock_key(queue_name)}:thorough", b"1", nx=True, px=every)
+                )
                 found = await reconcile(
-                    redis, store, queue_name, settle_s=settle_s, enqueued=enqueued, thorough=False
+                    redis, store, queue_name, settle_s=settle_s, enqueued=enqueued, thorough=thorough
                 )
                 for r in found:
                     task = r.unit.task
@@ -357,4 +369,5 @@ async def reconcile_forever(
             log.warning("reconciliation skipped, redis unreachable: %s", e)
         except Exception:  # a bug or a damaged store must not stop the worker, nor the next pass
             log.exception("reconciliation failed")
+        starting = False
         await asyncio.sleep(period_s)

@@ -298,9 +298,10 @@ class Runtime:
         As one sequence of steps (`Steps`): the commit's name (its checkpoint) waits for the job record's
         data flush instead of having one of its own; the record is still written after the commit point,
         and every name is on the disk before the step hands on."""
-        # looked for again (`looked`: when the step found none) by an attempt that ran long enough to have
-        # paused past its lease, so that such a late attempt writes nothing at all in the common case; a
-        # shorter one writes its lines and loses the commit in the rare race (readers skip its lines)
+        # looked for again (`looked`: when the step found none) by an attempt that ran long enough, by the
+        # monotonic clock, to have paused past its lease, so that such a late attempt most often writes
+        # nothing at all; any other (a pause the clock did not count, a race with a late attempt) writes its
+        # lines and loses the create-only commit, and readers skip its lines
         late = time.monotonic() - looked >= LOOK_AGAIN_AFTER_S
         if late and self.store.checkpoint_exists(end.job_id, end.id):
             return None
