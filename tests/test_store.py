@@ -646,11 +646,10 @@ def test_what_is_laid_out_is_flushed_where_no_syncfs_covers_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Without syncfs each folder is flushed on its own: the folders a job's lay-out makes (the job's, its
-    checkpoints folder) have their entries flushed, and the record's spare is private as the record is."""
-    from shared.store import flush, local
+    checkpoints folder) have their entries flushed."""
+    from shared.store import flush
 
     monkeypatch.setattr(flush, "_SYNCFS", None)
-    monkeypatch.setattr(local, "_RENAMEAT2", None)  # no swaps without syncfs: no spare either
     store = JobStore.open(str(tmp_path / "perstack"))
     flushed: list[str] = []
     real_fsync = os.fsync
@@ -660,7 +659,6 @@ def test_what_is_laid_out_is_flushed_where_no_syncfs_covers_it(
     store.save_job(job("j1", status="queued"), new=True)
     root = str(tmp_path / "perstack")
     assert {f"{root}/jobs", f"{root}/jobs/j1"} <= set(flushed)
-    assert not (tmp_path / "perstack" / "jobs" / "j1" / ".job.json.spare").exists()
     assert (tmp_path / "perstack" / "jobs" / "j1" / "checkpoints").is_dir()
 
 

@@ -24,6 +24,7 @@ a Redis that forgot it, so that step cannot hand the job on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Callable, Collection, Iterable
@@ -352,9 +353,15 @@ async def reconcile_forever(
                 thorough = not starting and bool(
                     await redis.set(f"{lock_key(queue_name)}:thorough", b"1", nx=True, px=every)
                 )
-                found = await reconcile(
-                    redis, store, queue_name, settle_s=settle_s, enqueued=enqueued, thorough=thorough
-                )
+                try:
+                    found = await reconcile(
+                        redis, store, queue_name, settle_s=settle_s, enqueued=enqueued, thorough=thorough
+                    )
+                except Exception:
+                    if thorough:  # not done: the next pass is thorough again
+                        with contextlib.suppress(*errors, Exception):
+                            await redis.delete(f"{lock_key(queue_name)}:thorough")
+                    raise
                 for r in found:
                     task = r.unit.task
                     log.warning(

@@ -329,7 +329,10 @@ class LocalBackend:
                 continue
             except FileNotFoundError:
                 self._parent(path, made)
-                os.close(os.open(path, flags, mode))
+                try:
+                    os.close(os.open(path, flags, mode))
+                except FileExistsError:  # made meanwhile by another writer
+                    continue
             made.add(os.path.dirname(path))
         if self.fsync and not self._flush.grouped:
             self._flush_now((), made)
