@@ -423,7 +423,10 @@ def delegation_phase(events: list[Event]) -> float:
     resumed = [
         e
         for e in events
-        if e.type == "startRun" and e.expert_key == "coord" and e.timestamp >= stop.timestamp
+        if e.type == "startRun"
+        and e.expert_key == "coord"
+        and e.run_id != stop.run_id  # the resumed run (the stopped one may have started in the same ms)
+        and e.timestamp >= stop.timestamp
     ]
     if not resumed:
         children = sorted({f"{e.expert_key}:{e.type}" for e in events if e.expert_key != "coord"})

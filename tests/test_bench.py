@@ -20,16 +20,16 @@ from shared.models import STEP_ENDING_EVENTS, Event
 REPO = Path(__file__).resolve().parent.parent
 
 
-def event(type_: str, step: int, ms: int, expert: str = "e") -> Event:
+def event(type_: str, step: int, ms: int, expert: str = "e", run: str = "r") -> Event:
     data: dict[str, Any] = {
         "type": type_,
         "jobId": "j",
-        "runId": "r",
+        "runId": run,
         "expertKey": expert,
         "stepNumber": step,
         "timestamp": ms,
     }
-    checkpoint: dict[str, Any] = {"id": f"cp{step}", "jobId": "j", "runId": "r", "stepNumber": step}
+    checkpoint: dict[str, Any] = {"id": f"cp{step}", "jobId": "j", "runId": run, "stepNumber": step}
     checkpoint |= {"status": "proceeding", "expert": {"key": expert, "name": expert}}
     if type_ == "startRun":
         data["initialCheckpoint"] = checkpoint
@@ -56,8 +56,11 @@ def test_delegation_phase_runs_from_the_stop_to_the_resumed_start() -> None:
         event("stopRunByDelegate", 1, 100, "coord"),
         event("startRun", 2, 120, "c1"),
         event("completeRun", 2, 1120, "c1"),
-        event("startRun", 3, 1150, "coord"),
+        event("startRun", 3, 1150, "coord", run="r2"),
     ]
+    assert delegation_phase(events) == pytest.approx(1.05)
+    # a step that starts its run and stops it in the same millisecond: its own startRun is not the resumption
+    events[0] = event("startRun", 1, 100, "coord")
     assert delegation_phase(events) == pytest.approx(1.05)
 
 
