@@ -7,8 +7,8 @@ compares them with the queue and enqueues those that are neither waiting nor lea
 through the hand-over workers use, with the same deterministic arq ids, so a race with a live enqueue is a
 no-op. `reconcile_forever` is the worker's service: one pass at start-up, then one per period, taken in turn
 by whichever worker holds a short lock. A worker's pass derives only the jobs without a step in the queue
-(the others have their records read, except at start-up): a worker starting beside a full queue must not spend
-its first second reading the files of every queued job (bench: throughput).
+(the others have their records read): a worker starting beside a full queue must not spend its first second
+reading five files of every queued job (bench: throughput).
 
 What a unit may be:
   - the next step of a run whose latest checkpoint is `proceeding`, or the first step of a run that has
@@ -275,7 +275,6 @@ async def reconcile(
     dry_run: bool = False,
     enqueued: Callable[[list[str]], None] | None = None,
     thorough: bool = True,
-    start_up: bool = False,
 ) -> list[Recovery]:
     """One pass: enqueue every unit of an unfinished job that is neither queued nor leased.
 
@@ -287,15 +286,9 @@ async def reconcile(
 
     Not `thorough` (the workers' passes): the first look derives only the jobs without a step in the queue
     (see `_look`); a worker starting beside a full queue reads one record per job, not five files.
-    `start_up` (a worker's first pass): not even that; the jobs with a step in the queue are left to the next
-    pass, a period later, which puts back a cancel mark such a job may have lost (a Redis that lost all its
-    data has no step queued: every job is derived at start-up then).
     """
     unfinished = await asyncio.to_thread(store.list_unfinished)
-    if start_up and unfinished:
-        queued = await _queued_jobs(redis, queue_name)
-        unfinished = [job_id for job_id in unfinished if job_id not in queued]
-    first = await _look(redis, store, queue_name, unfinished, thorough=thorough or start_up)
+    first = await _look(redis, store, queue_name, unfinished, thorough=thorough)
     cancelled = [job for job in first.jobs.values() if job.status == "cancelled"]
     if cancelled and not dry_run:
         await _restore_cancel_marks(redis, cancelled)
@@ -362,13 +355,7 @@ async def reconcile_forever(
                 )
                 try:
                     found = await reconcile(
-                        redis,
-                        store,
-                        queue_name,
-                        settle_s=settle_s,
-                        enqueued=enqueued,
-                        thorough=thorough,
-                        start_up=starting,
+                        redis, store, queue_name, settle_s=settle_s, enqueued=enqueued, thorough=thorough
                     )
                 except Exception:
                     if thorough:  # not done: the next pass is thorough again
