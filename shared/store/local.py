@@ -280,8 +280,8 @@ class LocalBackend:
         cost more (bench: throughput). Where no link can be made (a file system without hard links), an
         empty file of its own; at the link limit the folder's `.mark` starts on a new file."""
         path = self._path(key)
-        folder = os.path.dirname(path)
-        shared = f"{folder}/.mark"
+        shared_key = f"{os.path.dirname(key)}/.mark"
+        shared = self._path(shared_key)
         for _ in range(3):
             try:
                 os.link(shared, path)
@@ -289,17 +289,17 @@ class LocalBackend:
             except FileExistsError:  # marked already
                 break
             except FileNotFoundError:  # no `.mark` (or no folder) yet: made as any file is, durable
-                self.write(f"{os.path.dirname(key)}/.mark", b"")
+                self.write(shared_key, b"")
             except OSError as e:
                 if e.errno != errno.EMLINK:
                     self.write(key, b"")  # no hard links here
                     return
                 # a new `.mark` takes the old one's name; the old file stays, linked by its marks
-                self.write(f"{os.path.dirname(key)}/.mark", b"")
+                self.write(shared_key, b"")
         else:
             self.write(key, b"")
             return
-        self._flush_now((), {folder})  # the name is on the disk
+        self._flush_now((), {os.path.dirname(path)})  # the name is on the disk
 
     def lay_out(
         self, *, folders: Sequence[str] = (), logs: Sequence[str] = (), rewritten: Sequence[str] = ()
