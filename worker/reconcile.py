@@ -350,9 +350,8 @@ async def reconcile_forever(
         try:
             if await redis.set(lock_key(queue_name), b"1", nx=True, px=int(period_s * 1000)):
                 every = int(THOROUGH_EVERY * period_s * 1000)
-                thorough = not starting and bool(
-                    await redis.set(f"{lock_key(queue_name)}:thorough", b"1", nx=True, px=every)
-                )
+                thorough_key = f"{lock_key(queue_name)}:thorough"
+                thorough = not starting and bool(await redis.set(thorough_key, b"1", nx=True, px=every))
                 try:
                     found = await reconcile(
                         redis, store, queue_name, settle_s=settle_s, enqueued=enqueued, thorough=thorough
@@ -360,7 +359,7 @@ async def reconcile_forever(
                 except Exception:
                     if thorough:  # not done: the next pass is thorough again
                         with contextlib.suppress(*errors, Exception):
-                            await redis.delete(f"{lock_key(queue_name)}:thorough")
+                            await redis.delete(thorough_key)
                     raise
                 for r in found:
                     task = r.unit.task
