@@ -145,7 +145,13 @@ def add_events(pipe: Any, job_id: str, lines: list[str], *, stopped: bool = Fals
     key = events_channel(job_id)
     for line in lines:
         pipe.xadd(key, {"e": line}, maxlen=STREAM_MAXLEN, approximate=True)
-    pipe.expire(key, STREAM_TTL_AFTER_STOP_S if stopped else STREAM_TTL_S)
+    pipe.expire(key, stream_lifetime_s(stopped))
+
+
+def stream_lifetime_s(stopped: bool) -> int:
+    """How long a job's stream lives after its latest events: a day while the job runs, minutes once it
+    `stopped`."""
+    return STREAM_TTL_AFTER_STOP_S if stopped else STREAM_TTL_S
 
 
 async def publish_events(redis: Any, job_id: str, events: list[Event]) -> None:

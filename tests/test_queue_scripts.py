@@ -136,3 +136,50 @@ async def test_a_step_taken_in_a_hand_over_that_fails_elsewhere_still_starts(red
     finally:
         FINISHING.reset(token)
     assert [p.arq_id for p in started] == [step_job_id(_task(job))]
+
+
+async def test_a_hand_over_with_nothing_to_enqueue_publishes_and_finishes_in_one_call(
+    redis: ArqRedis,
+) -> None:
+    """`publish.lua`: the step's events in order on its job's stream, which lives minutes once the job
+    stopped (a day while it runs), and the step finished as arq's finish_job does (its lease, try counter
+    and job deleted, its id off the queue), by a Redis that had forgotten the script too."""
+    from arq.constants import retry_key_prefix
+
+    from shared.events import STREAM_TTL_AFTER_STOP_S, STREAM_TTL_S
+    from worker.queue.steps import FINISHING, Finish
+
+    queue, job = f"perq:test:scripts:{time.monotonic_ns()}", f"j{time.monotonic_ns()}"
+    arq_id = step_job_id(_task(job, 1))
+    assert await enqueue_step(redis, _task(job, 1), queue)
+    finish = Finish(arq_id)
+    await redis.set(in_progress_key_prefix + arq_id, "w1")
+    await redis.set(retry_key_prefix + arq_id, "1")
+    other = step_job_id(_task(job, 7))  # another step of the queue: left alone
+    assert await enqueue_step(redis, _task(job, 7), queue)
+    steps = RedisStepQueue(redis, queue, lambda _ids: None)
+    await redis.script_flush()
+    lines = ['{"type":"a"}', '{"type":"b"}', '{"type":"c"}']
+    token = FINISHING.set(finish)
+    try:  # a step handing nothing on while its job runs on (a parallel delegate): the stream lives a day
+        assert await steps.hand_over(HandOver(job, epoch=1, event_lines=lines[:1], tasks=[])) is False
+        assert finish.done
+    finally:
+        FINISHING.reset(token)
+    assert STREAM_TTL_AFTER_STOP_S < await redis.ttl(events_channel(job)) <= STREAM_TTL_S
+    assert not await redis.exists(
+        in_progress_key_prefix + arq_id, retry_key_prefix + arq_id, job_key_prefix + arq_id
+    )
+    assert await redis.zrange(queue, 0, -1) == [other.encode()]
+    await redis.set(in_progress_key_prefix + other, "w1")
+    # a step that stops its job, handing nothing on: its events, the shorter lifetime, and its own finish
+    token = FINISHING.set(Finish(other))
+    try:
+        handed = HandOver(job, epoch=1, event_lines=lines[1:], stopped=True)
+        assert await steps.hand_over(handed) is False
+    finally:
+        FINISHING.reset(token)
+    entries = await redis.xrange(events_channel(job))
+    assert [fields[b"e"].decode() for _id, fields in entries] == lines
+    assert 0 < await redis.ttl(events_channel(job)) <= STREAM_TTL_AFTER_STOP_S
+    assert await redis.zcard(queue) == 0 and not await redis.exists(in_progress_key_prefix + other)

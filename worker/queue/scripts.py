@@ -1,11 +1,13 @@
 """The worker's Lua scripts: read from their `.lua` files once, run by SHA1, loaded into Redis on demand.
 
-Lua is used only where a transaction cannot say it in one round trip: taking several ready steps
+Lua is used where a transaction cannot say it in one round trip: taking several ready steps
 (`pick_up.lua`), renewing or dropping only this worker's leases (`renew.lua`, `drop.lua`), and the
-hand-over's enqueue that refuses a cancelled job (`enqueue.lua`). redis-py's registered Script would do the
-loading too, but inside a pipeline it adds a SCRIPT EXISTS round trip to every `execute()`; here a pipeline
-sends EVALSHA only, and a Redis that does not know the script (restarted, flushed, failed over) gets it
-loaded and only the refused calls run again, which keeps the hand-over one round trip.
+hand-over's enqueue that refuses a cancelled job (`enqueue.lua`); and where one call does the work of
+several commands on a step's hot path (`publish.lua`: a step's events, and its finish). redis-py's
+registered Script would do the loading too, but inside a pipeline it adds a SCRIPT EXISTS round trip to
+every `execute()`; here a pipeline sends EVALSHA only, and a Redis that does not know the script
+(restarted, flushed, failed over) gets it loaded and only the refused calls run again, which keeps the
+hand-over one round trip.
 """
 
 from __future__ import annotations
@@ -39,34 +41,40 @@ class LuaScript:
 
     def add_to(self, pipe: Any, keys: Sequence[str], args: Sequence[Arg], calls: list[ScriptCall]) -> None:
         """Add a call to a pipeline; `calls` remembers it for `settle`."""
-        calls.append(ScriptCall(len(pipe), tuple(keys), tuple(args)))
+        calls.append(ScriptCall(self, len(pipe), tuple(keys), tuple(args)))
         pipe.evalsha(self.sha, len(keys), *keys, *args)
 
-    async def settle(self, redis: Any, replies: list[Any], calls: list[ScriptCall]) -> list[Any]:
-        """The replies of a pipeline run with `execute(raise_on_error=False)`, with the calls Redis refused
-        for not knowing the script run again once it is loaded (a refused call did nothing, the rest of the
-        pipeline ran once). Then, like `execute()`, the first error left is raised."""
-        unknown = [c for c in calls if isinstance(replies[c.position], NoScriptError)]
-        if unknown:
-            await redis.script_load(self.body)
-            async with redis.pipeline(transaction=False) as pipe:
-                for c in unknown:
-                    pipe.evalsha(self.sha, len(c.keys), *c.keys, *c.args)
-                again = await pipe.execute(raise_on_error=False)
-            for c, reply in zip(unknown, again, strict=True):
-                replies[c.position] = reply
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
-        return replies
+
+async def settle(redis: Any, replies: list[Any], calls: list[ScriptCall]) -> list[Any]:
+    """The replies of a pipeline run with `execute(raise_on_error=False)`, with the script calls (`calls`,
+    of any scripts) that Redis refused for not knowing their script run again once it is loaded (a refused
+    call did nothing, the rest of the pipeline ran once). Then, like `execute()`, the first error left is
+    raised."""
+    unknown = [c for c in calls if isinstance(replies[c.position], NoScriptError)]
+    if unknown:
+        for script in {id(c.script): c.script for c in unknown}.values():
+            await redis.script_load(script.body)
+        async with redis.pipeline(transaction=False) as pipe:
+            for c in unknown:
+                pipe.evalsha(c.script.sha, len(c.keys), *c.keys, *c.args)
+            again = await pipe.execute(raise_on_error=False)
+        for c, reply in zip(unknown, again, strict=True):
+            replies[c.position] = reply
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    return replies
 
 
 class ScriptCall:
     """A script call queued in a pipeline: where its reply is, and what to run again if Redis lacked it."""
 
-    __slots__ = ("args", "keys", "position")
+    __slots__ = ("args", "keys", "position", "script")
 
-    def __init__(self, position: int, keys: tuple[str, ...], args: tuple[Arg, ...]) -> None:
+    def __init__(
+        self, script: LuaScript, position: int, keys: tuple[str, ...], args: tuple[Arg, ...]
+    ) -> None:
+        self.script = script
         self.position = position
         self.keys = keys
         self.args = args
@@ -76,3 +84,4 @@ PICK_UP = LuaScript("pick_up")
 RENEW = LuaScript("renew")
 ENQUEUE = LuaScript("enqueue")
 DROP = LuaScript("drop")
+PUBLISH = LuaScript("publish")

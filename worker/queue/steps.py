@@ -1,15 +1,17 @@
 """How a worker's steps talk to Redis: the cancel check, journaled answers, and the hand-over.
 
-The hand-over is one round trip: the step's events go onto the job's stream and every step that follows is
-enqueued by `enqueue.lua`, which does what arq's `enqueue_job` does (refuse a live duplicate id, write the
-job, add it to the queue) without arq's WATCH round trips, and refuses to enqueue for a cancelled job.
+The hand-over is one round trip: the step's events go onto the job's stream (`publish.lua`, one call for
+all of them) and every step that follows is enqueued by `enqueue.lua`, which does what arq's `enqueue_job`
+does (refuse a live duplicate id, write the job, add it to the queue) without arq's WATCH round trips, and
+refuses to enqueue for a cancelled job.
 arq workers cannot tell these jobs from the ones `enqueue_job` writes: the payload is built by
 `shared.queue.broker.step_payload`. `worker/step_queue.py` holds what a step needs of any queue; this is
 the Redis one.
 
 The step that hands over is finished in the same round trip (its arq keys deleted and its id taken off the
 queue, as arq's `finish_job` does), by the last enqueue when there is one, so that a cancelled job, whose
-enqueue is refused, keeps the step until the worker finishes it after the step's own cancel handling.
+enqueue is refused, keeps the step until the worker finishes it after the step's own cancel handling; a step
+that hands nothing on is finished by `publish.lua`, the call that publishes its events.
 The worker says which step runs through `FINISHING`, a context variable set in the step's own task.
 """
 
@@ -24,9 +26,9 @@ from typing import Any
 
 from arq.constants import retry_key_prefix
 
-from shared.events import add_events
+from shared.events import STREAM_MAXLEN, stream_lifetime_s
 from shared.models import now_ms
-from shared.queue import cancel_key, step_job_id
+from shared.queue import cancel_key, events_channel, step_job_id
 from shared.queue.broker import (
     expires_extra_ms,
     in_progress_key_prefix,
@@ -34,7 +36,7 @@ from shared.queue.broker import (
     result_key_prefix,
     step_payload,
 )
-from worker.queue.scripts import DROP, ENQUEUE, Arg, ScriptCall
+from worker.queue.scripts import DROP, ENQUEUE, PUBLISH, Arg, ScriptCall, settle
 from worker.step_queue import HandOver
 
 log = logging.getLogger("perq.worker")
@@ -126,9 +128,18 @@ class RedisStepQueue:
         if taking is not None and not taking.allowed():
             taking = None
         payloads: list[bytes] = []
+        enqueues: list[ScriptCall] = []
         async with self.redis.pipeline(transaction=False) as pipe:
-            if handed.event_lines:
-                add_events(pipe, handed.job_id, handed.event_lines, stopped=handed.stopped)
+            # the events, and the finish of a step that hands nothing on, in one call (`publish.lua`)
+            finished = finish if finish is not None and not tasks else None
+            if handed.event_lines or finished is not None:
+                stream = [events_channel(handed.job_id)]
+                if finished is not None:
+                    stream += [*finished.keys(), self.queue_name]
+                lifetime = stream_lifetime_s(handed.stopped)
+                lines: list[Arg] = [STREAM_MAXLEN, lifetime, finished.arq_id if finished else ""]
+                lines += handed.event_lines
+                PUBLISH.add_to(pipe, stream, lines, calls)
             for i, task in enumerate(tasks):
                 arq_id = step_job_id(task)
                 keys = [job_key_prefix + arq_id, result_key_prefix + arq_id, self.queue_name]
@@ -143,25 +154,23 @@ class RedisStepQueue:
                 if taking and i == 0:
                     keys += [in_progress_key_prefix + arq_id, retry_key_prefix + arq_id]
                     args += [taking.owner, taking.lease_ms]
-                ENQUEUE.add_to(pipe, keys, args, calls)
-            if finish is not None and not tasks:
-                pipe.delete(*finish.keys())
-                pipe.zrem(self.queue_name, finish.arq_id)
+                ENQUEUE.add_to(pipe, keys, args, enqueues)
+            calls += enqueues
             if handed.answered:
                 pipe.delete(*handed.answered)
             left = [step_job_id(t) for t in tasks]
             replies: list[Any] = []
             try:
                 replies = await pipe.execute(raise_on_error=False)
-                await ENQUEUE.settle(self.redis, replies, calls)  # fills in `replies`; raises the first error
+                await settle(self.redis, replies, calls)  # fills in `replies`; raises the first error
             finally:
-                if taking is not None and calls:
+                if taking is not None and enqueues:
                     self._started(
-                        taking, replies[calls[0].position] if replies else None, left, now, payloads
+                        taking, replies[enqueues[0].position] if replies else None, left, now, payloads
                     )
-        refused = any(replies[c.position] == REFUSED_CANCELLED for c in calls)
+        refused = any(replies[c.position] == REFUSED_CANCELLED for c in enqueues)
         if finish is not None:
-            finish.done = not tasks or replies[calls[-1].position] != REFUSED_CANCELLED
+            finish.done = not tasks or replies[enqueues[-1].position] != REFUSED_CANCELLED
         if left:
             self.enqueued(left)
         return refused
