@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from shared.events import live_line
 from shared.models import (
@@ -47,6 +47,7 @@ from shared.models import (
     read_event,
     tool_message,
 )
+from shared.models.events import _construct, stored_exclude
 from shared.store import JobStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,6 +165,36 @@ def test_perstacks_older_call_delegate_names_one_call() -> None:
 def test_emit_refuses_a_key_its_type_does_not_have() -> None:
     with pytest.raises(TypeError, match="toolcalls"):
         Event.emit("callTools", "j1", "r1", "e", 1, toolcalls=[])
+
+
+@pytest.mark.parametrize("type_", sorted(PAYLOADS))
+def test_emit_makes_the_event_model_construct_would(type_: str) -> None:
+    """`emit` makes its events without pydantic's `model_construct` (`_construct`, a step's hot path): the
+    same model, field by field in the same order, the same fields set, extras and private attributes, the
+    same line; with the payload given by aliases, by names, or not at all (every field at its default)."""
+    whole = Event.model_validate(BASE | {"type": type_} | PAYLOADS[type_])
+    kind = type(whole)
+    fields = kind.model_fields
+    payload = {n: getattr(whole, n) for n in whole.model_fields_set if n not in Event.model_fields}
+    by_alias = {fields[name].alias or name: value for name, value in payload.items()}
+    base = {"id": "e1", "type": type_, "timestamp": 5, "job_id": "j1", "run_id": "r1"}
+    base |= {"expert_key": "e", "step_number": 1}
+    for given in (by_alias, payload, {}):
+        made = _construct(kind, base, given)
+        expected = kind.model_construct(**base, **given)
+        assert type(made) is kind
+        assert list(made.__dict__.items()) == list(expected.__dict__.items())
+        assert made.model_fields_set == expected.model_fields_set
+        assert made.__pydantic_extra__ == expected.__pydantic_extra__
+        assert made.__pydantic_private__ == expected.__pydantic_private__
+        assert made.to_json() == expected.to_json() and not made.was_read
+        for name, value in made.__dict__.items():  # a default made for this event, not shared with another
+            if isinstance(value, list | BaseModel) and not (given and name in payload) and name not in base:
+                assert value is not _construct(kind, base, given).__dict__[name]
+    emitted = Event.emit(type_, "j1", "r1", "e", 1, **by_alias)  # and `emit` writes the line it stores
+    assert emitted.to_json() == emitted.model_dump_json(
+        by_alias=True, exclude_none=True, exclude=stored_exclude(type_)
+    )
 
 
 def checkpoint(step: int, **update: Any) -> Checkpoint:

@@ -5,6 +5,8 @@ someone else."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from functools import partial
 from typing import Annotated, Any, Literal, Self, cast, get_args
 
 from pydantic import ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError
@@ -140,17 +142,18 @@ class Event(PerqModel):
         The payload is not validated (the loop hands over models it built, and a step is hot): only its
         keys are checked against the type's fields, so that a misspelt key fails here and not in a reader."""
         kind = _payload_checked(type_, payload)
-        event = kind.model_construct(
-            id=new_id(),
-            type=type_,
-            timestamp=now_ms(),
-            job_id=job_id,
-            run_id=run_id,
-            expert_key=expert_key,
-            step_number=step_number,
-            **payload,
-        )
-        event._line = event.model_dump_json(by_alias=True, exclude_none=True, exclude=stored_exclude(type_))
+        base = {
+            "id": new_id(),
+            "type": type_,
+            "timestamp": now_ms(),
+            "job_id": job_id,
+            "run_id": run_id,
+            "expert_key": expert_key,
+            "step_number": step_number,
+        }
+        event = _construct(kind, base, payload)
+        line = event.model_dump_json(by_alias=True, exclude_none=True, exclude=stored_exclude(type_))
+        event._private()["_line"] = line
         return event
 
     @classmethod
@@ -194,21 +197,28 @@ class Event(PerqModel):
             and self.__pydantic_extra__ == other.__pydantic_extra__
         )
 
+    def _private(self) -> dict[str, Any]:
+        """The event's private attributes (`_line`, `_read`), from the dict pydantic keeps them in: read as
+        `self._line`, each costs a failed lookup and pydantic's `__getattr__`, microseconds on a step's hot
+        path (a step reads them a dozen times)."""
+        return cast(dict[str, Any], self.__pydantic_private__)
+
     @property
     def was_read(self) -> bool:
         """Read from a store or a stream (`read_event`), not made here."""
-        return self._read
+        return bool(self._private()["_read"])
 
     def to_json(self) -> str:
-        if self._line is not None:
-            return self._line
+        line = self._private()["_line"]
+        if line is not None:
+            return cast(str, line)
         return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":"))
 
     def to_dict(self) -> dict[str, Any]:
         """An event made here, whole; an event read (`read_event`) as it was written: the keys it was read
         with, never a payload field's default (a stored checkpoint's `messages`, keys a foreign event does not
         have), and always the base fields."""
-        if not self._read:  # made here (emitted or built): the whole event
+        if not self.was_read:  # made here (emitted or built): the whole event
             return super().to_dict()
         base = self.model_dump(mode="json", by_alias=True, exclude_none=True, include=set(Event.model_fields))
         return base | self.model_dump(mode="json", by_alias=True, exclude_none=True, exclude_unset=True)
@@ -475,6 +485,60 @@ _PAYLOAD_KEYS: dict[str, frozenset[str]] = {
 }
 
 
+# what `_construct` needs of each event class: every key a field is given by (its name, its alias) with the
+# field's name; each field in order: its name, whether it is required, its default value or factory; and
+# the private attributes' defaults
+_Field = tuple[str, bool, Any, Callable[[], Any] | None]
+_Shape = tuple[dict[str, str], list[_Field], dict[str, Any]]
+_SHAPES: dict[type[Event], _Shape] = {}
+_IMMUTABLE = (type(None), bool, int, float, str, bytes, tuple, frozenset)
+
+
+def _shape(kind: type[Event]) -> _Shape:
+    shape = _SHAPES.get(kind)
+    if shape is None:
+        names: dict[str, str] = {}
+        fields: list[_Field] = []
+        for name, info in kind.model_fields.items():
+            names[name] = names[info.alias or name] = name
+            if info.is_required():
+                fields.append((name, True, None, None))
+            elif info.default_factory is not None or not isinstance(info.default, _IMMUTABLE):
+                # a factory, or a default pydantic copies for each model: asked of pydantic each time
+                fields.append((name, False, None, partial(info.get_default, call_default_factory=True)))
+            else:
+                fields.append((name, False, info.default, None))
+        private = {name: attr.get_default() for name, attr in kind.__private_attributes__.items()}
+        if not all(isinstance(value, _IMMUTABLE) for value in private.values()):
+            raise TypeError(f"{kind.__name__}: a private attribute's default would be shared by every event")
+        shape = _SHAPES[kind] = (names, fields, private)
+    return shape
+
+
+def _construct(kind: type[Event], base: dict[str, Any], payload: dict[str, Any]) -> Event:
+    """`kind.model_construct(**base, **payload)` (trusted values, no validation; `base` by field names, the
+    payload by names or aliases, known to be the type's: `_payload_checked`), as pydantic makes it: the
+    fields in their order, those not given at their defaults, the given ones as the fields set, no extras,
+    the private attributes at theirs. Why: `model_construct` looks at every field's aliases and validation
+    aliases and calls pydantic's hooks, a third of making an event, which a step does several times."""
+    names, fields, private = _shape(kind)
+    given = base | {names[key]: value for key, value in payload.items()}
+    values: dict[str, Any] = {}
+    for name, required, default, factory in fields:
+        if name in given:
+            values[name] = given[name]
+        elif required:
+            continue
+        else:
+            values[name] = default if factory is None else factory()
+    event = kind.__new__(kind)
+    object.__setattr__(event, "__dict__", values)
+    object.__setattr__(event, "__pydantic_fields_set__", set(given))
+    object.__setattr__(event, "__pydantic_extra__", {})
+    object.__setattr__(event, "__pydantic_private__", dict(private))
+    return event
+
+
 def _payload_checked(type_: str, payload: dict[str, Any]) -> type[Event]:
     """The class of an event type, once the payload given to make one is known to have only its fields."""
     kind = EVENT_CLASSES[type_]
@@ -496,7 +560,7 @@ def read_event(data: str | bytes | dict[str, Any]) -> Event:
             event = UnknownEvent.model_validate(data)
         else:
             event = UnknownEvent.model_validate_json(data)
-    event._read = True
+    event._private()["_read"] = True
     return event
 
 
