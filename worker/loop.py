@@ -544,7 +544,9 @@ class StepRunner:
             max_retries=self.setting.max_retries,
         )
         try:
-            result = await asyncio.wait_for(self.model.generate(request), self.setting.timeout / 1000)
+            # in this task (wait_for would make one per generation)
+            async with asyncio.timeout(self.setting.timeout / 1000):
+                result = await self.model.generate(request)
         except TimeoutError as e:
             error = GenerationError(
                 f"generation timeout after {self.setting.timeout} ms", name="TimeoutError", is_retryable=True
