@@ -10,6 +10,7 @@ job stops it expires soon: a follower that comes later reads the store.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -89,11 +90,24 @@ def live_line(event: Event) -> str:
         for key in _DROPPED:
             data.pop(key, None)
         return _dumps(_cut_event(data))
-    if isinstance(event, StepEnd) or _DROPPED_FIELDS.intersection(type(event).model_fields):
+    if isinstance(event, StepEnd) or _holds_dropped(event):
         line = event.model_dump_json(by_alias=True, exclude_none=True, exclude=_live_exclude(event.type))
-    else:
+    else:  # the stored line leaves out what the live form drops, as its fields are None (`exclude_none`)
         line = event.to_json()
-    return _cut_line(line)
+    return _cut_line(line, final_text="text" in type(event).model_fields)
+
+
+def _holds_dropped(event: Event) -> bool:
+    """Whether the event holds something the live form drops (`_DROPPED_FIELDS`: a field that is not None)."""
+    kind = type(event)
+    dropped = _DROPPED_OF.get(kind)
+    if dropped is None:
+        dropped = _DROPPED_OF[kind] = tuple(_DROPPED_FIELDS.intersection(kind.model_fields))
+    values = event.__dict__
+    return any(values.get(name) is not None for name in dropped)
+
+
+_DROPPED_OF: dict[type[Event], tuple[str, ...]] = {}  # each event class's fields among `_DROPPED_FIELDS`
 
 
 def _cut_event(data: dict[str, Any]) -> dict[str, Any]:
@@ -106,29 +120,40 @@ def _cut_event(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def _cut_line(line: str) -> str:
+def _cut_line(line: str, *, final_text: bool) -> str:
     """`_cut_event` on a compact JSON line (as pydantic and `_dumps` write one), without parsing it where it
-    can: without an escaped quote, the line split at its quotes alternates between what lies outside strings
-    and the strings' text, written with at least as many characters as it holds; a string followed by `:` is
-    a key (never cut), and one after `"text":` at the top level is the final text."""
+    can: without an escaped quote, every quote opens or closes a string, so a run of more than the limit's
+    characters without a quote lies in a string when an odd number of quotes comes up to it, and a string
+    written with more characters than the limit is the only one that may hold more. Such a string followed
+    by `:` is a key (never cut); with `final_text` (the event has a `text` field), one after `"text":` at the
+    top level is the final text."""
+    if len(line) <= LIVE_TEXT_LIMIT:  # nothing in it can be long: at once
+        return line
     if '\\"' in line:
         return _dumps(_cut_event(json.loads(line)))
-    pieces = line.split('"')
-    if max(map(len, pieces)) <= LIVE_TEXT_LIMIT:  # the common case, at C's speed
-        return line
-    long = [i for i in range(1, len(pieces), 2) if len(pieces[i]) > LIVE_TEXT_LIMIT]
-    for i in long:
-        if pieces[i + 1].startswith(":"):
-            continue
+    cut: list[str] = []
+    done = 0  # how much of the line is in `cut`
+    for run in _LONG_RUN.finditer(line):
+        start, end = run.start() + 1, run.end()  # the run, after the quote it follows
+        if line.count('"', 0, start) % 2 == 0 or line.startswith(":", end + 1):
+            continue  # outside any string (a quote closed a string before it), or a key
         limit = LIVE_TEXT_LIMIT
-        if pieces[i - 1] == ":" and pieces[i - 2] == "text":  # a "text" key: the final text at the top level?
-            outside = "".join(pieces[0:i:2])
+        if final_text and line.endswith('"text":"', 0, start):  # the event's own text, if at the top level
+            outside = "".join(line[:start].split('"')[0::2])
             depth = outside.count("{") + outside.count("[") - outside.count("}") - outside.count("]")
             limit = LIVE_RESULT_LIMIT if depth == 1 else LIVE_TEXT_LIMIT
-        text = json.loads(f'"{pieces[i]}"')
+            if end - start <= limit:
+                continue
+        text = json.loads(line[start - 1 : end + 1])
         if len(text) > limit:
-            pieces[i] = _dumps(text[:limit] + "…")[1:-1]
-    return '"'.join(pieces)
+            cut += [line[done:start], _dumps(text[:limit] + "…")[1:-1]]
+            done = end
+    return "".join([*cut, line[done:]]) if cut else line
+
+
+# a quote and a run of more characters than the live limit without one: the only strings that may be cut
+# (anchored at the quote: a search from every character of a run would go over it again at each)
+_LONG_RUN = re.compile(f'"[^"]{{{LIVE_TEXT_LIMIT + 1},}}')
 
 
 def _dumps(value: Any) -> str:

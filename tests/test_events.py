@@ -332,7 +332,12 @@ def test_the_live_form_is_what_parsing_and_cutting_would_make(text: str) -> None
     """The live form skips the parse where it can (the line as it is, a step's end dumped from its models);
     what it says must be what the whole line parsed and cut says, for events made here and read back."""
     said = ExpertMessage(contents=[TextPart(text=text)])
-    call = ToolCall(id="t1", skill_name="s", tool_name="t", args={"q": text, "n": 3, "k" * 250: [text]})
+    call = ToolCall(
+        id="t1",
+        skill_name="s",
+        tool_name="t",
+        args={"q": text, "n": 3, "k" * 250: [text], "ns": list(range(100))},
+    )
     cp = checkpoint(2, status="completed", messages=[UserMessage(contents=[TextPart(text=text)])])
     failed = cp.model_copy(update={"status": "stoppedByError", "error": RunError(name="E", message=text)})
     asked = [UserMessage(contents=[TextPart(text=text)])]
