@@ -219,7 +219,8 @@ class JobStore:
     def update_job(self, job_id: str, change: Callable[[Job], Job | None]) -> Job | None:
         """Read, change and write the job record as one step against other writers on this machine.
 
-        `change` returns the record to write, or None to leave it as it is. Returns what the store holds
+        `change` returns the record to write (a copy: the record it is given must stay as read, as the rules
+        of shared/job_record.py leave it), or None to leave it as it is. Returns what the store holds
         afterwards (None for a job without a record). On S3 the read and write are not isolated from
         another machine's; the rules in shared/job_record.py keep a late writer from moving a job back.
         """
@@ -233,8 +234,7 @@ class JobStore:
             if data is None:
                 return None
             job = self._parse(key, data, Job)
-            # `change` gets a copy of its own to change: parsed again, which costs less than a deep copy
-            changed = change(self._parse(key, data, Job))
+            changed = change(job)  # a copy, or None (`change` never changes what it is given)
             if changed is None:
                 return job
             yield from self._save_job_steps(changed)
