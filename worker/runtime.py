@@ -75,6 +75,12 @@ COMMITTING_AT_ONCE = 16
 LOOK_AGAIN_AFTER_S = 1.0
 
 
+@functools.lru_cache(maxsize=256)
+def _workspace(folder: str) -> Path:
+    """A run's workspace as a path, made once per folder (pathlib's parse is a step's cost for nothing)."""
+    return Path(folder)
+
+
 class Unknown(enum.Enum):
     """Nothing was read ahead: the step asks the queue itself."""
 
@@ -261,7 +267,7 @@ class Runtime:
         """Run the step's loop in memory: nothing is written to the store here."""
         expert = setting.experts[setting.expert_key]
         tool_context = ToolContext(
-            workspace=Path(setting.workspace),
+            workspace=_workspace(setting.workspace),
             store_root=self.store.local_root,
             todos=list(start.todos or []),
             env=self.env,
