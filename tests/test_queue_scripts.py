@@ -1,7 +1,7 @@
 """The worker's Lua scripts against a real Redis, including one that forgot them (restarted, flushed).
 
-The hand-over runs its enqueue script inside a pipeline by SHA only; a Redis that does not know the script
-refuses just those calls, which run again once it is loaded, while the rest of the pipeline (the events)
+The hand-over runs its scripts (the events', the enqueues) inside a pipeline by SHA only; a Redis that does
+not know them refuses just those calls, which run again in order once loaded, while the rest of the pipeline
 ran once. The jobs it writes are the jobs arq writes, so arq workers read them.
 """
 
@@ -33,7 +33,7 @@ async def test_hand_over_to_a_redis_that_forgot_the_script_enqueues_once(redis: 
     await redis.script_flush()
     handed = HandOver(job, epoch=1, event_lines=['{"type":"x"}'], tasks=[_task(job)])
     assert await steps.hand_over(handed) is False
-    assert await redis.xlen(events_channel(job)) == 1  # the pipeline's other commands ran once
+    assert await redis.xlen(events_channel(job)) == 1  # the events' call ran once, before the enqueue
     assert await redis.zrange(queue, 0, -1) == [step_job_id(_task(job)).encode()]
     assert woken == [step_job_id(_task(job))]
     # the same step again is a no-op (a live duplicate id), and so is a producer's enqueue of it
@@ -183,3 +183,12 @@ async def test_a_hand_over_with_nothing_to_enqueue_publishes_and_finishes_in_one
     assert [fields[b"e"].decode() for _id, fields in entries] == lines
     assert 0 < await redis.ttl(events_channel(job)) <= STREAM_TTL_AFTER_STOP_S
     assert await redis.zcard(queue) == 0 and not await redis.exists(in_progress_key_prefix + other)
+
+
+async def test_a_worker_loads_every_script_so_none_is_refused_alone(redis: ArqRedis) -> None:
+    """A Redis that knows the enqueue (an earlier release's worker loaded it) but not the events' call would
+    enqueue a step before its events are published: a worker loads every script at its start."""
+    await redis.script_flush()
+    await redis.script_load(scripts.ENQUEUE.body)
+    await scripts.load_scripts(redis)
+    assert await redis.script_exists(*(s.sha for s in scripts.SCRIPTS)) == [True] * len(scripts.SCRIPTS)

@@ -85,3 +85,16 @@ RENEW = LuaScript("renew")
 ENQUEUE = LuaScript("enqueue")
 DROP = LuaScript("drop")
 PUBLISH = LuaScript("publish")
+SCRIPTS = (PICK_UP, RENEW, ENQUEUE, DROP, PUBLISH)
+
+
+async def load_scripts(redis: Any) -> None:
+    """Load every script into Redis (a worker does at start). Why: a hand-over's pipeline runs the events'
+    call (`publish.lua`) before the enqueues (`enqueue.lua`); a Redis that knew only the latter (loaded by a
+    worker of an earlier release) would enqueue the next step and refuse the events, which `settle` then
+    publishes a round trip later. A Redis that forgot every script (restarted, flushed) refuses them all,
+    and `settle` runs them again in order."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for script in SCRIPTS:
+            pipe.script_load(script.body)
+        await pipe.execute()

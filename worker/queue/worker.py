@@ -46,6 +46,7 @@ from worker.heartbeat import heartbeat, new_worker_id
 from worker.loop import StepInterrupted
 from worker.queue.arq_private import arq_mismatches, arq_version
 from worker.queue.leases import pick_up, renew_leases
+from worker.queue.scripts import load_scripts
 from worker.queue.steps import FINISHING, Finish, Picked, RedisStepQueue, Taking
 from worker.reconcile import reconcile_forever
 from worker.runtime import UNKNOWN, Runtime
@@ -363,8 +364,14 @@ async def serve(
     while True:
         try:
             redis = await open_pool(settings.redis.url, settings.redis.queue, connect_timeout_s=1)
+        except REDIS_DOWN as e:
+            await opening.wait(e)
+            continue
+        try:
+            await load_scripts(redis)
             break
         except REDIS_DOWN as e:
+            await redis.aclose()
             await opening.wait(e)
     wake = Wake()
     queue = RedisStepQueue(redis, settings.redis.queue, wake)
