@@ -164,15 +164,6 @@ def live_lines(events: list[Event]) -> list[str]:
     return [live_line(e) for e in events]
 
 
-def add_events(pipe: Any, job_id: str, lines: list[str], *, stopped: bool = False) -> None:
-    """Queue the XADDs of a job's serialized events on a Redis pipeline (the caller executes it).
-    `stopped`: the job stopped with these events; the stream then expires soon."""
-    key = events_channel(job_id)
-    for line in lines:
-        pipe.xadd(key, {"e": line}, maxlen=STREAM_MAXLEN, approximate=True)
-    pipe.expire(key, stream_lifetime_s(stopped))
-
-
 def stream_lifetime_s(stopped: bool) -> int:
     """How long a job's stream lives after its latest events: a day while the job runs, minutes once it
     `stopped`."""
@@ -180,9 +171,14 @@ def stream_lifetime_s(stopped: bool) -> int:
 
 
 async def publish_events(redis: Any, job_id: str, events: list[Event]) -> None:
+    """Add events to a job's stream as they are stored (a worker publishes a step's live form, in one script
+    call: worker/queue/publish.lua)."""
     if events:
+        key = events_channel(job_id)
         async with redis.pipeline(transaction=False) as pipe:
-            add_events(pipe, job_id, [e.to_json() for e in events])
+            for event in events:
+                pipe.xadd(key, {"e": event.to_json()}, maxlen=STREAM_MAXLEN, approximate=True)
+            pipe.expire(key, stream_lifetime_s(stopped=False))
             await pipe.execute()
 
 
