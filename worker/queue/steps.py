@@ -137,9 +137,9 @@ class RedisStepQueue:
                 if finished is not None:
                     stream += [*finished.keys(), self.queue_name]
                 lifetime = stream_lifetime_s(handed.stopped)
-                lines: list[Arg] = [STREAM_MAXLEN, lifetime, finished.arq_id if finished else ""]
-                lines += handed.event_lines
-                PUBLISH.add_to(pipe, stream, lines, calls)
+                published: list[Arg] = [STREAM_MAXLEN, lifetime, finished.arq_id if finished else ""]
+                published += handed.event_lines
+                PUBLISH.add_to(pipe, stream, published, calls)
             for i, task in enumerate(tasks):
                 arq_id = step_job_id(task)
                 keys = [job_key_prefix + arq_id, result_key_prefix + arq_id, self.queue_name]
