@@ -121,25 +121,26 @@ def _cut_event(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _cut_line(line: str, *, final_text: bool) -> str:
-    """`_cut_event` on a compact JSON line (as pydantic and `_dumps` write one), without parsing it where it
-    can: without an escaped quote, every quote opens or closes a string, so a run of more than the limit's
-    characters without a quote lies in a string when an odd number of quotes comes up to it, and a string
-    written with more characters than the limit is the only one that may hold more. Such a string followed
-    by `:` is a key (never cut); with `final_text` (the event has a `text` field), one after `"text":` at the
-    top level is the final text."""
+    """`_cut_event` on a compact JSON line (as pydantic and `_dumps` write one), without parsing it: in a copy
+    of the line with every escaped backslash or quote (`\\\\`, `\\"`) spelled as two other characters, at
+    the same places, every quote opens or closes a string, so a run of more than the limit's characters
+    without a quote lies in a string when an odd number of quotes comes up to it, and a string written with
+    more characters than the limit is the only one that may hold more. Such a string followed by `:` is a
+    key (never cut); with `final_text` (the event has a `text` field), one after `"text":` at the top level
+    is the final text."""
     if len(line) <= LIVE_TEXT_LIMIT:  # nothing in it can be long: at once
         return line
-    if '\\"' in line:
-        return _dumps(_cut_event(json.loads(line)))
+    # escapes read left to right: `\\\\"` is an escaped backslash, then a closing quote
+    plain = line.replace("\\\\", "__").replace('\\"', "__") if "\\" in line else line
     cut: list[str] = []
     done = 0  # how much of the line is in `cut`
-    for run in _LONG_RUN.finditer(line):
+    for run in _LONG_RUN.finditer(plain):
         start, end = run.start() + 1, run.end()  # the run, after the quote it follows
-        if line.count('"', 0, start) % 2 == 0 or line.startswith(":", end + 1):
+        if plain.count('"', 0, start) % 2 == 0 or plain.startswith(":", end + 1):
             continue  # outside any string (a quote closed a string before it), or a key
         limit = LIVE_TEXT_LIMIT
-        if final_text and line.endswith('"text":"', 0, start):  # the event's own text, if at the top level
-            outside = "".join(line[:start].split('"')[0::2])
+        if final_text and plain.endswith('"text":"', 0, start):  # the event's own text, if at the top level
+            outside = "".join(plain[:start].split('"')[0::2])
             depth = outside.count("{") + outside.count("[") - outside.count("}") - outside.count("]")
             limit = LIVE_RESULT_LIMIT if depth == 1 else LIVE_TEXT_LIMIT
             if end - start <= limit:

@@ -324,6 +324,9 @@ def _live_by_parsing(event: Event) -> dict[str, Any]:
         "y" * 201,  # past it: cut
         'q"' * 150,  # escaped quotes: no piece between quotes is long, the string is
         "\\" * 120,  # escaped backslashes: written longer than they are
+        '\\"' * 120,  # a backslash and a quote, each escaped
+        "w" * 300 + "\\",  # a string that ends in a backslash: its closing quote follows an escape
+        '"' + "v" * 300 + '"',  # quoted: the long run lies between escaped quotes
         "é" * 250,
         "z" * 5000,
     ],
