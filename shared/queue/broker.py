@@ -21,6 +21,7 @@ from arq.constants import (
 from arq.jobs import serialize_job
 
 from shared.queue.contract import STEP_TASK, StepTask, deserialize, serialize, step_job_id
+from shared.queue.quick_check import check_quickly
 from shared.redisurl import is_sentinel_url, parse_sentinel_url
 
 __all__ = [
@@ -54,7 +55,8 @@ def redis_settings(url: str) -> RedisSettings:
 
 
 async def open_pool(url: str, queue_name: str, *, connect_timeout_s: int = 2) -> ArqRedis:
-    """A pool on the queue's Redis, answered by one PING: it raises at once when Redis is unreachable.
+    """A pool on the queue's Redis, answered by one PING: it raises at once when Redis is unreachable. Its
+    connections are checked quickly before each command (`quick_check.py`).
 
     arq's create_pool would retry five times a second apart, logging each; the producer wants one fast
     answer and the worker retries with its own back-off, so neither lets arq retry.
@@ -63,9 +65,11 @@ async def open_pool(url: str, queue_name: str, *, connect_timeout_s: int = 2) ->
     settings.conn_retries = 0
     settings.conn_timeout = connect_timeout_s
     logging.getLogger("arq.connections").setLevel(logging.ERROR)
-    return await create_pool(
+    pool = await create_pool(
         settings, job_serializer=serialize, job_deserializer=deserialize, default_queue_name=queue_name
     )
+    check_quickly(pool.connection_pool)  # a command's connection lent without a turn of the event loop
+    return pool
 
 
 def step_payload(task: StepTask, enqueue_time_ms: int) -> bytes:
