@@ -1,7 +1,7 @@
-"""The pool's quick check of a connection (shared/queue/quick_check.py), against a real Redis: a quiet
-connection is lent without redis-py's reading check, one with a reply waiting is replaced. redis-py's own
-check fails the second test where the reply is still in the socket (its zero-timeout read is cancelled in
-the turn that reads the reply)."""
+"""The pool's lean commands (shared/queue/lean_pool.py), against a real Redis: a quiet connection is lent
+without redis-py's reading check, one with a reply waiting is replaced (redis-py's own check fails that test
+where the reply is still in the socket: its zero-timeout read is cancelled in the turn that reads the reply),
+and commands are packed by hiredis into the bytes redis-py's own packing makes."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import select
 from typing import Any
 
 import pytest
+from redis.asyncio.connection import Connection
+from redis.connection import HiredisRespSerializer
 
 from shared.queue.broker import ArqRedis
-from shared.queue.quick_check import reply_waiting
+from shared.queue.lean_pool import reply_waiting
 
 
 async def test_a_quiet_connection_is_lent_without_the_reading_check(redis: ArqRedis) -> None:
@@ -53,3 +55,20 @@ async def test_a_reply_left_on_a_connection_never_answers_the_next_command(
     assert reply_waiting(connection) is True
     assert await redis.get("quick:k") == b"mine"
     assert await redis.echo("fresh") == b"fresh"
+
+
+async def test_commands_are_packed_by_hiredis_into_redis_pys_own_bytes(redis: ArqRedis) -> None:
+    commands: list[tuple[Any, ...]] = [
+        ("SET", "k", "v", "EX", 100),
+        ("CONFIG GET", "maxmemory"),  # a command name of two words, sent as two arguments
+        (b"ZADD", "q", 1733030000000, "id", -1.5, "id2", float("-inf"), "id3"),
+        ("EVALSHA", "a" * 40, 2, "k1", "k2", b"\x00\xff" * 4000, "é" * 3000, 0, ""),
+    ]
+    connection: Any = redis.connection_pool.get_available_connection()
+    await redis.connection_pool.release(connection)
+    # this pool's connections pack with hiredis, the one made for the pool's first PING too
+    assert type(connection.pack_command.__self__) is HiredisRespSerializer
+    for command in commands:
+        assert b"".join(connection.pack_command(*command)) == b"".join(Connection().pack_command(*command))
+    assert b"".join(connection.pack_commands(commands)) == b"".join(Connection().pack_commands(commands))
+    assert await redis.execute_command("ECHO", "é" * 3000) == ("é" * 3000).encode()
