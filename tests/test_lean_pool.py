@@ -72,3 +72,13 @@ async def test_commands_are_packed_by_hiredis_into_redis_pys_own_bytes(redis: Ar
         assert b"".join(connection.pack_command(*command)) == b"".join(Connection().pack_command(*command))
     assert b"".join(connection.pack_commands(commands)) == b"".join(Connection().pack_commands(commands))
     assert await redis.execute_command("ECHO", "é" * 3000) == ("é" * 3000).encode()
+
+
+async def test_a_burst_of_commands_each_gets_its_own_connection_and_reply(redis: ArqRedis) -> None:
+    """Lent without redis-py's lock: connections made at once for a burst, none lent twice."""
+    pool: Any = redis.connection_pool
+    replies = await asyncio.gather(*(redis.echo(f"n{i}") for i in range(200)))
+    assert replies == [f"n{i}".encode() for i in range(200)]
+    assert not pool._in_use_connections
+    assert len(pool._available_connections) > 1  # the burst did not wait on one connection
+    assert not pool._lock.locked()

@@ -1,5 +1,6 @@
-"""Two costs of redis-py's asyncio pool cut for every command perq sends: the check of a pooled connection,
-answered without a turn of the event loop, and the packing of a command, done by hiredis.
+"""Three costs of redis-py's asyncio pool cut for every command perq sends: the check of a pooled connection,
+answered without a turn of the event loop; the lock around lending one; and the packing of a command, done
+by hiredis.
 
 The check. Before it lends a connection, redis-py's pool makes sure no reply of an earlier command waits on it
 (`ConnectionPool.ensure_connection`, through the parser's `can_read_destructive`): it reads with a zero
@@ -12,6 +13,11 @@ waits when hiredis's reader or the connection's stream holds something, or its s
 (a poll with no timeout); then the connection is replaced, as redis-py's check replaces one that it finds
 holding data. That check also misses a reply still in the socket, which this one sees (the test shows both).
 A connection of another make, or not connected yet, gets redis-py's own check.
+
+The lock. redis-py's pool lends under an asyncio lock, held while it connects a new connection, so a burst
+of commands (a worker's start: hundreds of steps at once) waits on one connect after another (redis-py's
+issue #3842); taking a connection off the pool's list is one synchronous step that no other task can come
+between, and the lock guards nothing else. A pool whose class lends its own way (a blocking pool) keeps it.
 
 The packing. redis-py's asyncio connections pack a command in Python, copying the growing buffer at each
 argument (a hand-over's call carries a dozen, its events among them: 29 µs for one hand-over); its own sync
@@ -59,8 +65,8 @@ def reply_waiting(connection: AbstractConnection) -> bool | None:
 
 def lean(pool: ConnectionPool) -> None:
     """Have `pool` lend a connection with nothing waiting on it without redis-py's reading check, replace
-    one with something waiting (`reply_waiting`; any other gets redis-py's check), and make connections
-    that pack their commands with hiredis, where it is installed."""
+    one with something waiting (`reply_waiting`; any other gets redis-py's check), lend without its lock,
+    and make connections that pack their commands with hiredis, where it is installed."""
     thorough: Callable[[AbstractConnection], Awaitable[None]] = pool.ensure_connection
 
     async def ensure_connection(connection: AbstractConnection) -> None:
@@ -73,6 +79,15 @@ def lean(pool: ConnectionPool) -> None:
             await connection.disconnect()
             await connection.connect()
 
+    async def get_connection(*_command: Any, **_options: Any) -> AbstractConnection:
+        connection = pool.get_available_connection()
+        try:
+            await ensure_connection(connection)
+        except BaseException:
+            await pool.release(connection)
+            raise
+        return connection
+
     make: Callable[[], AbstractConnection] = pool.make_connection
     pack = HiredisRespSerializer().pack
 
@@ -83,6 +98,8 @@ def lean(pool: ConnectionPool) -> None:
 
     # the pool calls `self.ensure_connection` and `self.make_connection`: the instance's own are found first
     setattr(pool, "ensure_connection", ensure_connection)  # noqa: B010 (mypy refuses assigning a method)
+    if type(pool).get_connection is ConnectionPool.get_connection:
+        setattr(pool, "get_connection", get_connection)  # noqa: B010
     if HIREDIS_AVAILABLE:
         setattr(pool, "make_connection", make_connection)  # noqa: B010
         for made in getattr(pool, "_available_connections", []):  # the pool's first (its PING's)
