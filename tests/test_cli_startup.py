@@ -22,3 +22,21 @@ def test_perq_help_imports_no_heavy_module() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_a_worker_starts_without_the_mcp_sdk_until_a_server_starts() -> None:
+    """Half a worker's start-up was importing the mcp SDK: the skill pool is made without it, and imports
+    it when an expert's MCP server first starts."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from shared.config import Settings\n"
+        "from worker.main import _skill_pool\n"
+        "import worker.queue.worker\n"
+        "pool = _skill_pool(Settings())\n"
+        "print(type(pool).__name__, sorted(m for m in sys.modules if m.split('.')[0] == 'mcp'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "McpSkillPool []"

@@ -8,6 +8,7 @@ talks to arq) until a burst drains it or a signal stops it.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import os
 from collections.abc import Callable
@@ -21,11 +22,11 @@ from worker.supervisor import Supervisor, default_processes
 
 
 def _skill_pool(settings: Settings) -> Any:
-    """The MCP skill pool, when the mcp SDK is installed (it is imported only by workers)."""
-    try:
-        from worker.skills.mcp.pool import McpSkillPool
-    except ImportError:
+    """The MCP skill pool, when the mcp SDK is installed (the pool imports it when a server first starts)."""
+    if importlib.util.find_spec("mcp") is None:
         return None
+    from worker.skills.mcp.pool import McpSkillPool
+
     return McpSkillPool(settings=settings.mcp)
 
 

@@ -1,5 +1,9 @@
 """A worker's MCP skill servers, kept connected across steps and jobs (`SkillPool`, toolset.py).
 
+The mcp SDK is imported when the first server starts, not with the pool: it is half a worker's start-up
+(0.4 s of CPU per process, paid again by each restarted child), and most experts use only the in-process
+base skill.
+
 A server is keyed by its launch (command, arguments, filtered environment and working directory, or
 endpoint), so every step that needs the same server reuses one session and its cached tool list instead of
 paying a process start and handshake per step. A server found dead is started again before it is used; one
@@ -19,17 +23,16 @@ import logging
 import os
 import time
 from collections.abc import Mapping
-from typing import Any
-
-from mcp.shared.exceptions import MCPError
+from typing import TYPE_CHECKING, Any
 
 from shared.config import McpSection
 from shared.models import McpStdioSkill, ToolDefinition, ToolResultContent
-from worker.skills.mcp.convert import call_error_text, result_contents, tool_definitions
 from worker.skills.mcp.launch import Launch, remote_launch, stdio_launch
-from worker.skills.mcp.session import Listener, SkillConnectionLost, SkillSession, describe_error
 from worker.skills.scope import SkillScope, current_skill_scope
 from worker.skills.toolset import McpSkill, SkillError
+
+if TYPE_CHECKING:
+    from worker.skills.mcp.session import SkillSession
 
 log = logging.getLogger("perq.skills")
 
@@ -47,6 +50,8 @@ class McpSkillPool:
     # --- the SkillPool protocol ---------------------------------------------------------------------
 
     async def list_tools(self, skill: McpSkill) -> list[ToolDefinition]:
+        from worker.skills.mcp.convert import tool_definitions
+
         session = await self._session(skill, current_skill_scope())
         session.touch()
         return tool_definitions(skill.name, session.tools)
@@ -54,6 +59,11 @@ class McpSkillPool:
     async def call_tool(
         self, skill: McpSkill, tool_name: str, args: dict[str, Any]
     ) -> list[ToolResultContent]:
+        from mcp.shared.exceptions import MCPError
+
+        from worker.skills.mcp.convert import call_error_text, result_contents
+        from worker.skills.mcp.session import Listener, SkillConnectionLost, describe_error
+
         scope = current_skill_scope()
         try:
             session = await self._session(skill, scope)
@@ -102,6 +112,8 @@ class McpSkillPool:
 
     async def _session(self, skill: McpSkill, scope: SkillScope | None) -> SkillSession:
         """The live session for this skill, started (or restarted) when there is none. Raises SkillError."""
+        from worker.skills.mcp.session import SkillSession
+
         if self._closed:
             raise SkillError(f"Skill {skill.name} cannot start: the worker is shutting down")
         launch = self.launch_of(skill, scope)
