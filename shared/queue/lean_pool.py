@@ -1,6 +1,5 @@
-"""Three costs of redis-py's asyncio pool cut for every command perq sends: the check of a pooled connection,
-answered without a turn of the event loop; the lock around lending one; and the packing of a command, done
-by hiredis.
+"""Two costs of redis-py's asyncio pool cut for every command perq sends: the check of a pooled connection,
+answered without a turn of the event loop, and the packing of a command, done by hiredis.
 
 The check. Before it lends a connection, redis-py's pool makes sure no reply of an earlier command waits on it
 (`ConnectionPool.ensure_connection`, through the parser's `can_read_destructive`): it reads with a zero
@@ -12,17 +11,16 @@ The same question is answered here at once: on a connected connection whose pars
 waits when hiredis's reader or the connection's stream holds something, or its socket has something to read
 (a poll with no timeout); then the connection is replaced, as redis-py's check replaces one that it finds
 holding data. That check also misses a reply still in the socket, which this one sees (the test shows both).
-A connection of another make, or not connected yet, gets redis-py's own check.
-
-The lock. redis-py's pool lends under an asyncio lock, held while it connects a new connection, so a burst
-of commands (a worker's start: hundreds of steps at once) waits on one connect after another (redis-py's
-issue #3842); taking a connection off the pool's list is one synchronous step that no other task can come
-between, and the lock guards nothing else. A pool whose class lends its own way (a blocking pool) keeps it.
+A connection reset by the server (its stream holds the error, its socket is closed) is replaced too. A
+connection of another make, or not connected yet, or a system without poll(), gets redis-py's own check.
+redis-py's lock around lending stays: it keeps a burst of commands from opening a connection each, and
+during a Sentinel failover it holds lenders back while a connect finds the new master.
 
 The packing. redis-py's asyncio connections pack a command in Python, copying the growing buffer at each
 argument (a hand-over's call carries a dozen, its events among them: 29 µs for one hand-over); its own sync
 client packs with hiredis when hiredis is there (`HiredisRespSerializer`, 8 µs), which the connections made
-here use too: the same bytes (the test compares them).
+here use too: the same bytes (the test compares them). An argument hiredis refuses (an int subclass, which
+redis-py's encoder writes) is packed by redis-py's own code.
 """
 
 from __future__ import annotations
@@ -34,7 +32,10 @@ from typing import Any
 
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.connection import HiredisRespSerializer
+from redis.exceptions import DataError
 from redis.utils import HIREDIS_AVAILABLE
+
+_poll = getattr(select, "poll", None)  # not on Windows
 
 try:
     from redis._parsers.hiredis import _AsyncHiredisParser
@@ -56,17 +57,20 @@ def reply_waiting(connection: AbstractConnection) -> bool | None:
     sock = writer.get_extra_info("socket")
     if not isinstance(stream, asyncio.StreamReader) or buffered is None or fed is None or sock is None:
         return None
-    if stream.at_eof() or buffered or fed():
+    # a reset leaves its error on the stream and the socket closed (numbered -1), not an end of file
+    if stream.at_eof() or stream.exception() is not None or sock.fileno() < 0 or buffered or fed():
         return True
-    poll = select.poll()  # not select(): a worker's sockets may be numbered past its limit of 1024
+    if _poll is None:
+        return None
+    poll = _poll()  # not select(): a worker's sockets may be numbered past its limit of 1024
     poll.register(sock.fileno(), select.POLLIN | select.POLLPRI)
     return bool(poll.poll(0))  # readable: a late reply, or a hang-up
 
 
 def lean(pool: ConnectionPool) -> None:
     """Have `pool` lend a connection with nothing waiting on it without redis-py's reading check, replace
-    one with something waiting (`reply_waiting`; any other gets redis-py's check), lend without its lock,
-    and make connections that pack their commands with hiredis, where it is installed."""
+    one with something waiting (`reply_waiting`; any other gets redis-py's check), and make connections
+    that pack their commands with hiredis, where it is installed."""
     thorough: Callable[[AbstractConnection], Awaitable[None]] = pool.ensure_connection
 
     async def ensure_connection(connection: AbstractConnection) -> None:
@@ -79,28 +83,28 @@ def lean(pool: ConnectionPool) -> None:
             await connection.disconnect()
             await connection.connect()
 
-    async def get_connection(*_command: Any, **_options: Any) -> AbstractConnection:
-        connection = pool.get_available_connection()
-        try:
-            await ensure_connection(connection)
-        except BaseException:
-            await pool.release(connection)
-            raise
-        return connection
-
     make: Callable[[], AbstractConnection] = pool.make_connection
-    pack = HiredisRespSerializer().pack
+    hiredis_pack = HiredisRespSerializer().pack
+
+    def packer(connection: AbstractConnection) -> Callable[..., list[bytes]]:
+        python_pack = connection.pack_command
+
+        def pack(*args: Any) -> list[bytes]:
+            try:
+                return hiredis_pack(*args)
+            except DataError:  # refused by hiredis (an int subclass): redis-py's encoder may take it
+                return python_pack(*args)
+
+        return pack
 
     def make_connection() -> AbstractConnection:
         connection = make()
-        setattr(connection, "pack_command", pack)  # noqa: B010 (its pack_commands calls this one)
+        setattr(connection, "pack_command", packer(connection))  # noqa: B010 (pack_commands calls it)
         return connection
 
     # the pool calls `self.ensure_connection` and `self.make_connection`: the instance's own are found first
     setattr(pool, "ensure_connection", ensure_connection)  # noqa: B010 (mypy refuses assigning a method)
-    if type(pool).get_connection is ConnectionPool.get_connection:
-        setattr(pool, "get_connection", get_connection)  # noqa: B010
     if HIREDIS_AVAILABLE:
         setattr(pool, "make_connection", make_connection)  # noqa: B010
         for made in getattr(pool, "_available_connections", []):  # the pool's first (its PING's)
-            setattr(made, "pack_command", pack)  # noqa: B010
+            setattr(made, "pack_command", packer(made))  # noqa: B010
