@@ -314,6 +314,19 @@ async def test_start_failures_name_the_skill(pool: McpSkillPool) -> None:
     assert not pool.sessions
 
 
+async def test_an_mcp_sdk_that_cannot_be_imported_stops_the_run_naming_the_skill(
+    pool: McpSkillPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SDK is imported when a server first starts: installed but broken (a missing dependency), it is
+    the skill's failure to start, said in one line, not a traceback out of the step."""
+    monkeypatch.setitem(sys.modules, "worker.skills.mcp.session", None)  # importing it raises ImportError
+    with pytest.raises(SkillError, match="Skill probe cannot start: the mcp SDK cannot be imported"):
+        await pool.list_tools(probe())
+    [said] = await pool.call_tool(probe(), "echo", {"text": "hi"})
+    assert said.text.startswith("Error calling tool echo: Skill probe cannot start: the mcp SDK")  # type: ignore[union-attr]
+    assert not pool.sessions
+
+
 async def test_a_server_that_never_answers_times_out(events: list[Event]) -> None:
     pool = McpSkillPool(env=WORKER_ENV, settings=McpSection(connect_timeout=0.5))
     try:

@@ -44,6 +44,11 @@ class SkillError(Exception):
     """A skill that cannot be set up; the run stops with this message (it names the skill)."""
 
 
+def call_error_text(tool_name: str, message: str) -> list[ToolResultContent]:
+    """What the model reads when a call of a skill's tool failed: it can try another way."""
+    return [TextPart(text=f"Error calling tool {tool_name}: {message}")]
+
+
 def is_base_skill(skill: McpSkill) -> bool:
     """`@perstack/base`, whatever command or version the file names, means perq's in-process tools, unless
     perstack.toml's perstackBaseSkillCommand replaced it with a server of the user's own."""

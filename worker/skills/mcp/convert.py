@@ -8,6 +8,7 @@ from typing import Any
 from mcp import types
 
 from shared.models import InlinePart, TextPart, ToolDefinition, ToolResultContent
+from worker.skills.toolset import call_error_text
 
 
 def tool_definitions(skill_name: str, tools: list[types.Tool]) -> list[ToolDefinition]:
@@ -43,10 +44,6 @@ def _content_part(block: Any) -> ToolResultContent | None:
 
 def _texts(blocks: list[Any]) -> str:
     return "\n".join(b.text for b in blocks if isinstance(b, types.TextContent))
-
-
-def call_error_text(tool_name: str, message: str) -> list[ToolResultContent]:
-    return [TextPart(text=f"Error calling tool {tool_name}: {message}")]
 
 
 def result_contents(

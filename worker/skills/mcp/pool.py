@@ -29,7 +29,7 @@ from shared.config import McpSection
 from shared.models import McpStdioSkill, ToolDefinition, ToolResultContent
 from worker.skills.mcp.launch import Launch, remote_launch, stdio_launch
 from worker.skills.scope import SkillScope, current_skill_scope
-from worker.skills.toolset import McpSkill, SkillError
+from worker.skills.toolset import McpSkill, SkillError, call_error_text
 
 if TYPE_CHECKING:
     from worker.skills.mcp.session import SkillSession
@@ -50,25 +50,25 @@ class McpSkillPool:
     # --- the SkillPool protocol ---------------------------------------------------------------------
 
     async def list_tools(self, skill: McpSkill) -> list[ToolDefinition]:
+        session = await self._session(skill, current_skill_scope())  # the SDK imported (`_session`)
         from worker.skills.mcp.convert import tool_definitions
 
-        session = await self._session(skill, current_skill_scope())
         session.touch()
         return tool_definitions(skill.name, session.tools)
 
     async def call_tool(
         self, skill: McpSkill, tool_name: str, args: dict[str, Any]
     ) -> list[ToolResultContent]:
-        from mcp.shared.exceptions import MCPError
-
-        from worker.skills.mcp.convert import call_error_text, result_contents
-        from worker.skills.mcp.session import Listener, SkillConnectionLost, describe_error
-
         scope = current_skill_scope()
         try:
-            session = await self._session(skill, scope)
+            session = await self._session(skill, scope)  # the SDK imported (`_session`)
         except SkillError as e:
             return call_error_text(tool_name, str(e))
+        from mcp.shared.exceptions import MCPError
+
+        from worker.skills.mcp.convert import result_contents
+        from worker.skills.mcp.session import Listener, SkillConnectionLost, describe_error
+
         limit = self.settings.call_timeout
         try:
             result = await session.call_tool(
@@ -112,7 +112,10 @@ class McpSkillPool:
 
     async def _session(self, skill: McpSkill, scope: SkillScope | None) -> SkillSession:
         """The live session for this skill, started (or restarted) when there is none. Raises SkillError."""
-        from worker.skills.mcp.session import SkillSession
+        try:
+            from worker.skills.mcp.session import SkillSession
+        except ImportError as e:  # installed but broken (a missing dependency): the run stops, saying so
+            raise SkillError(f"Skill {skill.name} cannot start: the mcp SDK cannot be imported: {e}") from e
 
         if self._closed:
             raise SkillError(f"Skill {skill.name} cannot start: the worker is shutting down")
