@@ -499,6 +499,10 @@ class LiveScreen(PerqScreen):
         reply.display = True
         reply.focus()
         self.query_one(Notice).clear()
+        # the reply's row, shown above, shrinks the log after its last line was written and scrolled to:
+        # scroll again once the new layout is drawn, or that line (the job's outcome) hides below the fold
+        log = self.query_one(RichLog)
+        self.call_after_refresh(log.scroll_end, animate=False)
 
     async def check_workers(self) -> None:
         if self.status is not None:
