@@ -4,12 +4,16 @@ with real workers, such as a finished step run again, or delegates nested inside
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Callable
 
 import pytest
 
-from shared.models import Usage
+from shared.models import Job, Usage
+from shared.store.backend import Steps
 from tests.conftest import Perq
 from worker import runtime
+from worker.step_queue import HandOver
 
 
 def setup(local: Perq, config: str, script: dict[str, list[dict[str, object]]]) -> Perq:
@@ -212,3 +216,56 @@ async def test_two_attempts_of_a_step_commit_once_and_a_long_one_writes_nothing(
     written = len(run_log.read_bytes().splitlines())
     assert written == (3 if looks_again else 6)  # the late attempt's three lines, or none
     assert h.job(job.id).status == "completed" and h.job(job.id).total_steps == 1
+
+
+async def test_a_running_jobs_record_is_refreshed_after_its_step_hands_on(local: Perq) -> None:
+    """A record that only says the job runs (and its totals so far) is written once the step handed on,
+    so the hand-over does not wait on the record's flushes; a run's end is recorded before its hand-over."""
+    tool = {"toolCalls": [{"toolName": "healthCheck"}]}
+    h = setup(local, '[experts.e]\ninstruction = "x"\n', {"e": [tool, tool, {"text": "done"}]})
+    job = h.start("e", "go")
+    at_hand_over: list[tuple[str, int]] = []
+    hand_over = h.local.hand_over
+
+    async def noting(handed: HandOver) -> bool:
+        record = h.job(job.id)
+        at_hand_over.append((record.status, record.total_steps))
+        return await hand_over(handed)
+
+    h.local.hand_over = noting  # type: ignore[method-assign]
+    await h.step()
+    assert at_hand_over == [("queued", 0)]
+    assert (h.job(job.id).status, h.job(job.id).total_steps) == ("running", 1)  # written after the hand-over
+    await h.drain()
+    # step 2 comes within the refresh interval (no write); the end is in the record before it is published
+    assert at_hand_over == [("queued", 0), ("running", 1), ("completed", 3)]
+
+
+async def test_a_refresh_that_fails_is_logged_and_the_job_goes_on(
+    local: Perq, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The step is committed and handed on before its refresh: a store error in the refresh must not fail
+    the step (a retry would run a step that was handed on); the next record says it all again."""
+    h = setup(
+        local,
+        '[experts.e]\ninstruction = "x"\n',
+        {"e": [{"toolCalls": [{"toolName": "healthCheck"}]}, {"text": "done"}]},
+    )
+    job = h.start("e", "go")
+    update = h.runtime.store.update_job_steps
+    failures = [OSError(28, "No space left on device")]
+
+    def failing_once(job_id: str, change: Callable[[Job], Job | None]) -> Steps[Job | None]:
+        if failures:
+            raise failures.pop()
+        return update(job_id, change)
+
+    monkeypatch.setattr(h.runtime.store, "update_job_steps", failing_once)
+    with caplog.at_level(logging.WARNING, logger="perq.worker"):
+        ended = await h.step()
+    assert ended is not None and ended.step_number == 1 and not failures
+    assert "could not refresh the record" in caplog.text and "No space left" in caplog.text
+    assert [t.step_number for t in h.local.pending] == [2]
+    assert h.job(job.id).status == "queued"  # the refresh was lost
+    await h.drain()
+    assert (h.job(job.id).status, h.job(job.id).total_steps) == ("completed", 2)

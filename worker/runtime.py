@@ -8,7 +8,8 @@ Order inside a step, and why:
      winner; an attempt that loses (it paused past its lease while another worker ran the step) discards
      its result, publishes nothing, and adopts the winner's checkpoint as in 1;
   4. record the step in the job record (shared/job_record.py: forward only), and hand on: enqueue the next
-     step, start delegates, resume a parent, or finish the job (worker/handon.py).
+     step, start delegates, resume a parent, or finish the job (worker/handon.py). A record that only
+     refreshes a running job's totals is written just after the hand-over instead (`_refresh_due`).
 Every action in 4 is idempotent, so an attempt that dies anywhere can simply be run again.
 
 Store calls go through `io`: where they block (S3's round trips, a local disk's flushes) they run on a
@@ -252,14 +253,27 @@ class Runtime:
             if winner is None:
                 raise LookupError(f"checkpoint {end.id} lost its commit race but cannot be read")
             return await self._adopt(setting, winner)
-        tasks, job = committed
+        tasks, job, refresh = committed
         stopped = not tasks and job is not None and job.status in FINAL_JOB_STATUSES
         handed = HandOver(task.job_id, setting.epoch, live_lines(runner.events), tasks, journal.keys, stopped)
         refused = await self.queue.hand_over(handed)
         if refused:  # cancelled meanwhile: the record shows this step (it may have been written lazily)
             await self.run(self._record(setting, end, catch_up=True))
             await self.io(self._settle_cancel, setting)
+        elif refresh:
+            await self._refresh_record(setting, end, slot)
         return end
+
+    async def _refresh_record(self, setting: RunSetting, end: Checkpoint, slot: Slot) -> None:
+        """Write a refresh of a running job's record after its step handed on (`_refresh_due`). Best effort:
+        a later step's record carries the same totals, and a failure raised from here would count as the
+        failure of a step that is committed and handed on (on its last try, stopping a job that runs fine)."""
+        try:
+            await self.run(self._record(setting, end, due=True), aside=slot.aside)
+        except Exception as e:
+            log.warning(
+                "could not refresh the record of job %s after step %s: %r", end.job_id, end.step_number, e
+            )
 
     async def _execute(
         self, task: StepTask, setting: RunSetting, start: Checkpoint, begins_run: bool, attempt: int
@@ -297,9 +311,10 @@ class Runtime:
 
     def _commit_and_finish(
         self, setting: RunSetting, end: Checkpoint, lines: list[str], token: str, looked: float
-    ) -> Steps[tuple[list[StepTask], Job | None] | None]:
+    ) -> Steps[tuple[list[StepTask], Job | None, bool] | None]:
         """Commit the step; when this attempt won, record it in the job record and prepare what follows.
-        Returns the tasks to enqueue and the record (None: the step was committed by another attempt).
+        Returns the tasks to enqueue, the record (None: not read) and whether the record is to be refreshed
+        once the step handed on (`_refresh_due`); None when the step was committed by another attempt.
 
         As one sequence of steps (`Steps`): the commit's name (its checkpoint) waits for the job record's
         data flush instead of having one of its own; the record is still written after the commit point,
@@ -314,11 +329,12 @@ class Runtime:
         if not (yield from self.store.commit_checkpoint_steps(end, token, lines)):
             return None
         self.remember(end)
-        job = yield from self._record(setting, end)
+        refresh = self._refresh_due(setting, end)
+        job = None if refresh else (yield from self._record(setting, end))
         tasks = self.hand_on.without_writes(end)  # the next step (a read), or nothing
         if tasks is None:  # delegates, a parent's resumption: writes of their own (run settings, starts)
             tasks = yield Offload(functools.partial(self.hand_on.follow_ups, setting, end))
-        return tasks, job
+        return tasks, job, refresh
 
     async def _adopt(self, setting: RunSetting, done: Checkpoint) -> Checkpoint:
         """Hand the job on from a step that is committed already (a re-run, or a lost commit race)."""
@@ -359,16 +375,39 @@ class Runtime:
 
     # --- the job record -----------------------------------------------------------------------------
 
-    def _record(self, setting: RunSetting, end: Checkpoint, *, catch_up: bool = False) -> Steps[Job | None]:
+    @staticmethod
+    def _only_moves_on(setting: RunSetting, end: Checkpoint) -> bool:
+        """A step after which its run goes on: its record changes nothing but the totals (and `running`)."""
+        return end.status == "proceeding" and not setting.parallel_branch
+
+    def _recent(self, setting: RunSetting, end: Checkpoint, now: float) -> bool:
+        epoch, at = self._recorded_at.get(end.job_id, (None, -1e9))
+        return epoch == setting.epoch and now - at < self.record_interval_s
+
+    def _refresh_due(self, setting: RunSetting, end: Checkpoint) -> bool:
+        """Whether the record of a job whose run goes on is due for a refresh: it is then written after the
+        step hands on, not before. Why: such a record only says the job runs and its totals so far, which the
+        next step's record says again; before the hand-over its two flushes (the spare's data, the swap) made
+        every such step wait on two more flushes of the file system (bench: concurrency). Every other record
+        (a run's end, a delegation, a catch-up) is written before, as the rules need. Stamped now, so that
+        the next step, taken by this worker at once, does not write it a second time meanwhile."""
+        now = time.monotonic()
+        if not self._only_moves_on(setting, end) or self._recent(setting, end, now):
+            return False
+        self._recorded_at[end.job_id] = (setting.epoch, now)
+        return True
+
+    def _record(
+        self, setting: RunSetting, end: Checkpoint, *, catch_up: bool = False, due: bool = False
+    ) -> Steps[Job | None]:
         """Record a step's end in the job record (the rules are shared/job_record.py's).
 
-        A step that only moves a running job on rewrites the record at most every `record_interval_s`;
-        every other step writes it. Returns the record as the store holds it afterwards (None: not read).
+        A step that only moves a running job on rewrites the record at most every `record_interval_s`
+        (`due`: the caller decided it is time); every other step writes it. Returns the record as the store
+        holds it afterwards (None: not read).
         """
         now = time.monotonic()
-        epoch, at = self._recorded_at.get(end.job_id, (None, -1e9))
-        recent = epoch == setting.epoch and now - at < self.record_interval_s
-        if recent and not catch_up and end.status == "proceeding" and not setting.parallel_branch:
+        if not (due or catch_up) and self._only_moves_on(setting, end) and self._recent(setting, end, now):
             return None
 
         def change(job: Job) -> Job | None:
