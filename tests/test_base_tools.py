@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from shared.models import InlinePart, TextPart, Todo
-from worker.skills.base import BASE_SKILL, BASE_TOOL_DEFINITIONS, ToolContext, call_base_tool
+from worker.skills.base import BASE_SKILL, BASE_TOOL_DEFINITIONS, CHANGE_NOTHING, ToolContext, call_base_tool
 from worker.skills.paths import ParentDirectoryMissing, PathDenied, resolve_in_workspace
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 32
@@ -774,3 +774,12 @@ async def test_health_check(layout: Layout) -> None:
     assert result["pid"] == os.getpid()
     assert result["uptime"] >= 0
     assert result["memory"]["heapUsed"] > 0
+
+
+def test_the_tools_that_change_nothing_are_base_tools_that_only_read() -> None:
+    """They run before their answer is journaled (`SkillSet.changes_nothing`): a tool that writes must never
+    be among them, and a name that is no base tool would be a typo."""
+    names = {t.name for t in BASE_TOOL_DEFINITIONS}
+    assert names >= CHANGE_NOTHING
+    writers = {"writeTextFile", "appendTextFile", "editTextFile", "createDirectory", "deleteDirectory"}
+    assert not CHANGE_NOTHING & (writers | {"deleteFile", "moveFile", "exec"})

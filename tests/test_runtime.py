@@ -13,7 +13,10 @@ from shared.models import Job, Usage
 from shared.store.backend import Steps
 from tests.conftest import Perq
 from worker import runtime
-from worker.step_queue import HandOver
+from worker.loop import StepInterrupted
+from worker.skills import toolset
+from worker.skills.base import ContentPart, ToolContext
+from worker.step_queue import HandOver, LocalQueue
 
 
 def setup(local: Perq, config: str, script: dict[str, list[dict[str, object]]]) -> Perq:
@@ -269,3 +272,70 @@ async def test_a_refresh_that_fails_is_logged_and_the_job_goes_on(
     assert h.job(job.id).status == "queued"  # the refresh was lost
     await h.drain()
     assert (h.job(job.id).status, h.job(job.id).total_steps) == ("completed", 2)
+
+
+class HeldAnswers:
+    """The queue's answer journal held until released (a slow Redis), or failing (an unreachable one)."""
+
+    def __init__(self, queue: LocalQueue, fails: bool = False) -> None:
+        self.queue, self.fails = queue, fails
+        self.release = asyncio.Event()
+        self.saved: list[str] = []
+
+    async def save_answer(self, key: str, data: bytes) -> None:
+        await self.release.wait()
+        if self.fails:
+            raise ConnectionError("redis went away")
+        self.saved.append(key)
+        await LocalQueue.save_answer(self.queue, key, data)
+
+
+@pytest.mark.parametrize("tool", ["readTextFile", "writeTextFile"])
+async def test_only_a_tool_that_changes_nothing_runs_before_its_answer_is_journaled(
+    local: Perq, monkeypatch: pytest.MonkeyPatch, tool: str
+) -> None:
+    """A read-only base tool runs while the answer is still being journaled; a tool that may change the
+    world waits for it (a re-run would otherwise ask again and do something else); nothing is committed
+    before the answer is journaled, whatever the tool."""
+    args = {"path": "notes.txt"} | ({"text": "hello"} if tool == "writeTextFile" else {})
+    call = {"toolCalls": [{"toolName": tool, "args": args}]}
+    h = setup(local, '[experts.e]\ninstruction = "x"\n', {"e": [call, {"text": "done"}]})
+    h.write("notes.txt", "old")
+    job = h.start("e", "go")
+    held = HeldAnswers(h.local)
+    monkeypatch.setattr(h.local, "save_answer", held.save_answer)
+    called: list[str] = []
+    call_base_tool = toolset.call_base_tool
+
+    async def noting(name: str, args: dict[str, object], ctx: ToolContext) -> list[ContentPart]:
+        called.append(name)
+        return await call_base_tool(name, args, ctx)
+
+    monkeypatch.setattr(toolset, "call_base_tool", noting)
+    stepping = asyncio.create_task(h.step())
+    await asyncio.sleep(0.2)  # the tool's own thread, if it may run
+    assert called == ([tool] if tool == "readTextFile" else [])
+    assert not stepping.done() and not h.checkpoints(job.id)
+    held.release.set()
+    ended = await stepping
+    assert ended is not None and ended.step_number == 1 and called == [tool] and len(held.saved) == 1
+    assert (h.root / "notes.txt").read_text() == ("hello" if tool == "writeTextFile" else "old")
+    assert not h.local.answers  # forgotten at the hand-over, once recorded
+
+
+async def test_an_answer_that_cannot_be_journaled_commits_nothing(
+    local: Perq, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The read-only tool ran, but the answer never reached the journal: the step is interrupted (run again
+    later, asking the model again), and commits and hands on nothing."""
+    call = {"toolCalls": [{"toolName": "readTextFile", "args": {"path": "notes.txt"}}]}
+    h = setup(local, '[experts.e]\ninstruction = "x"\n', {"e": [call, {"text": "done"}]})
+    h.write("notes.txt", "old")
+    job = h.start("e", "go")
+    held = HeldAnswers(h.local, fails=True)
+    held.release.set()
+    monkeypatch.setattr(h.local, "save_answer", held.save_answer)
+    with pytest.raises(StepInterrupted, match="cannot journal the answer"):
+        await h.step()
+    assert not h.checkpoints(job.id)
+    assert not h.local.pending and not h.local.published

@@ -8,6 +8,7 @@ when the step hands over.
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from shared.models import ThinkingPart, Usage
@@ -24,7 +25,8 @@ class QueueAnswerJournal(AnswerJournal):
     def __init__(self, queue: StepQueue, run_id: str, step_number: int, first_attempt: bool) -> None:
         self.queue, self.run_id, self.step_number = queue, run_id, step_number
         self.first_attempt = first_attempt
-        self.keys: list[str] = []
+        self.keys: list[str] = []  # the answers recorded: forgotten when the step hands over
+        self._saving: list[asyncio.Future[None]] = []
 
     async def load(self, n: int) -> GenerationResult | None:
         if self.first_attempt:  # nothing can have been recorded before the first attempt
@@ -44,6 +46,18 @@ class QueueAnswerJournal(AnswerJournal):
             finish_reason=raw["finishReason"],
             usage=Usage.model_validate(raw["usage"]),
         )
+
+    async def begin(self, n: int, result: GenerationResult) -> None:
+        saving = asyncio.ensure_future(self.save(n, result))
+        # a step cancelled meanwhile never awaits it: its failure is then nobody's to report
+        saving.add_done_callback(lambda done: done.cancelled() or done.exception())
+        self._saving.append(saving)
+        await asyncio.sleep(0)  # one turn of the loop: the save sends its command while the step goes on
+
+    async def recorded(self) -> None:
+        saving, self._saving = self._saving, []
+        for one in saving:
+            await one
 
     async def save(self, n: int, result: GenerationResult) -> None:
         raw = {

@@ -77,12 +77,22 @@ class StepInterrupted(Exception):
 class AnswerJournal:
     """Where model answers are recorded before their tool calls run, so a re-run step does not pay twice.
 
+    A step sends an answer to be recorded as it comes (`begin`) and waits for the record (`recorded`) only
+    before something it could not take back: a tool call that may change the world, or the step's commit.
+    Read-only tools run meanwhile: a step that dies before its answer is recorded asks the model again,
+    whether or not they ran (bench: step handoff, the journal's round trip no longer waited for alone).
+
     This one records nothing (the loop run in-process, in tests and benchmarks)."""
 
     async def load(self, n: int) -> GenerationResult | None:
         return None
 
-    async def save(self, n: int, result: GenerationResult) -> None:
+    async def begin(self, n: int, result: GenerationResult) -> None:
+        """Start recording `result`; returns once it is sent, not recorded."""
+        return None
+
+    async def recorded(self) -> None:
+        """Return once every answer begun is recorded; raises StepInterrupted if one could not be."""
         return None
 
 
@@ -263,6 +273,8 @@ class CallingTool:
         mcp = [c for c in calls if ctx.kind_of(c.tool_name) == "mcp"]
         delegates = [c for c in calls if ctx.kind_of(c.tool_name) == "delegate"]
         interactive = [c for c in calls if ctx.kind_of(c.tool_name) == "interactive"]
+        if not all(ctx.skills.changes_nothing(c) for c in mcp):
+            await ctx.journal.recorded()  # a call that may change the world runs only on a recorded answer
         results = [*(step.tool_results or []), *(await ctx.skills.call_all(mcp) if mcp else [])]
         if delegates:
             step.partial_tool_results = results
@@ -557,7 +569,7 @@ class StepRunner:
             await self._back_off(e)
             raise
         if result.tool_calls:
-            await self.journal.save(n, result)
+            await self.journal.begin(n, result)
         return result
 
     async def _back_off(self, error: GenerationError) -> None:

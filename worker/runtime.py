@@ -241,6 +241,7 @@ class Runtime:
         in the gate's `slot`, stepping aside while the store flushes."""
         token = random_token(8)
         lines = [e.to_json() for e in runner.events]
+        await journal.recorded()  # the step's answers are journaled before anything of it is committed
         commit = self._commit_and_finish(setting, end, lines, token, looked)
         committed = await self.run(commit, aside=slot.aside)
         if committed is None:

@@ -699,6 +699,22 @@ _ORDER = (
     "readPdfFile",
 )
 
+# base tools that change nothing outside the step (todo and clearTodo change the step's own list, which only
+# its checkpoint keeps): a step may run them before its model answer is journaled (`SkillSet.changes_nothing`)
+CHANGE_NOTHING: frozenset[str] = frozenset(
+    {
+        "attemptCompletion",
+        "todo",
+        "clearTodo",
+        "readTextFile",
+        "listDirectory",
+        "getFileInfo",
+        "healthCheck",
+        "readImageFile",
+        "readPdfFile",
+    }
+)
+
 BASE_TOOL_DEFINITIONS: list[ToolDefinition] = [
     ToolDefinition(
         skill_name=BASE_SKILL,

@@ -26,7 +26,7 @@ from shared.models import (
     ToolResultContent,
 )
 from worker.instruction import delegate_tool_name
-from worker.skills.base import BASE_TOOL_DEFINITIONS, ToolContext, call_base_tool
+from worker.skills.base import BASE_TOOL_DEFINITIONS, CHANGE_NOTHING, ToolContext, call_base_tool
 
 McpSkill = McpStdioSkill | McpSseSkill
 
@@ -128,6 +128,17 @@ class SkillSet:
 
     def classify(self, tool_name: str) -> ToolDefinition | None:
         return self.by_name.get(tool_name)
+
+    def changes_nothing(self, call: ToolCall) -> bool:
+        """Whether a call changes nothing outside its step: a read-only base tool run in-process (`call`);
+        an MCP server's tool may do anything."""
+        tool = self.by_name.get(call.tool_name)
+        return (
+            tool is not None
+            and tool.skill_name == BASE_SKILL_NAME
+            and BASE_SKILL_NAME not in self.mcp_skills
+            and call.tool_name in CHANGE_NOTHING
+        )
 
     async def call(self, call: ToolCall) -> ToolResult:
         """Answer an MCP or base tool call. Failures become results the model can read, never exceptions."""
