@@ -570,9 +570,9 @@ FS_WRITES = 300
 def store_writes(bench: Bench) -> list[Row]:
     """What one atomic store write (a new file, renamed into place) costs where the stores live.
 
-    Not a goal: context. Every step creates at least two files (its checkpoint, the job record; a tool
-    step also its journal entry), so on a disk where creating a file is slow, that is the floor of a
-    step's cost, and the throughput and concurrency figures move with it.
+    Not a goal: context. Every step creates one file (its checkpoint; the rest of its writes go to files
+    laid out where its job or run began), so on a disk where creating a file is slow, that is part of the
+    floor of a step's cost, and the throughput and concurrency figures move with it.
     """
     area = bench.area("fs")
     store = area.store
@@ -587,7 +587,7 @@ def store_writes(bench: Bench) -> list[Row]:
             "us",
             "reported",
             None,
-            f"2 KiB, new file + rename, in {bench.root} (a step makes 2-3 of these)",
+            f"2 KiB, new file + rename, in {bench.root} (a step creates one such file: its checkpoint)",
         )
     ]
 
