@@ -14,9 +14,10 @@ from typing import Any
 
 import pytest
 
-from shared.models import InlinePart, TextPart, Todo
+from shared.models import InlinePart, McpStdioSkill, TextPart, Todo, ToolCall
 from worker.skills.base import BASE_SKILL, BASE_TOOL_DEFINITIONS, CHANGE_NOTHING, ToolContext, call_base_tool
 from worker.skills.paths import ParentDirectoryMissing, PathDenied, resolve_in_workspace
+from worker.skills.toolset import SkillSet
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 32
 SECRET = "top secret"
@@ -777,9 +778,28 @@ async def test_health_check(layout: Layout) -> None:
 
 
 def test_the_tools_that_change_nothing_are_base_tools_that_only_read() -> None:
-    """They run before their answer is journaled (`SkillSet.changes_nothing`): a tool that writes must never
-    be among them, and a name that is no base tool would be a typo."""
-    names = {t.name for t in BASE_TOOL_DEFINITIONS}
-    assert names >= CHANGE_NOTHING
-    writers = {"writeTextFile", "appendTextFile", "editTextFile", "createDirectory", "deleteDirectory"}
-    assert not CHANGE_NOTHING & (writers | {"deleteFile", "moveFile", "exec"})
+    """They run before their answer is journaled (`SkillSet.changes_nothing`): the list is spelt out here
+    so that a tool joins it only on purpose, and each is a base tool."""
+    reading = {"readTextFile", "listDirectory", "getFileInfo", "readImageFile", "readPdfFile", "healthCheck"}
+    assert reading | {"attemptCompletion", "todo", "clearTodo"} == CHANGE_NOTHING
+    assert {t.name for t in BASE_TOOL_DEFINITIONS} >= CHANGE_NOTHING
+
+
+def test_a_base_tool_served_by_an_mcp_server_may_change_anything() -> None:
+    """With `perstackBaseSkillCommand` the base tools are a server of the user's own: none of them runs
+    before its answer is journaled, attemptCompletion included; an unknown tool neither."""
+    context = ToolContext(workspace=Path("."), store_root=None, todos=[])
+    in_process = SkillSet(tools=list(BASE_TOOL_DEFINITIONS), tool_context=context)
+    served = SkillSet(
+        tools=list(BASE_TOOL_DEFINITIONS),
+        tool_context=context,
+        mcp_skills={BASE_SKILL: McpStdioSkill(name=BASE_SKILL, command="base-server", external_base=True)},
+    )
+
+    def call(name: str) -> ToolCall:
+        return ToolCall(id="c1", skill_name=BASE_SKILL, tool_name=name, args={})
+
+    assert in_process.changes_nothing(call("attemptCompletion")) and in_process.changes_nothing(call("todo"))
+    assert not in_process.changes_nothing(call("writeTextFile"))
+    assert not in_process.changes_nothing(call("noSuchTool"))
+    assert not served.changes_nothing(call("attemptCompletion")) and not served.changes_nothing(call("todo"))

@@ -10,10 +10,12 @@ from collections.abc import Callable
 import pytest
 
 from shared.models import Job, Usage
+from shared.store import JobStore
 from shared.store.backend import Steps
 from tests.conftest import Perq
 from worker import runtime
 from worker.loop import StepInterrupted
+from worker.runtime import Runtime
 from worker.skills import toolset
 from worker.skills.base import ContentPart, ToolContext
 from worker.step_queue import HandOver, LocalQueue
@@ -221,7 +223,9 @@ async def test_two_attempts_of_a_step_commit_once_and_a_long_one_writes_nothing(
     assert h.job(job.id).status == "completed" and h.job(job.id).total_steps == 1
 
 
-async def test_a_running_jobs_record_is_refreshed_after_its_step_hands_on(local: Perq) -> None:
+async def test_a_running_jobs_record_is_refreshed_after_its_step_hands_on(
+    local: Perq, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A record that only says the job runs (and its totals so far) is written once the step handed on,
     so the hand-over does not wait on the record's flushes; a run's end is recorded before its hand-over."""
     tool = {"toolCalls": [{"toolName": "healthCheck"}]}
@@ -236,12 +240,51 @@ async def test_a_running_jobs_record_is_refreshed_after_its_step_hands_on(local:
         return await hand_over(handed)
 
     h.local.hand_over = noting  # type: ignore[method-assign]
+    writes = count_record_writes(h, monkeypatch)
     await h.step()
     assert at_hand_over == [("queued", 0)]
     assert (h.job(job.id).status, h.job(job.id).total_steps) == ("running", 1)  # written after the hand-over
     await h.drain()
     # step 2 comes within the refresh interval (no write); the end is in the record before it is published
     assert at_hand_over == [("queued", 0), ("running", 1), ("completed", 3)]
+    assert writes == [1, 3]
+
+
+def count_record_writes(h: Perq, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The steps (by the records' totals once written) whose job record the runtime wrote."""
+    writes: list[int] = []
+    update = h.runtime.store.update_job_steps
+
+    def noted(job_id: str, change: Callable[[Job], Job | None]) -> Steps[Job | None]:
+        job = yield from update(job_id, change)
+        writes.append(job.total_steps if job else -1)
+        return job
+
+    monkeypatch.setattr(h.runtime.store, "update_job_steps", noted)
+    return writes
+
+
+async def test_without_shared_flushes_a_refresh_is_written_before_the_hand_over(
+    local: Perq, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deferring a refresh saves flushes only where they are shared (a local disk with syncfs), and is
+    safe only where the record is locked: elsewhere (S3, or no flushes at all) the record is written before
+    the hand-over, as every record is."""
+    tool = {"toolCalls": [{"toolName": "healthCheck"}]}
+    h = setup(local, '[experts.e]\ninstruction = "x"\n', {"e": [tool, {"text": "done"}]})
+    h.runtime = Runtime(store=JobStore.open(str(h.storage), fsync=False), queue=h.local)
+    job = h.start("e", "go")
+    at_hand_over: list[tuple[str, int]] = []
+    hand_over = h.local.hand_over
+
+    async def noting(handed: HandOver) -> bool:
+        record = h.job(job.id)
+        at_hand_over.append((record.status, record.total_steps))
+        return await hand_over(handed)
+
+    h.local.hand_over = noting  # type: ignore[method-assign]
+    await h.drain()
+    assert at_hand_over == [("running", 1), ("completed", 2)]
 
 
 async def test_a_refresh_that_fails_is_logged_and_the_job_goes_on(
@@ -290,6 +333,19 @@ class HeldAnswers:
         await LocalQueue.save_answer(self.queue, key, data)
 
 
+def note_base_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The base tools called from now on, by name, in order."""
+    called: list[str] = []
+    call_base_tool = toolset.call_base_tool
+
+    async def noting(name: str, args: dict[str, object], ctx: ToolContext) -> list[ContentPart]:
+        called.append(name)
+        return await call_base_tool(name, args, ctx)
+
+    monkeypatch.setattr(toolset, "call_base_tool", noting)
+    return called
+
+
 @pytest.mark.parametrize("tool", ["readTextFile", "writeTextFile"])
 async def test_only_a_tool_that_changes_nothing_runs_before_its_answer_is_journaled(
     local: Perq, monkeypatch: pytest.MonkeyPatch, tool: str
@@ -304,14 +360,7 @@ async def test_only_a_tool_that_changes_nothing_runs_before_its_answer_is_journa
     job = h.start("e", "go")
     held = HeldAnswers(h.local)
     monkeypatch.setattr(h.local, "save_answer", held.save_answer)
-    called: list[str] = []
-    call_base_tool = toolset.call_base_tool
-
-    async def noting(name: str, args: dict[str, object], ctx: ToolContext) -> list[ContentPart]:
-        called.append(name)
-        return await call_base_tool(name, args, ctx)
-
-    monkeypatch.setattr(toolset, "call_base_tool", noting)
+    called = note_base_calls(monkeypatch)
     stepping = asyncio.create_task(h.step())
     await asyncio.sleep(0.2)  # the tool's own thread, if it may run
     assert called == ([tool] if tool == "readTextFile" else [])
@@ -333,9 +382,13 @@ async def test_an_answer_that_cannot_be_journaled_commits_nothing(
     h.write("notes.txt", "old")
     job = h.start("e", "go")
     held = HeldAnswers(h.local, fails=True)
-    held.release.set()
     monkeypatch.setattr(h.local, "save_answer", held.save_answer)
+    called = note_base_calls(monkeypatch)
+    stepping = asyncio.create_task(h.step())
+    await asyncio.sleep(0.2)
+    assert called == ["readTextFile"]  # ran while the answer was on its way
+    held.release.set()
     with pytest.raises(StepInterrupted, match="cannot journal the answer"):
-        await h.step()
+        await stepping
     assert not h.checkpoints(job.id)
     assert not h.local.pending and not h.local.published

@@ -52,12 +52,17 @@ class QueueAnswerJournal(AnswerJournal):
         # a step cancelled meanwhile never awaits it: its failure is then nobody's to report
         saving.add_done_callback(lambda done: done.cancelled() or done.exception())
         self._saving.append(saving)
-        await asyncio.sleep(0)  # one turn of the loop: the save sends its command while the step goes on
+        await asyncio.sleep(0)  # a turn of the loop: the save most often sends its command in it
 
     async def recorded(self) -> None:
         saving, self._saving = self._saving, []
         for one in saving:
             await one
+
+    def abandon(self) -> None:
+        for one in self._saving:
+            one.cancel()
+        self._saving = []
 
     async def save(self, n: int, result: GenerationResult) -> None:
         raw = {

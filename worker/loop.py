@@ -95,6 +95,10 @@ class AnswerJournal:
         """Return once every answer begun is recorded; raises StepInterrupted if one could not be."""
         return None
 
+    def abandon(self) -> None:
+        """Stop the records still on their way: the step ended without waiting for them."""
+        return None
+
 
 @dataclass(slots=True)
 class StepState:
@@ -268,6 +272,8 @@ class CallingTool:
             (c for c in calls if c.tool_name == "attemptCompletion" and c.skill_name == BASE_SKILL_NAME), None
         )
         if completion is not None:
+            if not ctx.skills.changes_nothing(completion):  # a base server of the user's own (an MCP server)
+                await ctx.journal.recorded()
             return await self._attempt_completion(ctx, completion, [c for c in calls if c is not completion])
 
         mcp = [c for c in calls if ctx.kind_of(c.tool_name) == "mcp"]
@@ -546,6 +552,7 @@ class StepRunner:
         recorded = await self.journal.load(n)
         if recorded is not None:
             return recorded
+        await self.journal.recorded()  # a step whose answer cannot be recorded pays for no other
         assert self.model is not None, "a step that generates needs a model"
         request = GenerationRequest(
             expert_key=self.expert.key,

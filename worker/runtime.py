@@ -54,7 +54,7 @@ from shared.store.local import Aside, LocalBackend
 from worker.gate import Gate, Slot
 from worker.handon import HandOn
 from worker.journal import QueueAnswerJournal
-from worker.loop import StepRunner
+from worker.loop import AnswerJournal, StepRunner
 from worker.models.contract import ModelClient
 from worker.models.select import get_model_client
 from worker.skills.base import ToolContext
@@ -223,7 +223,14 @@ class Runtime:
             start, begins_run = self._continue(previous, task), False
         else:
             start, begins_run = await self._start_of(task)
-        end, runner, journal = await self._execute(task, setting, start, begins_run, attempt)
+        journal = QueueAnswerJournal(self.queue, task.run_id, task.step_number, first_attempt=attempt == 1)
+        try:
+            end, runner = await self._execute(task, setting, start, begins_run, journal)
+            # the step's answers are journaled before anything of it is committed (outside the gate: a
+            # slow Redis must not hold the places of other jobs' commits)
+            await journal.recorded()
+        finally:
+            journal.abandon()  # a save still on its way when the step ends otherwise (cancelled, interrupted)
         async with self._gate.slot(time.monotonic()) as slot:
             return await self._commit_and_hand_on(task, setting, end, runner, journal, slot, looked)
 
@@ -241,7 +248,6 @@ class Runtime:
         in the gate's `slot`, stepping aside while the store flushes."""
         token = random_token(8)
         lines = [e.to_json() for e in runner.events]
-        await journal.recorded()  # the step's answers are journaled before anything of it is committed
         commit = self._commit_and_finish(setting, end, lines, token, looked)
         committed = await self.run(commit, aside=slot.aside)
         if committed is None:
@@ -277,8 +283,8 @@ class Runtime:
             )
 
     async def _execute(
-        self, task: StepTask, setting: RunSetting, start: Checkpoint, begins_run: bool, attempt: int
-    ) -> tuple[Checkpoint, StepRunner, QueueAnswerJournal]:
+        self, task: StepTask, setting: RunSetting, start: Checkpoint, begins_run: bool, journal: AnswerJournal
+    ) -> tuple[Checkpoint, StepRunner]:
         """Run the step's loop in memory: nothing is written to the store here."""
         expert = setting.experts[setting.expert_key]
         tool_context = ToolContext(
@@ -287,7 +293,6 @@ class Runtime:
             todos=list(start.todos or []),
             env=self.env,
         )
-        journal = QueueAnswerJournal(self.queue, task.run_id, task.step_number, first_attempt=attempt == 1)
         runner = StepRunner(setting=setting, expert=expert, journal=journal)
         # skill servers started or heard from during this step report into its events (worker/skills/scope.py)
         set_skill_scope(
@@ -308,7 +313,7 @@ class Runtime:
             end = runner.fail(start, RunError(name=type(e).__name__, message=str(e)))
         else:
             end = await runner.run(start, begins_run=begins_run)
-        return end, runner, journal
+        return end, runner
 
     def _commit_and_finish(
         self, setting: RunSetting, end: Checkpoint, lines: list[str], token: str, looked: float
@@ -390,13 +395,21 @@ class Runtime:
         step hands on, not before. Why: such a record only says the job runs and its totals so far, which the
         next step's record says again; before the hand-over its two flushes (the spare's data, the swap) made
         every such step wait on two more flushes of the file system (bench: concurrency). Every other record
-        (a run's end, a delegation, a catch-up) is written before, as the rules need. Stamped now, so that
-        the next step, taken by this worker at once, does not write it a second time meanwhile."""
+        (a run's end, a delegation, a catch-up) is written before, as the rules need. Only on a local disk
+        with shared flushes (what it saves), where the record's lock keeps a late refresh from overwriting
+        what the next step wrote meanwhile: on S3 a record is read and put without a lock, and the rules can
+        refuse a late write only when it reads after the earlier one. Stamped now, so that the next step,
+        taken by this worker at once, does not write it a second time meanwhile."""
         now = time.monotonic()
-        if not self._only_moves_on(setting, end) or self._recent(setting, end, now):
+        if self._flusher is None or not self._only_moves_on(setting, end) or self._recent(setting, end, now):
             return False
-        self._recorded_at[end.job_id] = (setting.epoch, now)
+        self._stamp(end.job_id, setting.epoch, now)
         return True
+
+    def _stamp(self, job_id: str, epoch: int, now: float) -> None:
+        self._recorded_at[job_id] = (epoch, now)
+        if len(self._recorded_at) > 4096:
+            self._recorded_at.clear()
 
     def _record(
         self, setting: RunSetting, end: Checkpoint, *, catch_up: bool = False, due: bool = False
@@ -426,9 +439,7 @@ class Runtime:
         if job is None:
             raise LookupError(f"job {end.job_id} has no job record")
         if job.status == "running":
-            self._recorded_at[job.id] = (setting.epoch, now)
-            if len(self._recorded_at) > 4096:
-                self._recorded_at.clear()
+            self._stamp(job.id, setting.epoch, now)
         else:
             self._recorded_at.pop(job.id, None)
         return job

@@ -303,9 +303,9 @@ class PerqWorker(Worker):
             # arq's shutdown: the step stays queued, its lease dropped, so another worker runs it now. The
             # cancel ends here, as in arq's run_job: shutdown gathers every step's task and must see each
             # one finish, or it stops at the first and leaves the others' leases (and exits non-zero)
-            self.jobs_retried += 1
-            log.info("%s cancelled, will be run again", finish.arq_id)
-            if not finish.done:
+            if not finish.done:  # else it handed over already: only its record's refresh was cut short
+                self.jobs_retried += 1
+                log.info("%s cancelled, will be run again", finish.arq_id)
                 await asyncio.shield(self._finish(finish, retry=True))
         except Exception:
             log.exception("%s failed", finish.arq_id)
