@@ -392,3 +392,31 @@ async def test_an_answer_that_cannot_be_journaled_commits_nothing(
         await stepping
     assert not h.checkpoints(job.id)
     assert not h.local.pending and not h.local.published
+
+
+async def test_a_save_still_on_its_way_is_stopped_with_its_step(
+    local: Perq, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step cut short (a worker's shutdown) while a read-only tool runs and its answer is still on its way
+    to the journal stops the save too: nothing of that attempt lands after it ended."""
+    call = {"toolCalls": [{"toolName": "readTextFile", "args": {"path": "notes.txt"}}]}
+    h = setup(local, '[experts.e]\ninstruction = "x"\n', {"e": [call, {"text": "done"}]})
+    h.start("e", "go")
+    held = HeldAnswers(h.local)
+    monkeypatch.setattr(h.local, "save_answer", held.save_answer)
+    reading = asyncio.Event()
+
+    async def slow_read(name: str, args: dict[str, object], ctx: ToolContext) -> list[ContentPart]:
+        reading.set()
+        await asyncio.sleep(60)
+        raise AssertionError("not reached")
+
+    monkeypatch.setattr(toolset, "call_base_tool", slow_read)
+    stepping = asyncio.create_task(h.step())
+    await asyncio.wait_for(reading.wait(), 5)
+    stepping.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await stepping
+    held.release.set()
+    await asyncio.sleep(0.05)
+    assert not held.saved and not h.local.answers

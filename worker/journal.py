@@ -55,9 +55,9 @@ class QueueAnswerJournal(AnswerJournal):
         await asyncio.sleep(0)  # a turn of the loop: the save most often sends its command in it
 
     async def recorded(self) -> None:
-        saving, self._saving = self._saving, []
-        for one in saving:
-            await one
+        while self._saving:  # each let go once recorded: one that fails or is cut short is `abandon`'s
+            await self._saving[0]
+            self._saving.pop(0)
 
     def abandon(self) -> None:
         for one in self._saving:

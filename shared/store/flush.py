@@ -156,8 +156,12 @@ class LoopFlush:
                 continue
             if error is None:
                 asked.set_result(None)
-            else:
-                asked.set_exception(error if isinstance(error, Exception) else RuntimeError(str(error)))
+            elif isinstance(error, Exception):
+                asked.set_exception(error)
+            else:  # SystemExit and the like, raised on the flusher's thread
+                failed = RuntimeError(f"the flush failed: {error!r}")
+                failed.__cause__ = error
+                asked.set_exception(failed)
         if self._asking:
             self._start()
 

@@ -293,9 +293,9 @@ class PerqWorker(Worker):
         try:
             await running
         except Retry as e:
-            self.jobs_retried += 1
             if finish.done:  # handed over already: nothing is left to run again
                 return
+            self.jobs_retried += 1
             defer = e.defer_score + (now_ms() - score) if e.defer_score else None
             log.info("%s retrying in %.2f s", finish.arq_id, (e.defer_score or 0) / 1000)
             await asyncio.shield(self._finish(finish, retry=True, defer_ms=defer))
