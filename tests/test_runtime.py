@@ -223,6 +223,20 @@ async def test_two_attempts_of_a_step_commit_once_and_a_long_one_writes_nothing(
     assert h.job(job.id).status == "completed" and h.job(job.id).total_steps == 1
 
 
+def records_at_hand_over(h: Perq, job_id: str) -> list[tuple[str, int]]:
+    """The job record's status and total steps as each in-process hand-over finds it, from now on."""
+    seen: list[tuple[str, int]] = []
+    hand_over = h.local.hand_over
+
+    async def noting(handed: HandOver) -> bool:
+        record = h.job(job_id)
+        seen.append((record.status, record.total_steps))
+        return await hand_over(handed)
+
+    h.local.hand_over = noting  # type: ignore[method-assign]
+    return seen
+
+
 async def test_a_running_jobs_record_is_refreshed_after_its_step_hands_on(
     local: Perq, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -231,15 +245,7 @@ async def test_a_running_jobs_record_is_refreshed_after_its_step_hands_on(
     tool = {"toolCalls": [{"toolName": "healthCheck"}]}
     h = setup(local, '[experts.e]\ninstruction = "x"\n', {"e": [tool, tool, {"text": "done"}]})
     job = h.start("e", "go")
-    at_hand_over: list[tuple[str, int]] = []
-    hand_over = h.local.hand_over
-
-    async def noting(handed: HandOver) -> bool:
-        record = h.job(job.id)
-        at_hand_over.append((record.status, record.total_steps))
-        return await hand_over(handed)
-
-    h.local.hand_over = noting  # type: ignore[method-assign]
+    at_hand_over = records_at_hand_over(h, job.id)
     writes = count_record_writes(h, monkeypatch)
     await h.step()
     assert at_hand_over == [("queued", 0)]
@@ -274,15 +280,7 @@ async def test_without_shared_flushes_a_refresh_is_written_before_the_hand_over(
     h = setup(local, '[experts.e]\ninstruction = "x"\n', {"e": [tool, {"text": "done"}]})
     h.runtime = Runtime(store=JobStore.open(str(h.storage), fsync=False), queue=h.local)
     job = h.start("e", "go")
-    at_hand_over: list[tuple[str, int]] = []
-    hand_over = h.local.hand_over
-
-    async def noting(handed: HandOver) -> bool:
-        record = h.job(job.id)
-        at_hand_over.append((record.status, record.total_steps))
-        return await hand_over(handed)
-
-    h.local.hand_over = noting  # type: ignore[method-assign]
+    at_hand_over = records_at_hand_over(h, job.id)
     await h.drain()
     assert at_hand_over == [("running", 1), ("completed", 2)]
 
