@@ -92,6 +92,8 @@ def test_bench_entry_point_prints_json_rows() -> None:
     )
     out = json.loads(result.stdout)
     (row,) = out["rows"]
+    gauge = out["cpuGaugeMs"]
+    assert gauge["start"] > 0 and gauge["end"] > 0  # how fast the machine ran, beside the load average
     assert row["figure"] == "CLI start" and row["goal"] == "<= 1.5"
     assert isinstance(row["value"], float) and row["holds"] in (True, False)
     assert result.returncode == (0 if row["holds"] else 1)
