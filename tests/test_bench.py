@@ -94,6 +94,7 @@ def test_bench_entry_point_prints_json_rows() -> None:
     (row,) = out["rows"]
     gauge = out["cpuGaugeMs"]
     assert gauge["start"] > 0 and gauge["end"] > 0  # how fast the machine ran, beside the load average
+    assert list(gauge["byFigure"]) == ["cli"] and gauge["byFigure"]["cli"] == gauge["start"]
     assert row["figure"] == "CLI start" and row["goal"] == "<= 1.5"
     assert isinstance(row["value"], float) and row["holds"] in (True, False)
     assert result.returncode == (0 if row["holds"] else 1)
