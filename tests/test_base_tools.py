@@ -777,7 +777,7 @@ async def test_health_check(layout: Layout) -> None:
     assert result["memory"]["heapUsed"] > 0
 
 
-def test_the_tools_that_change_nothing_are_base_tools_that_only_read() -> None:
+def test_the_tools_that_change_nothing_outside_their_step_are_spelt_out() -> None:
     """They run before their answer is journaled (`SkillSet.changes_nothing`): the list is spelt out here
     so that a tool joins it only on purpose, and each is a base tool."""
     reading = {"readTextFile", "listDirectory", "getFileInfo", "readImageFile", "readPdfFile", "healthCheck"}

@@ -14,7 +14,10 @@ from shared.store import JobStore
 from shared.store.backend import Steps
 from tests.conftest import Perq
 from worker import runtime
+from worker.journal import QueueAnswerJournal
 from worker.loop import StepInterrupted
+from worker.models.contract import GenerationRequest, GenerationResult
+from worker.models.script import ScriptModel
 from worker.runtime import Runtime
 from worker.skills import toolset
 from worker.skills.base import ContentPart, ToolContext
@@ -244,6 +247,7 @@ async def test_a_running_jobs_record_is_refreshed_after_its_step_hands_on(
     so the hand-over does not wait on the record's flushes; a run's end is recorded before its hand-over."""
     tool = {"toolCalls": [{"toolName": "healthCheck"}]}
     h = setup(local, '[experts.e]\ninstruction = "x"\n', {"e": [tool, tool, {"text": "done"}]})
+    h.runtime.record_interval_s = 3600  # step 2 comes within the interval, however slow the disk
     job = h.start("e", "go")
     at_hand_over = records_at_hand_over(h, job.id)
     writes = count_record_writes(h, monkeypatch)
@@ -270,9 +274,7 @@ def count_record_writes(h: Perq, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return writes
 
 
-async def test_without_shared_flushes_a_refresh_is_written_before_the_hand_over(
-    local: Perq, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_without_shared_flushes_a_refresh_is_written_before_the_hand_over(local: Perq) -> None:
     """Deferring a refresh saves flushes only where they are shared (a local disk with syncfs), and is
     safe only where the record is locked: elsewhere (S3, or no flushes at all) the record is written before
     the hand-over, as every record is."""
@@ -331,6 +333,20 @@ class HeldAnswers:
         await LocalQueue.save_answer(self.queue, key, data)
 
 
+def journal_waited(monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+    """Set once a step waits for an answer still on its way to the journal."""
+    waited = asyncio.Event()
+    recorded = QueueAnswerJournal.recorded
+
+    async def noting(self: QueueAnswerJournal) -> None:
+        if self._saving:
+            waited.set()
+        await recorded(self)
+
+    monkeypatch.setattr(QueueAnswerJournal, "recorded", noting)
+    return waited
+
+
 def note_base_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The base tools called from now on, by name, in order."""
     called: list[str] = []
@@ -359,8 +375,9 @@ async def test_only_a_tool_that_changes_nothing_runs_before_its_answer_is_journa
     held = HeldAnswers(h.local)
     monkeypatch.setattr(h.local, "save_answer", held.save_answer)
     called = note_base_calls(monkeypatch)
+    waited = journal_waited(monkeypatch)
     stepping = asyncio.create_task(h.step())
-    await asyncio.sleep(0.2)  # the tool's own thread, if it may run
+    await asyncio.wait_for(waited.wait(), 10)  # at the commit (the read ran), or before the write
     assert called == ([tool] if tool == "readTextFile" else [])
     assert not stepping.done() and not h.checkpoints(job.id)
     held.release.set()
@@ -382,8 +399,9 @@ async def test_an_answer_that_cannot_be_journaled_commits_nothing(
     held = HeldAnswers(h.local, fails=True)
     monkeypatch.setattr(h.local, "save_answer", held.save_answer)
     called = note_base_calls(monkeypatch)
+    waited = journal_waited(monkeypatch)
     stepping = asyncio.create_task(h.step())
-    await asyncio.sleep(0.2)
+    await asyncio.wait_for(waited.wait(), 10)
     assert called == ["readTextFile"]  # ran while the answer was on its way
     held.release.set()
     with pytest.raises(StepInterrupted, match="cannot journal the answer"):
@@ -396,7 +414,7 @@ async def test_a_save_still_on_its_way_is_stopped_with_its_step(
     local: Perq, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A step cut short (a worker's shutdown) while a read-only tool runs and its answer is still on its way
-    to the journal stops the save too: nothing of that attempt lands after it ended."""
+    to the journal does not wait for the save: it is cancelled with the step."""
     call = {"toolCalls": [{"toolName": "readTextFile", "args": {"path": "notes.txt"}}]}
     h = setup(local, '[experts.e]\ninstruction = "x"\n', {"e": [call, {"text": "done"}]})
     h.start("e", "go")
@@ -418,3 +436,57 @@ async def test_a_save_still_on_its_way_is_stopped_with_its_step(
     held.release.set()
     await asyncio.sleep(0.05)
     assert not held.saved and not h.local.answers
+
+
+@pytest.mark.parametrize("served", [False, True], ids=["in-process", "served-by-a-base-server"])
+async def test_attempt_completion_waits_for_its_answer_only_where_it_may_change_anything(
+    local: Perq, monkeypatch: pytest.MonkeyPatch, served: bool
+) -> None:
+    """perq's own attemptCompletion changes nothing and runs at once; served by a base server of the user's
+    own (`perstackBaseSkillCommand`, which `SkillSet.changes_nothing` tells apart: tests/test_base_tools.py)
+    it is an MCP tool like any other and waits for its answer's record."""
+    call = {"toolCalls": [{"toolName": "attemptCompletion"}], "text": "all done"}
+    h = setup(local, '[experts.e]\ninstruction = "x"\n', {"e": [call]})
+    job = h.start("e", "go")
+    held = HeldAnswers(h.local)
+    monkeypatch.setattr(h.local, "save_answer", held.save_answer)
+    if served:
+        monkeypatch.setattr(toolset.SkillSet, "changes_nothing", lambda self, call: False)
+    called = note_base_calls(monkeypatch)
+    waited = journal_waited(monkeypatch)
+    stepping = asyncio.create_task(h.step())
+    await asyncio.wait_for(waited.wait(), 10)
+    assert called == ([] if served else ["attemptCompletion"])
+    held.release.set()
+    ended = await stepping
+    assert ended is not None and ended.status == "completed" and called == ["attemptCompletion"]
+    assert h.job(job.id).status == "completed"
+
+
+async def test_a_step_whose_answer_cannot_be_journaled_asks_the_model_no_more(
+    local: Perq, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """attemptCompletion without a text sends the step back to the model for its final answer: that second
+    request waits for the first answer's record, and when the record fails the model is not asked again
+    (the step runs again later instead)."""
+    completion = {"toolCalls": [{"toolName": "attemptCompletion"}]}
+    h = setup(local, '[experts.e]\ninstruction = "x"\n', {"e": [completion, {"text": "final"}]})
+    h.start("e", "go")
+    held = HeldAnswers(h.local, fails=True)
+    monkeypatch.setattr(h.local, "save_answer", held.save_answer)
+    asked: list[str] = []
+    generate = ScriptModel.generate
+
+    async def counting(self: ScriptModel, request: GenerationRequest) -> GenerationResult:
+        asked.append(request.expert_key)
+        return await generate(self, request)
+
+    monkeypatch.setattr(ScriptModel, "generate", counting)
+    waited = journal_waited(monkeypatch)
+    stepping = asyncio.create_task(h.step())
+    await asyncio.wait_for(waited.wait(), 10)
+    assert asked == ["e"]  # the final answer is not asked for before the first answer is recorded
+    held.release.set()
+    with pytest.raises(StepInterrupted):
+        await stepping
+    assert asked == ["e"]

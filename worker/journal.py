@@ -1,4 +1,5 @@
-"""Model answers journaled beside the queue before their tool calls run.
+"""Model answers journaled beside the queue before any tool call that may change anything runs, and before
+the step commits.
 
 A step that dies after the model answered but before its checkpoint is run again; the journal gives it
 the same answers, so the model is not asked (and paid) twice and the re-run takes the same path. The
@@ -75,6 +76,6 @@ class QueueAnswerJournal(AnswerJournal):
         key = answer_key(self.run_id, self.step_number, n)
         try:
             await self.queue.save_answer(key, json.dumps(raw).encode())
-        except Exception as e:  # without the record, the tools must not run: the step runs again later
+        except Exception as e:  # without the record nothing that changes anything runs, nothing commits
             raise StepInterrupted(f"cannot journal the answer: {e}") from e
         self.keys.append(key)

@@ -75,7 +75,7 @@ class StepInterrupted(Exception):
 
 
 class AnswerJournal:
-    """Where model answers are recorded before their tool calls run, so a re-run step does not pay twice.
+    """Where model answers are recorded, so that a step run again does not pay twice or take another path.
 
     A step sends an answer to be recorded as it comes (`begin`) and waits for the record (`recorded`) only
     before something it could not take back: a tool call that may change the world, or the step's commit.

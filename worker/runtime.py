@@ -2,7 +2,8 @@
 
 Order inside a step, and why:
   1. a checkpoint that already exists for (run, step) means an attempt finished the step: adopt it, skip to 4;
-  2. run the step in memory (model answers with tool calls are journaled before the tools run);
+  2. run the step in memory (a model answer with tool calls is sent to the journal at once; a tool that may
+     change anything waits for the record, and so does the commit: awaited before the commit gate);
   3. commit: append the step's events and its new messages, tagged with this attempt's token, then create
      the step's checkpoint only if it does not exist. That create is the commit point and has exactly one
      winner; an attempt that loses (it paused past its lease while another worker ran the step) discards
@@ -322,9 +323,9 @@ class Runtime:
         Returns the tasks to enqueue, the record (None: not read) and whether the record is to be refreshed
         once the step handed on (`_refresh_due`); None when the step was committed by another attempt.
 
-        As one sequence of steps (`Steps`): the commit's name (its checkpoint) waits for the job record's
-        data flush instead of having one of its own; the record is still written after the commit point,
-        and every name is on the disk before the step hands on."""
+        As one sequence of steps (`Steps`): where the record is written here, the commit's name (its
+        checkpoint) waits for the record's data flush instead of having one of its own; the record is still
+        written after the commit point, and every name is on the disk before the step hands on."""
         # looked for again (`looked`: when the step found none) by an attempt that ran long enough, by the
         # monotonic clock, to have paused past its lease, so that such a late attempt most often writes
         # nothing at all; any other (a pause the clock did not count, a race with a late attempt) writes its
