@@ -272,15 +272,13 @@ class CallingTool:
             (c for c in calls if c.tool_name == "attemptCompletion" and c.skill_name == BASE_SKILL_NAME), None
         )
         if completion is not None:
-            if not ctx.skills.changes_nothing(completion):  # a base server of the user's own (an MCP server)
-                await ctx.journal.recorded()
+            await ctx.recorded_before([completion])  # served by a base server of the user's own, it waits
             return await self._attempt_completion(ctx, completion, [c for c in calls if c is not completion])
 
         mcp = [c for c in calls if ctx.kind_of(c.tool_name) == "mcp"]
         delegates = [c for c in calls if ctx.kind_of(c.tool_name) == "delegate"]
         interactive = [c for c in calls if ctx.kind_of(c.tool_name) == "interactive"]
-        if not all(ctx.skills.changes_nothing(c) for c in mcp):
-            await ctx.journal.recorded()  # a call that may change the world runs only on a recorded answer
+        await ctx.recorded_before(mcp)
         results = [*(step.tool_results or []), *(await ctx.skills.call_all(mcp) if mcp else [])]
         if delegates:
             step.partial_tool_results = results
@@ -542,6 +540,12 @@ class StepRunner:
         return self.finish("stopRunByError", cp, error=error)
 
     # --- generation ---------------------------------------------------------------------------------
+
+    async def recorded_before(self, calls: list[ToolCall]) -> None:
+        """Wait for the step's answers to be journaled unless every call changes nothing outside the step:
+        a call that may change the world runs only on a recorded answer."""
+        if not all(self.skills.changes_nothing(c) for c in calls):
+            await self.journal.recorded()
 
     async def generate(self, with_tools: bool, extra: list[Message] | None = None) -> GenerationResult:
         # skills started lazily: their tools are offered, and a recorded answer's calls are routed to them

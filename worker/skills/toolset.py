@@ -129,16 +129,15 @@ class SkillSet:
     def classify(self, tool_name: str) -> ToolDefinition | None:
         return self.by_name.get(tool_name)
 
+    def _in_process(self, tool: ToolDefinition) -> bool:
+        """Whether perq's own base tools answer `tool` (not a `perstackBaseSkillCommand` server)."""
+        return tool.skill_name == BASE_SKILL_NAME and BASE_SKILL_NAME not in self.mcp_skills
+
     def changes_nothing(self, call: ToolCall) -> bool:
         """Whether a call changes nothing outside its step: a read-only base tool run in-process (`call`);
         an MCP server's tool may do anything."""
         tool = self.by_name.get(call.tool_name)
-        return (
-            tool is not None
-            and tool.skill_name == BASE_SKILL_NAME
-            and BASE_SKILL_NAME not in self.mcp_skills
-            and call.tool_name in CHANGE_NOTHING
-        )
+        return tool is not None and self._in_process(tool) and call.tool_name in CHANGE_NOTHING
 
     async def call(self, call: ToolCall) -> ToolResult:
         """Answer an MCP or base tool call. Failures become results the model can read, never exceptions."""
@@ -150,7 +149,7 @@ class SkillSet:
         if tool is None:
             return error_result(call, "ToolNotFound", f"Tool {call.tool_name} not found")
         try:
-            if tool.skill_name == BASE_SKILL_NAME and BASE_SKILL_NAME not in self.mcp_skills:
+            if self._in_process(tool):
                 parts = await call_base_tool(call.tool_name, call.args, self.tool_context)
             else:
                 skill = self.mcp_skills[tool.skill_name]
