@@ -333,6 +333,13 @@ class HeldAnswers:
         await LocalQueue.save_answer(self.queue, key, data)
 
 
+def hold_answers(h: Perq, monkeypatch: pytest.MonkeyPatch, *, fails: bool = False) -> HeldAnswers:
+    """Route the in-process queue's journal through a `HeldAnswers`."""
+    held = HeldAnswers(h.local, fails)
+    monkeypatch.setattr(h.local, "save_answer", held.save_answer)
+    return held
+
+
 def journal_waited(monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
     """Set once a step waits for an answer still on its way to the journal."""
     waited = asyncio.Event()
@@ -372,8 +379,7 @@ async def test_only_a_tool_that_changes_nothing_runs_before_its_answer_is_journa
     h = setup(local, '[experts.e]\ninstruction = "x"\n', {"e": [call, {"text": "done"}]})
     h.write("notes.txt", "old")
     job = h.start("e", "go")
-    held = HeldAnswers(h.local)
-    monkeypatch.setattr(h.local, "save_answer", held.save_answer)
+    held = hold_answers(h, monkeypatch)
     called = note_base_calls(monkeypatch)
     waited = journal_waited(monkeypatch)
     stepping = asyncio.create_task(h.step())
@@ -396,8 +402,7 @@ async def test_an_answer_that_cannot_be_journaled_commits_nothing(
     h = setup(local, '[experts.e]\ninstruction = "x"\n', {"e": [call, {"text": "done"}]})
     h.write("notes.txt", "old")
     job = h.start("e", "go")
-    held = HeldAnswers(h.local, fails=True)
-    monkeypatch.setattr(h.local, "save_answer", held.save_answer)
+    held = hold_answers(h, monkeypatch, fails=True)
     called = note_base_calls(monkeypatch)
     waited = journal_waited(monkeypatch)
     stepping = asyncio.create_task(h.step())
@@ -418,8 +423,7 @@ async def test_a_save_still_on_its_way_is_stopped_with_its_step(
     call = {"toolCalls": [{"toolName": "readTextFile", "args": {"path": "notes.txt"}}]}
     h = setup(local, '[experts.e]\ninstruction = "x"\n', {"e": [call, {"text": "done"}]})
     h.start("e", "go")
-    held = HeldAnswers(h.local)
-    monkeypatch.setattr(h.local, "save_answer", held.save_answer)
+    held = hold_answers(h, monkeypatch)
     reading = asyncio.Event()
 
     async def slow_read(name: str, args: dict[str, object], ctx: ToolContext) -> list[ContentPart]:
@@ -448,8 +452,7 @@ async def test_attempt_completion_waits_for_its_answer_only_where_it_may_change_
     call = {"toolCalls": [{"toolName": "attemptCompletion"}], "text": "all done"}
     h = setup(local, '[experts.e]\ninstruction = "x"\n', {"e": [call]})
     job = h.start("e", "go")
-    held = HeldAnswers(h.local)
-    monkeypatch.setattr(h.local, "save_answer", held.save_answer)
+    held = hold_answers(h, monkeypatch)
     if served:
         monkeypatch.setattr(toolset.SkillSet, "changes_nothing", lambda self, call: False)
     called = note_base_calls(monkeypatch)
@@ -472,8 +475,7 @@ async def test_a_step_whose_answer_cannot_be_journaled_asks_the_model_no_more(
     completion = {"toolCalls": [{"toolName": "attemptCompletion"}]}
     h = setup(local, '[experts.e]\ninstruction = "x"\n', {"e": [completion, {"text": "final"}]})
     h.start("e", "go")
-    held = HeldAnswers(h.local, fails=True)
-    monkeypatch.setattr(h.local, "save_answer", held.save_answer)
+    held = hold_answers(h, monkeypatch, fails=True)
     asked: list[str] = []
     generate = ScriptModel.generate
 
