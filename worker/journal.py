@@ -18,7 +18,6 @@ from worker.models.contract import GeneratedToolCall, GenerationResult
 from worker.step_queue import StepQueue
 
 log = logging.getLogger("perq.worker")
-_DETACHED: set[asyncio.Future[None]] = set()  # the loop keeps tasks weakly: these are kept till they end
 
 
 def answer_key(run_id: str, step_number: int, n: int) -> str:
@@ -67,21 +66,13 @@ class QueueAnswerJournal(AnswerJournal):
         """Once the step is committed: wait for the saves still on their way, so that the hand-over forgets
         every answer recorded. One that fails no longer matters (a committed step is not run again); its
         answer, if Redis took it after all, expires."""
-        while self._saving:  # each let go once settled: a cancel meanwhile leaves the rest to `detach`
+        saving, self._saving = self._saving, []
+        for one in saving:
             try:
-                await self._saving[0]
+                await one
             except Exception as e:
                 run, step = self.run_id, self.step_number
-                log.warning("an answer of run %s step %s was not journaled: %s", run, step, e.__cause__ or e)
-            self._saving.pop(0)
-
-    def detach(self) -> None:
-        """Let the saves still on their way finish on their own: the step stopped after its answers were
-        sent, before it committed, and will run again wanting them."""
-        for one in self._saving:
-            _DETACHED.add(one)
-            one.add_done_callback(_DETACHED.discard)
-        self._saving = []
+                log.warning("an answer of run %s step %s was not journaled: %s", run, step, e)
 
     def abandon(self) -> None:
         for one in self._saving:
@@ -99,6 +90,6 @@ class QueueAnswerJournal(AnswerJournal):
         key = answer_key(self.run_id, self.step_number, n)
         try:
             await self.queue.save_answer(key, json.dumps(raw).encode())
-        except Exception as e:  # without the record nothing that changes anything runs
+        except Exception as e:  # without the record nothing that changes anything runs, nothing commits
             raise StepInterrupted(f"cannot journal the answer: {e}") from e
         self.keys.append(key)

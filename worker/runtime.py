@@ -228,16 +228,10 @@ class Runtime:
         journal = QueueAnswerJournal(self.queue, task.run_id, task.step_number, first_attempt=attempt == 1)
         try:
             end, runner = await self._execute(task, setting, start, begins_run, journal)
-        except BaseException:
-            journal.abandon()  # a save still on its way when the step is cut short (cancelled, interrupted)
-            raise
-        try:
             async with self._gate.slot(time.monotonic()) as slot:
                 return await self._commit_and_hand_on(task, setting, end, runner, journal, slot, looked)
         finally:
-            # a commit that failed (a full disk, a shutdown) leaves its saves to land: the step runs again,
-            # and the record spares it a second model request
-            journal.detach()
+            journal.abandon()  # a save still on its way when the step ends otherwise (cancelled, interrupted)
 
     async def _commit_and_hand_on(
         self,
