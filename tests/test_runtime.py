@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 
@@ -341,31 +340,18 @@ def hold_answers(h: Perq, monkeypatch: pytest.MonkeyPatch, *, fails: bool = Fals
     return held
 
 
-class JournalWaits:
-    """Set once a step waits for an answer still on its way to the journal; `where` says which wait: before
-    a tool or a model request (`recorded`), or at the hand-over, after the commit (`settled`)."""
+def journal_waited(monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+    """Set once a step waits for an answer still on its way to the journal."""
+    waited = asyncio.Event()
+    recorded = QueueAnswerJournal.recorded
 
-    def __init__(self) -> None:
-        self.event = asyncio.Event()
-        self.where: list[str] = []
+    async def noting(self: QueueAnswerJournal) -> None:
+        if self._saving:
+            waited.set()
+        await recorded(self)
 
-    async def wait(self) -> None:
-        await asyncio.wait_for(self.event.wait(), 10)
-
-
-def journal_waited(monkeypatch: pytest.MonkeyPatch) -> JournalWaits:
-    waits = JournalWaits()
-    for name in ("recorded", "settled"):
-        original = getattr(QueueAnswerJournal, name)
-
-        async def noting(self: QueueAnswerJournal, name: str = name, original: Any = original) -> None:
-            if self._saving:
-                waits.where.append(name)
-                waits.event.set()
-            await original(self)
-
-        monkeypatch.setattr(QueueAnswerJournal, name, noting)
-    return waits
+    monkeypatch.setattr(QueueAnswerJournal, "recorded", noting)
+    return waited
 
 
 def note_base_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -385,9 +371,9 @@ def note_base_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 async def test_only_a_tool_that_changes_nothing_runs_before_its_answer_is_journaled(
     local: Perq, monkeypatch: pytest.MonkeyPatch, tool: str
 ) -> None:
-    """A read-only base tool runs while the answer is still being journaled, and the step commits meanwhile
-    (a committed step is never run again); a tool that may change the world waits for it (a re-run would
-    otherwise ask again and do something else). The hand-over, which forgets the answers, waits for them."""
+    """A read-only base tool runs while the answer is still being journaled; a tool that may change the
+    world waits for it (a re-run would otherwise ask again and do something else); nothing is committed
+    before the answer is journaled, whatever the tool."""
     args = {"path": "notes.txt"} | ({"text": "hello"} if tool == "writeTextFile" else {})
     call = {"toolCalls": [{"toolName": tool, "args": args}]}
     h = setup(local, '[experts.e]\ninstruction = "x"\n', {"e": [call, {"text": "done"}]})
@@ -395,46 +381,38 @@ async def test_only_a_tool_that_changes_nothing_runs_before_its_answer_is_journa
     job = h.start("e", "go")
     held = hold_answers(h, monkeypatch)
     called = note_base_calls(monkeypatch)
-    waits = journal_waited(monkeypatch)
+    waited = journal_waited(monkeypatch)
     stepping = asyncio.create_task(h.step())
-    await waits.wait()
-    if tool == "readTextFile":  # the read ran and the step committed, but has not handed on
-        assert (waits.where, called, len(h.checkpoints(job.id))) == (["settled"], [tool], 1)
-    else:  # nothing ran, nothing committed
-        assert (waits.where, called, len(h.checkpoints(job.id))) == (["recorded"], [], 0)
-    assert not stepping.done() and not h.local.pending
+    await asyncio.wait_for(waited.wait(), 10)  # at the commit (the read ran), or before the write
+    assert called == ([tool] if tool == "readTextFile" else [])
+    assert not stepping.done() and not h.checkpoints(job.id)
     held.release.set()
     ended = await stepping
     assert ended is not None and ended.step_number == 1 and called == [tool] and len(held.saved) == 1
-    assert [t.step_number for t in h.local.pending] == [2]
     assert (h.root / "notes.txt").read_text() == ("hello" if tool == "writeTextFile" else "old")
     assert not h.local.answers  # forgotten at the hand-over, once recorded
 
 
-async def test_an_answer_that_cannot_be_journaled_stops_only_what_would_need_it(
-    local: Perq, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+async def test_an_answer_that_cannot_be_journaled_commits_nothing(
+    local: Perq, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The answer never reached the journal. After a read-only tool, the step commits and hands on (the
-    record would only serve a re-run, and a committed step has none), saying so in the log; before a write,
-    the step is interrupted (run again later, asking the model again) and commits nothing."""
-    read = {"toolCalls": [{"toolName": "readTextFile", "args": {"path": "notes.txt"}}]}
-    write = {"toolCalls": [{"toolName": "writeTextFile", "args": {"path": "notes.txt", "text": "new"}}]}
-    h = setup(local, '[experts.e]\ninstruction = "x"\n', {"e": [read, write, {"text": "done"}]})
+    """The read-only tool ran, but the answer never reached the journal: the step is interrupted (run again
+    later, asking the model again), and commits and hands on nothing."""
+    call = {"toolCalls": [{"toolName": "readTextFile", "args": {"path": "notes.txt"}}]}
+    h = setup(local, '[experts.e]\ninstruction = "x"\n', {"e": [call, {"text": "done"}]})
     h.write("notes.txt", "old")
     job = h.start("e", "go")
     held = hold_answers(h, monkeypatch, fails=True)
-    held.release.set()
     called = note_base_calls(monkeypatch)
-    with caplog.at_level(logging.WARNING, logger="perq.worker"):
-        ended = await h.step()
-    assert ended is not None and ended.step_number == 1 and called == ["readTextFile"]
-    assert "was not journaled" in caplog.text and "redis went away" in caplog.text
-    assert [t.step_number for t in h.local.pending] == [2]
-    published = len(h.local.published)
+    waited = journal_waited(monkeypatch)
+    stepping = asyncio.create_task(h.step())
+    await asyncio.wait_for(waited.wait(), 10)
+    assert called == ["readTextFile"]  # ran while the answer was on its way
+    held.release.set()
     with pytest.raises(StepInterrupted, match="cannot journal the answer"):
-        await h.step()
-    assert called == ["readTextFile"] and (h.root / "notes.txt").read_text() == "old"
-    assert len(h.checkpoints(job.id)) == 1 and len(h.local.published) == published and not h.local.pending
+        await stepping
+    assert not h.checkpoints(job.id)
+    assert not h.local.pending and not h.local.published
 
 
 async def test_a_save_still_on_its_way_is_stopped_with_its_step(
@@ -478,10 +456,10 @@ async def test_attempt_completion_waits_for_its_answer_only_where_it_may_change_
     if served:
         monkeypatch.setattr(toolset.SkillSet, "changes_nothing", lambda self, call: False)
     called = note_base_calls(monkeypatch)
-    waits = journal_waited(monkeypatch)
+    waited = journal_waited(monkeypatch)
     stepping = asyncio.create_task(h.step())
-    await waits.wait()  # before the tool served, at the hand-over for perq's own
-    assert (waits.where, called) == ((["recorded"], []) if served else (["settled"], ["attemptCompletion"]))
+    await asyncio.wait_for(waited.wait(), 10)
+    assert called == ([] if served else ["attemptCompletion"])
     held.release.set()
     ended = await stepping
     assert ended is not None and ended.status == "completed" and called == ["attemptCompletion"]
@@ -506,11 +484,10 @@ async def test_a_step_whose_answer_cannot_be_journaled_asks_the_model_no_more(
         return await generate(self, request)
 
     monkeypatch.setattr(ScriptModel, "generate", counting)
-    waits = journal_waited(monkeypatch)
+    waited = journal_waited(monkeypatch)
     stepping = asyncio.create_task(h.step())
-    await waits.wait()
-    # the final answer is not asked for before the first answer is recorded
-    assert (waits.where, asked) == (["recorded"], ["e"])
+    await asyncio.wait_for(waited.wait(), 10)
+    assert asked == ["e"]  # the final answer is not asked for before the first answer is recorded
     held.release.set()
     with pytest.raises(StepInterrupted):
         await stepping

@@ -1,4 +1,5 @@
-"""Model answers journaled beside the queue before any tool call that may change anything runs.
+"""Model answers journaled beside the queue before any tool call that may change anything runs, and before
+the step commits.
 
 A step that dies after the model answered but before its checkpoint is run again; the journal gives it
 the same answers, so the model is not asked (and paid) twice and the re-run takes the same path. The
@@ -10,14 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 
 from shared.models import ThinkingPart, Usage
 from worker.loop import AnswerJournal, StepInterrupted
 from worker.models.contract import GeneratedToolCall, GenerationResult
 from worker.step_queue import StepQueue
-
-log = logging.getLogger("perq.worker")
 
 
 def answer_key(run_id: str, step_number: int, n: int) -> str:
@@ -61,18 +59,6 @@ class QueueAnswerJournal(AnswerJournal):
         while self._saving:  # each let go once recorded: one that fails or is cut short is `abandon`'s
             await self._saving[0]
             self._saving.pop(0)
-
-    async def settled(self) -> None:
-        """Once the step is committed: wait for the saves still on their way, so that the hand-over forgets
-        every answer recorded. One that fails no longer matters (a committed step is not run again); its
-        answer, if Redis took it after all, expires."""
-        saving, self._saving = self._saving, []
-        for one in saving:
-            try:
-                await one
-            except Exception as e:
-                run, step = self.run_id, self.step_number
-                log.warning("an answer of run %s step %s was not journaled: %s", run, step, e)
 
     def abandon(self) -> None:
         for one in self._saving:

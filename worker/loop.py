@@ -78,10 +78,9 @@ class AnswerJournal:
     """Where model answers are recorded, so that a step run again does not pay twice or take another path.
 
     A step sends an answer to be recorded as it comes (`begin`) and waits for the record (`recorded`) only
-    before something it could not take back: a tool call that may change the world, or another model
-    request. Read-only tools run meanwhile, and the commit does not wait either: a step that dies before its
-    answer is recorded asks the model again, whether or not they ran, and a committed step is never run
-    again (bench: step handoff, the journal's round trip no longer waited for alone).
+    before something it could not take back: a tool call that may change the world, or the step's commit.
+    Read-only tools run meanwhile: a step that dies before its answer is recorded asks the model again,
+    whether or not they ran (bench: step handoff, the journal's round trip no longer waited for alone).
 
     This one records nothing (the loop run in-process, in tests and benchmarks)."""
 

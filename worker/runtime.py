@@ -3,8 +3,7 @@
 Order inside a step, and why:
   1. a checkpoint that already exists for (run, step) means an attempt finished the step: adopt it, skip to 4;
   2. run the step in memory (a model answer with tool calls is sent to the journal at once; a tool that may
-     change anything waits for the record; the commit does not, since only a re-run reads the record and a
-     committed step is never run again: the hand-over waits, as it forgets the answers);
+     change anything waits for the record, and so does the commit: awaited before the commit gate);
   3. commit: append the step's events and its new messages, tagged with this attempt's token, then create
      the step's checkpoint only if it does not exist. That create is the commit point and has exactly one
      winner; an attempt that loses (it paused past its lease while another worker ran the step) discards
@@ -228,10 +227,13 @@ class Runtime:
         journal = QueueAnswerJournal(self.queue, task.run_id, task.step_number, first_attempt=attempt == 1)
         try:
             end, runner = await self._execute(task, setting, start, begins_run, journal)
-            async with self._gate.slot(time.monotonic()) as slot:
-                return await self._commit_and_hand_on(task, setting, end, runner, journal, slot, looked)
+            # the step's answers are journaled before anything of it is committed (outside the gate: a
+            # slow Redis must not hold the places of other jobs' commits)
+            await journal.recorded()
         finally:
             journal.abandon()  # a save still on its way when the step ends otherwise (cancelled, interrupted)
+        async with self._gate.slot(time.monotonic()) as slot:
+            return await self._commit_and_hand_on(task, setting, end, runner, journal, slot, looked)
 
     async def _commit_and_hand_on(
         self,
@@ -260,9 +262,6 @@ class Runtime:
                 raise LookupError(f"checkpoint {end.id} lost its commit race but cannot be read")
             return await self._adopt(setting, winner)
         tasks, job, refresh = committed
-        # the answers' saves, sent as they came, ran beside the commit's flushes; the hand-over forgets
-        # them, so it waits for each to be recorded (or to fail: the step is committed, they are moot)
-        await journal.settled()
         stopped = not tasks and job is not None and job.status in FINAL_JOB_STATUSES
         handed = HandOver(task.job_id, setting.epoch, live_lines(runner.events), tasks, journal.keys, stopped)
         refused = await self.queue.hand_over(handed)
