@@ -210,8 +210,9 @@ def _handoff_queue(bench: Bench) -> float:
 
 
 def _handoff_in_process(bench: Bench) -> float:
-    """The same job driven by the worker's Runtime in this process: next step runs at once, no Redis."""
-    from worker.runtime import Runtime
+    """The same job driven by the worker's Runtime in this process, with the worker's collector settings:
+    the next step runs at once, no Redis."""
+    from worker.runtime import Runtime, collector_for_steps
     from worker.step_queue import LocalQueue
 
     area = bench.area("handoff-inprocess")
@@ -230,7 +231,8 @@ def _handoff_in_process(bench: Bench) -> float:
         while queue.pending:
             await runtime.run_step(queue.pending.popleft())
 
-    run_async(drive())
+    with collector_for_steps():
+        run_async(drive())
     job = store.load_job(plan.job.id)
     if job is None or job.status != "completed":
         raise BenchError(f"in-process job ended {job.status if job else 'without a record'}")

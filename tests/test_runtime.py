@@ -4,6 +4,7 @@ with real workers, such as a finished step run again, or delegates nested inside
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import Callable
 
@@ -492,3 +493,12 @@ async def test_a_step_whose_answer_cannot_be_journaled_asks_the_model_no_more(
     with pytest.raises(StepInterrupted):
         await stepping
     assert asked == ["e"]
+
+
+def test_the_collector_is_set_for_steps_only_inside_collector_for_steps() -> None:
+    """A worker runs its steps inside it, and so does the bench's in-process baseline; the bench's other
+    figures, after it, run with the collector as it was."""
+    before = gc.get_threshold()
+    with runtime.collector_for_steps():
+        assert gc.get_threshold() == runtime.GC_THRESHOLDS and gc.get_freeze_count() > 0
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0

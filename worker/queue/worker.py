@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import contextvars
 import functools
-import gc
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -49,7 +48,7 @@ from worker.queue.leases import pick_up, renew_leases
 from worker.queue.scripts import load_scripts
 from worker.queue.steps import FINISHING, Finish, Picked, RedisStepQueue, Taking
 from worker.reconcile import reconcile_forever
-from worker.runtime import UNKNOWN, Runtime
+from worker.runtime import UNKNOWN, Runtime, collector_for_steps
 from worker.step_queue import StepQueue
 
 log = logging.getLogger("perq.worker")
@@ -63,8 +62,6 @@ ARQ_STEP_TIMEOUT_S = 24 * 3600
 # a step tried more often than this (worker deaths, SIGTERMs, Retry) fails without running, as arq's max_tries
 MAX_TRIES = 1000
 RETRY_COUNTER_S = 88400  # the lifetime of arq's try counter, as arq and pick_up.lua set it
-# the collector's thresholds for a worker process (young, middle, old generation): see `serve`
-GC_THRESHOLDS = (50_000, 50, 100)
 # health_check_interval: arq's health-check key is rewritten this often (the bench waits for it)
 HEALTH_CHECK_S = 10
 
@@ -379,16 +376,9 @@ async def serve(
     try:
         worker = PerqWorker(settings, redis, runtime, wake, burst=burst)
         queue.taking = worker.taking()
-        # what start-up made (modules, the skill pool) lives as long as the process: keep it out of the
-        # collector's full passes, which each step's allocations trigger (bench: step handoff, +15%)
-        gc.collect()
-        gc.freeze()
-        # a step allocates thousands of short-lived objects (models, events, JSON): at Python's default of
-        # a young collection every 700 allocations the collector took ~15% of a worker's CPU (bench:
-        # concurrency, 8.5 -> 7.2 s for 5000 steps), with the same peak RSS
-        gc.set_threshold(*GC_THRESHOLDS)
         try:
-            await worker.async_run()
+            with collector_for_steps():
+                await worker.async_run()
         except asyncio.CancelledError:
             pass  # arq's signal handler stopped the loop; close() hands back or waits for what still runs
         finally:
