@@ -497,8 +497,13 @@ async def test_a_step_whose_answer_cannot_be_journaled_asks_the_model_no_more(
 
 def test_the_collector_is_set_for_steps_only_inside_collector_for_steps() -> None:
     """A worker runs its steps inside it, and so does the bench's in-process baseline; the bench's other
-    figures, after it, run with the collector as it was."""
-    before = gc.get_threshold()
-    with runtime.collector_for_steps():
-        assert gc.get_threshold() == runtime.GC_THRESHOLDS and gc.get_freeze_count() > 0
-    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+    figures, after it, run with the collector as it was, even when what ran inside failed."""
+    original = gc.get_threshold()
+    try:
+        gc.set_threshold(1234, 5, 6)
+        with pytest.raises(RuntimeError), runtime.collector_for_steps():
+            assert gc.get_threshold() == runtime.GC_THRESHOLDS and gc.get_freeze_count() > 0
+            raise RuntimeError("a step failed")
+        assert gc.get_threshold() == (1234, 5, 6) and gc.get_freeze_count() == 0
+    finally:
+        gc.set_threshold(*original)

@@ -83,11 +83,13 @@ GC_THRESHOLDS = (50_000, 50, 100)
 
 @contextlib.contextmanager
 def collector_for_steps() -> Iterator[None]:
-    """The garbage collector as a process that runs steps wants it, put back as it was on exit. A worker runs
-    inside it; so does the bench's in-process baseline, so that the two differ only in the queue.
+    """The garbage collector as a process that runs steps wants it; on exit its thresholds are put back and
+    everything frozen is unfrozen. A worker runs inside it; so does the bench's in-process baseline, so that
+    the two differ only in the queue.
 
     What exists when it begins (modules, the skill pool) lives as long as the process: it is frozen out of
-    the collector's full passes, which each step's allocations trigger (bench: step handoff, +15%). A step
+    the collector's full passes, which each step's allocations trigger (a worker's steps/s in the step
+    handoff figure: +15%, measured before its baseline had these settings too). A step
     allocates thousands of short-lived objects (models, events, JSON): at Python's default of a young
     collection every 700 allocations the collector took ~15% of a worker's CPU (bench: concurrency, 8.5 ->
     7.2 s for 5000 steps), with the same peak RSS."""

@@ -376,13 +376,13 @@ async def serve(
     try:
         worker = PerqWorker(settings, redis, runtime, wake, burst=burst)
         queue.taking = worker.taking()
-        try:
-            with collector_for_steps():
+        with collector_for_steps():  # close() too: after an error, it waits for the steps still running
+            try:
                 await worker.async_run()
-        except asyncio.CancelledError:
-            pass  # arq's signal handler stopped the loop; close() hands back or waits for what still runs
-        finally:
-            await worker.close()
+            except asyncio.CancelledError:
+                pass  # arq's signal handler stopped the loop; close() hands back or waits for what still runs
+            finally:
+                await worker.close()
     finally:
         runtime.close()
         close = getattr(runtime.pool, "close", None)
