@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -133,3 +135,46 @@ def test_lease_renewal_renews_only_the_workers_own_leases(redis_server: LocalRed
     finally:
         client.delete("arq:in-progress:test-mine", "arq:in-progress:test-theirs", "arq:in-progress:test-lost")
         client.close()
+
+
+# a process stopped in the middle of a job record's update: the record read and its lock held
+_STOPPED_WRITER = """
+import os, signal, sys
+from shared.store import JobStore
+
+def change(job):
+    if job.status != "queued":  # looked at again after the stop: the record moved on, leave it
+        return None
+    os.kill(os.getpid(), signal.SIGSTOP)
+    return job.model_copy(update={"status": "running", "total_steps": 0})
+
+JobStore.open(sys.argv[1]).update_job(sys.argv[2], change)
+"""
+
+
+def test_a_record_lock_held_by_a_stopped_process_neither_stalls_the_job_nor_undoes_it(perq: Perq) -> None:
+    """A lock is held by a process, and a stopped process lets go of nothing: a job's steps write its record
+    past the lock once it was held too long, and the stopped writer, woken, finds its update overtaken and
+    leaves the record as the steps wrote it."""
+    perq.write("perstack.toml", CONFIG)
+    usage = {"inputTokens": 90, "outputTokens": 10}
+    script = [{"toolCalls": [{"toolName": "todo", "args": {"newTodos": ["a"]}}], "usage": usage}]
+    perq.write("script.toml", script_toml({"pauser": [*script, {"text": "done", "usage": usage}]}))
+    job_id = perq.submit("pauser", "go", *SCRIPT)
+    writer = subprocess.Popen([sys.executable, "-c", _STOPPED_WRITER, str(perq.storage), job_id])
+    try:
+        wait_until(lambda: _state(writer.pid) == "T", what="the writer to stop mid-update")
+        perq.start_worker()
+        job = perq.wait_job(job_id, timeout=45)
+        assert (job.status, job.total_steps) == ("completed", 2), job
+    finally:
+        writer.send_signal(signal.SIGCONT)
+    assert writer.wait(30) == 0
+    job = perq.job(job_id)
+    assert (job.status, job.total_steps, job.usage.input_tokens) == ("completed", 2, 180), job
+    assert job.head_checkpoint_id == perq.checkpoints(job_id)[-1].id
+
+
+def _state(pid: int) -> str:
+    """A process's state letter (R, S, T: stopped...) from /proc."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]

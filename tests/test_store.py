@@ -792,6 +792,98 @@ def test_a_reader_waits_for_a_rewrite_in_progress_and_reads_past_a_stopped_one(
         backend.unlock(lock)
 
 
+def _stopped_update(store: JobStore, change: Any) -> tuple[threading.Thread, threading.Event]:
+    """An update of j1's record in a thread that stops, the record read and its lock held, until let go
+    (the event returned)."""
+    read, go = threading.Event(), threading.Event()
+
+    def stopping(j: Job) -> Job | None:
+        if not read.is_set():  # the first look only: looked at again, it goes straight on
+            read.set()
+            assert go.wait(10)
+        return change(j)  # type: ignore[no-any-return]
+
+    writer = threading.Thread(target=lambda: store.update_job("j1", stopping))
+    writer.start()
+    assert read.wait(5)
+    return writer, go
+
+
+def _swapping_store(tmp_path: Path) -> JobStore:
+    from shared.store import flush, local
+
+    if flush._SYNCFS is None or local._RENAMEAT2 is None:
+        pytest.skip("no syncfs or renameat2 here")
+    store = JobStore.open(str(tmp_path / "perstack"))
+    store.save_job(job("j1", status="queued"), new=True)
+    return store
+
+
+@pytest.mark.parametrize("moved_past", [True, False])
+def test_a_lock_held_too_long_is_written_past_and_its_holder_builds_on_what_was_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, moved_past: bool
+) -> None:
+    """A writer stopped holding the record's lock (SIGSTOP) must not stall the others: they write past it
+    after `_WRITE_PAST_S`. Woken, the holder's rewrite swaps out a record it did not read: it makes its
+    update again on that one, which the rules may leave as it is (`moved_past`)."""
+    from shared.store import local
+
+    monkeypatch.setattr(local, "_WRITE_PAST_S", 0.2)
+    store = _swapping_store(tmp_path)
+
+    def holders_change(j: Job) -> Job | None:
+        if j.status == "completed" and moved_past:
+            return None  # the rules' answer to a late step: the record is past it
+        return j.model_copy(update={"total_steps": j.total_steps + 1})
+
+    writer, go = _stopped_update(store, holders_change)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="perq.store"):
+        ending = {"status": "completed", "total_steps": 5}
+        done = store.update_job("j1", lambda j: j.model_copy(update=ending))
+        assert done is not None and done.total_steps == 5
+        assert time.monotonic() - started >= 0.2
+        assert [(j.status, j.total_steps) for j in [store.load_job("j1")] if j] == [("completed", 5)]
+        go.set()
+        writer.join(10)
+    assert not writer.is_alive()
+    final = store.load_job("j1")
+    assert final is not None and (final.status, final.total_steps) == ("completed", 5 if moved_past else 6)
+    assert "writing past it" in caplog.text and "changed past its lock" in caplog.text
+    folder = tmp_path / "perstack" / "jobs" / "j1"
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == [".job.json.spare"]
+    # and the lock is free again: the next update neither waits nor writes past it
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="perq.store"):
+        store.update_job("j1", lambda j: j.model_copy(update={"total_steps": 7}))
+    assert caplog.text == ""
+
+
+def test_a_lock_is_waited_for_as_long_as_it_takes_where_rewrites_cannot_tell_they_were_overtaken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from shared.store import local
+
+    monkeypatch.setattr(local, "_WRITE_PAST_S", 0.1)
+    store = _swapping_store(tmp_path)
+    backend = store.backend
+    assert isinstance(backend, LocalBackend)
+    monkeypatch.setattr(backend, "_exchanges", False)  # as after a swap failed with EINVAL
+    writer, go = _stopped_update(store, lambda j: j.model_copy(update={"total_steps": 1}))
+    done: list[Job | None] = []
+    waiting = threading.Thread(
+        target=lambda: done.append(store.update_job("j1", lambda j: j.model_copy(update={"total_steps": 2})))
+    )
+    waiting.start()
+    waiting.join(0.6)
+    assert waiting.is_alive() and done == []
+    go.set()
+    writer.join(5)
+    waiting.join(5)
+    final = store.load_job("j1")
+    assert final is not None and final.total_steps == 2
+
+
 def test_a_rewrite_falls_back_where_names_cannot_be_swapped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -8,6 +8,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import logging
 import os
 import shutil
 import time
@@ -27,6 +28,11 @@ Aside = Callable[[], contextlib.AbstractAsyncContextManager[None]]
 _LOCK_RETRY_S = 0.002
 # how long a reader waits for a writer's lock before it reads past it (see `read_shared`)
 _SHARED_WAIT_S = 2.0
+# how long a writer waits for the lock before it writes past it (see `lock_steps`): far longer than any
+# update holds it, flush included, short enough that a job's steps go on while the holder is stopped
+_WRITE_PAST_S = 5.0
+
+log = logging.getLogger("perq.store")
 
 
 _RENAMEAT2 = libc_function("renameat2")  # glibc 2.28 and later
@@ -55,6 +61,7 @@ class LocalBackend:
         self.blocking_reads = False
         self._flush = GroupFlush(root)
         self._lock_folders: bool | None = None  # None: not known yet (`_lockable`)
+        self._exchanges = _RENAMEAT2 is not None  # until a swap fails as unsupported here (`_swap`)
 
     def _path(self, key: str) -> str:
         return f"{self._root}/{key}" if key else self._root  # "": the store's own folder, as pathlib says
@@ -63,24 +70,7 @@ class LocalBackend:
         return self._path(key)
 
     def read(self, key: str) -> bytes | None:
-        try:
-            fd = os.open(self._path(key), os.O_RDONLY | os.O_CLOEXEC)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        # plain reads of the size fstat gives, where open() adds a seek and a terminal check to each file
-        try:
-            size = os.fstat(fd).st_size
-            data = os.read(fd, size + 1)
-            if len(data) == size:  # all of it as fstat saw it (one byte more was asked: growth would show)
-                return data
-            # a read may stop short (a file over 2 GiB, a network file system), and a log being appended
-            # to may have grown since fstat: read on to its end
-            chunks = [data]
-            while chunk := os.read(fd, 1 << 20):
-                chunks.append(chunk)
-            return b"".join(chunks)
-        finally:
-            os.close(fd)
+        return _read_file(self._path(key))
 
     # --- running steps ----------------------------------------------------------------------------------
 
@@ -341,7 +331,7 @@ class LocalBackend:
     def _swaps(self) -> bool:
         """Whether a rewrite swaps the file with its spare (`rewrite_steps`): where renameat2 is, and a flush
         of the whole file system tells when a swap is on the disk (or nothing is flushed)."""
-        return _RENAMEAT2 is not None and not (self.fsync and not self._flush.grouped)
+        return self._exchanges and not (self.fsync and not self._flush.grouped)
 
     def append(self, key: str, data: bytes, order: int = 0) -> None:
         made = set[str]()
@@ -368,7 +358,9 @@ class LocalBackend:
             raise
         return (yield from self._publish([*fds, fd], tmp, path, made, exclusive=True))
 
-    def rewrite_steps(self, key: str, data: bytes) -> Steps[None]:
+    def rewrite_steps(
+        self, key: str, data: bytes, *, replacing: bytes | None = None, past_lock: bool = False
+    ) -> Steps[bytes | None]:
         """`write`, for a file rewritten often under its lock (`lock_steps`): the new content goes into a
         spare file beside it, which then swaps names with it; the old file is the next rewrite's spare.
 
@@ -378,46 +370,76 @@ class LocalBackend:
         Durability is `write`'s: the spare's data is flushed before the swap, the swap before the steps
         end, and a spare is overwritten only once the swap that made it the spare is on the disk (else a
         power loss could bring its name back on a torn file). Readers read under the lock (`read_shared`),
-        so none reads a spare while it changes."""
+        so none reads a spare while it changes.
+
+        `replacing`: the content this writer read and changed. Returns None when the file swapped out held
+        it, else what the file swapped out held: another writer wrote past the lock while this one held it,
+        stopped (`lock_steps`), and the caller must build on that content and write again (the file now
+        holds `data`). Where names do not swap, the lock is never written past and None is returned.
+        `past_lock`: the lock was written past (None from `lock_steps`): the content goes into a file of
+        its own, as the spare may be the stopped holder's, and the file swapped out is removed."""
         path, made = self._path(key), set[str]()
         if not self._swaps:
             # no swap here, or no flush of the whole file system to tell a swap durable: as `write`
             fd, tmp = self._temp(path, data, made)
             yield from self._publish([fd], tmp, path, made, exclusive=False)
             yield Flush()
-            return
+            return None
         folder = os.path.dirname(path)
-        spare = _spare(path)
+        if past_lock:
+            fd, spare = self._temp(path, data, made)
+        else:
+            spare = _spare(path)
+            fd = yield from self._filled_spare(path, spare, data, made)
+        try:
+            yield Flush(fds=(fd,), folders=frozenset(made))
+            os.close(fd)
+            fd = -1
+            swapped_out = self._swap(spare, path, read_back=replacing is not None)
+            yield Flush(folders=frozenset((folder,)))
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            if past_lock:  # what was the file, or the content never swapped in
+                with contextlib.suppress(OSError):
+                    os.unlink(spare)
+        return None if swapped_out is None or swapped_out == replacing else swapped_out
+
+    def _filled_spare(self, path: str, spare: str, data: bytes, made: set[str]) -> Steps[int]:
+        """The spare of the file at `path`, holding `data` (not yet flushed), open."""
         try:
             fd = os.open(spare, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
             fd = self._new_spare(path, spare, made)  # a new file: no name ever reached it
-        else:
+        try:
             # the spare's ctime is the swap that made it the spare (an interrupted writer, in any process,
             # may not have flushed it): a flush begun after it covers it, else one is made first. An empty
             # spare was never the record (one laid out, `lay_out`): no name can come back onto it
             spare_stat = os.fstat(fd)
             if spare_stat.st_size and self.fsync and not self._flush.covers(spare_stat.st_ctime_ns):
-                try:
-                    yield Flush(folders=frozenset((folder,)))
-                except BaseException:
-                    os.close(fd)
-                    raise
-        try:
+                yield Flush(folders=frozenset((os.path.dirname(path),)))
             _write_all(fd, data)
             os.ftruncate(fd, len(data))  # after the write: the old content is never cut to nothing first
-            yield Flush(fds=(fd,), folders=frozenset(made))
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        return fd
+
+    def _swap(self, new: str, path: str, *, read_back: bool) -> bytes | None:
+        """Give `new` the name `path`, by a swap where names swap; with `read_back`, return what the file
+        swapped out held (None where none was)."""
         try:
-            _exchange(spare, path)
-        except FileNotFoundError:  # the first write of the file: the spare takes its name
-            os.rename(spare, path)
+            _exchange(new, path)
+        except FileNotFoundError:  # the first write of the file: the new one takes its name
+            os.rename(new, path)
+            return None
         except OSError as e:
             if e.errno not in _NO_EXCHANGE:
                 raise
-            os.replace(spare, path)  # a file system without the swap (some network ones): as `write`
-        yield Flush(folders=frozenset((folder,)))
+            self._exchanges = False  # later rewrites replace (`_swaps`), and the lock is never written past
+            os.replace(new, path)  # a file system without the swap (some network ones): as `write`
+            return None
+        return _read_file(new) if read_back else None
 
     def _new_spare(self, path: str, spare: str, made: set[str]) -> int:
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
@@ -451,23 +473,41 @@ class LocalBackend:
                 raise
             shutil.rmtree(path, ignore_errors=True)
 
-    def lock_steps(self, key: str) -> Steps[int]:
+    def lock_steps(self, key: str) -> Steps[int | None]:
         """An exclusive lock named by `key` across threads, steps and processes of this machine: a lock on
         the folder that holds it (a lock file beside it would be one more file to create per job record).
         Waited for by trying again (`LOCK_BUSY`), so a step on an event loop never blocks on it. Returns the
-        lock to give to `unlock`."""
+        lock to give to `unlock`.
+
+        A process stopped while it holds the lock (SIGSTOP, a frozen container, a debugger) lets go of
+        nothing, and a lease is not a lock: another worker takes its job's steps over and must not wait on
+        it. A lock held past `_WRITE_PAST_S` is written past, where rewrites tell when they were overtaken
+        (`rewrite_steps`): None is returned, and the holder, woken, finds that its rewrite replaced a newer
+        one and builds on it instead. Where names do not swap, the lock is waited for as long as it takes."""
         folder = os.path.dirname(self._path(key))
         try:
             fd = self._lockable(folder)
         except FileNotFoundError:  # a new folder (a mkdir on every lock would cost a syscall)
             os.makedirs(folder, exist_ok=True)
             fd = self._lockable(folder)
+        waiting_since: float | None = None
         try:
             while True:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     return fd
                 except BlockingIOError:
+                    now = time.monotonic()
+                    if waiting_since is None:
+                        waiting_since = now
+                    elif now - waiting_since >= _WRITE_PAST_S and self._swaps:
+                        log.warning(
+                            "the lock of %s was held for %.0f s (its holder stopped?): writing past it",
+                            self._path(key),
+                            now - waiting_since,
+                        )
+                        os.close(fd)
+                        return None
                     yield LOCK_BUSY
         except BaseException:
             os.close(fd)
@@ -497,8 +537,9 @@ class LocalBackend:
             self._lock_folders = True
         return fd
 
-    def unlock(self, lock: int) -> None:
-        os.close(lock)  # closing the folder lets its lock go
+    def unlock(self, lock: int | None) -> None:
+        if lock is not None:  # None: written past (`lock_steps`)
+            os.close(lock)  # closing the folder lets its lock go
 
     def read_shared(self, key: str) -> bytes | None:
         """`read` under `key`'s lock, shared with other readers: no rewrite changes the file meanwhile. A
@@ -521,6 +562,28 @@ class LocalBackend:
             return self.read(key)
         finally:
             os.close(fd)
+
+
+def _read_file(path: str) -> bytes | None:
+    """A whole file, or None where there is none."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    # plain reads of the size fstat gives, where open() adds a seek and a terminal check to each file
+    try:
+        size = os.fstat(fd).st_size
+        data = os.read(fd, size + 1)
+        if len(data) == size:  # all of it as fstat saw it (one byte more was asked: growth would show)
+            return data
+        # a read may stop short (a file over 2 GiB, a network file system), and a log being appended
+        # to may have grown since fstat: read on to its end
+        chunks = [data]
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def _create_temp(folder: str, name: str) -> tuple[int, str]:

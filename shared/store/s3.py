@@ -133,8 +133,10 @@ class S3Backend:
     def read_shared(self, key: str) -> bytes | None:
         return self.read(key)  # an object is replaced whole: a read sees one version
 
-    def rewrite_steps(self, key: str, data: bytes) -> Steps[None]:
-        self.write(key, data)
+    def rewrite_steps(
+        self, key: str, data: bytes, *, replacing: bytes | None = None, past_lock: bool = False
+    ) -> Steps[bytes | None]:
+        self.write(key, data)  # no lock to write past (`lock_steps`): nothing to tell
         return no_steps(None)
 
     def removal_steps(self, key: str) -> Steps[None]:
