@@ -792,10 +792,13 @@ def test_a_reader_waits_for_a_rewrite_in_progress_and_reads_past_a_stopped_one(
         backend.unlock(lock)
 
 
-def _stopped_update(store: JobStore, change: Any) -> tuple[threading.Thread, threading.Event]:
+def _stopped_update(
+    store: JobStore, change: Any
+) -> tuple[threading.Thread, threading.Event, list[BaseException]]:
     """An update of j1's record in a thread that stops, the record read and its lock held, until let go
-    (the event returned)."""
+    (the event returned); what it raised lands in the list."""
     read, go = threading.Event(), threading.Event()
+    raised: list[BaseException] = []
 
     def stopping(j: Job) -> Job | None:
         if not read.is_set():  # the first look only: looked at again, it goes straight on
@@ -803,77 +806,152 @@ def _stopped_update(store: JobStore, change: Any) -> tuple[threading.Thread, thr
             assert go.wait(10)
         return change(j)  # type: ignore[no-any-return]
 
-    writer = threading.Thread(target=lambda: store.update_job("j1", stopping))
+    def update() -> None:
+        try:
+            store.update_job("j1", stopping)
+        except BaseException as e:
+            raised.append(e)
+
+    writer = threading.Thread(target=update)
     writer.start()
     assert read.wait(5)
-    return writer, go
+    return writer, go, raised
 
 
-def _swapping_store(tmp_path: Path) -> JobStore:
-    from shared.store import flush, local
-
-    if flush._SYNCFS is None or local._RENAMEAT2 is None:
-        pytest.skip("no syncfs or renameat2 here")
+def _record_store(tmp_path: Path) -> JobStore:
     store = JobStore.open(str(tmp_path / "perstack"))
     store.save_job(job("j1", status="queued"), new=True)
     return store
 
 
-@pytest.mark.parametrize("moved_past", [True, False])
-def test_a_lock_held_too_long_is_written_past_and_its_holder_builds_on_what_was_written(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, moved_past: bool
+def _steps(j: Job, n: int, **update: Any) -> Job:
+    return j.model_copy(update={"total_steps": n, **update})
+
+
+@pytest.mark.parametrize("holder", ["refused", "builds", "raises"])
+def test_a_lock_held_too_long_is_written_past_and_its_holder_never_writes_over_what_was_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, holder: str
 ) -> None:
     """A writer stopped holding the record's lock (SIGSTOP) must not stall the others: they write past it
-    after `_WRITE_PAST_S`. Woken, the holder's rewrite swaps out a record it did not read: it makes its
-    update again on that one, which the rules may leave as it is (`moved_past`)."""
+    after `_WRITE_PAST_S`. Woken, the holder finds the record is not what it read: it makes its change
+    again on what was written, which the rules may refuse (None) or reject (an error, as `perq cancel` on a
+    job that moved on), and never writes its first version over it."""
     from shared.store import local
 
     monkeypatch.setattr(local, "_WRITE_PAST_S", 0.2)
-    store = _swapping_store(tmp_path)
+    store = _record_store(tmp_path)
 
     def holders_change(j: Job) -> Job | None:
-        if j.status == "completed" and moved_past:
-            return None  # the rules' answer to a late step: the record is past it
-        return j.model_copy(update={"total_steps": j.total_steps + 1})
+        if j.status == "completed" and holder == "refused":
+            return None
+        if j.status == "completed" and holder == "raises":
+            raise ValueError("the job moved on")
+        return _steps(j, j.total_steps + 1)
 
-    writer, go = _stopped_update(store, holders_change)
+    writer, go, raised = _stopped_update(store, holders_change)
     started = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="perq.store"):
-        ending = {"status": "completed", "total_steps": 5}
-        done = store.update_job("j1", lambda j: j.model_copy(update=ending))
+    with caplog.at_level(logging.INFO, logger="perq.store"):
+        done = store.update_job("j1", lambda j: _steps(j, 5, status="completed"))
         assert done is not None and done.total_steps == 5
         assert time.monotonic() - started >= 0.2
-        assert [(j.status, j.total_steps) for j in [store.load_job("j1")] if j] == [("completed", 5)]
+        loaded = store.load_job("j1")
+        assert loaded is not None and (loaded.status, loaded.total_steps) == ("completed", 5)
         go.set()
         writer.join(10)
     assert not writer.is_alive()
+    assert [str(e) for e in raised] == (["the job moved on"] if holder == "raises" else [])
     final = store.load_job("j1")
-    assert final is not None and (final.status, final.total_steps) == ("completed", 5 if moved_past else 6)
-    assert "writing past it" in caplog.text and "changed past its lock" in caplog.text
+    assert final is not None and (final.status, final.total_steps) == (
+        "completed",
+        6 if holder == "builds" else 5,
+    )
+    assert "writing past it" in caplog.text and "changed while it was being updated" in caplog.text
     folder = tmp_path / "perstack" / "jobs" / "j1"
     assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == [".job.json.spare"]
     # and the lock is free again: the next update neither waits nor writes past it
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="perq.store"):
-        store.update_job("j1", lambda j: j.model_copy(update={"total_steps": 7}))
+    with caplog.at_level(logging.INFO, logger="perq.store"):
+        store.update_job("j1", lambda j: _steps(j, 7))
     assert caplog.text == ""
 
 
-def test_a_lock_is_waited_for_as_long_as_it_takes_where_rewrites_cannot_tell_they_were_overtaken(
+def test_a_writer_past_the_lock_waits_for_the_holders_check_and_swap(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The holder checks that the record is what it read and swaps it in under a lock of the record file
+    itself, which is never written past: a writer past the folder's lock cannot swap between the two, and
+    makes its change on what the holder swapped in (no update lost)."""
+    from shared.store import flush, local
+
+    if flush._SYNCFS is None or local._RENAMEAT2 is None:
+        pytest.skip("no syncfs or renameat2 here: the holder does not swap")
+    monkeypatch.setattr(local, "_WRITE_PAST_S", 0.2)
+    store = _record_store(tmp_path)
+    swapping, go = threading.Event(), threading.Event()
+    real_exchange = local._exchange
+
+    def stopped_in_its_swap(a: str, b: str) -> None:  # only the holder swaps: a writer past it replaces
+        swapping.set()
+        assert go.wait(10)
+        real_exchange(a, b)
+
+    monkeypatch.setattr(local, "_exchange", stopped_in_its_swap)
+    holder = threading.Thread(target=lambda: store.update_job("j1", lambda j: _steps(j, j.total_steps + 1)))
+    holder.start()
+    assert swapping.wait(5)
+    done: list[Job | None] = []
+    past = threading.Thread(
+        target=lambda: done.append(store.update_job("j1", lambda j: _steps(j, j.total_steps + 10)))
+    )
+    past.start()
+    past.join(1)
+    assert past.is_alive() and done == []  # past the folder's lock (0.2 s), waiting for the record's
+    go.set()
+    holder.join(5)
+    past.join(5)
+    final = store.load_job("j1")
+    assert [j.total_steps for j in done if j] == [11]
+    assert final is not None and final.total_steps == 11
+
+
+def test_a_stuck_lock_is_written_past_at_once_by_later_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each write of a job whose record's lock is stuck would wait `_WRITE_PAST_S`: once it was found stuck,
+    later writes go past it at once, until it is free again."""
+    from shared.store import local
+
+    monkeypatch.setattr(local, "_WRITE_PAST_S", 0.2)
+    store = _record_store(tmp_path)
+    _, go, _ = _stopped_update(store, lambda j: _steps(j, 1))
+    waits: list[float] = []
+    real_sleep = time.sleep
+    monkeypatch.setattr(local.time, "sleep", lambda s: (waits.append(s), real_sleep(s))[1])
+    try:
+        store.update_job("j1", lambda j: _steps(j, 2))
+        assert len(waits) > 10  # the first write waited
+        waits.clear()
+        store.update_job("j1", lambda j: _steps(j, 3))
+        assert waits == []  # the second did not
+    finally:
+        go.set()
+
+
+def test_a_lock_is_waited_for_as_long_as_it_takes_where_folders_cannot_be_locked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On NFS, locks are a `.lock` file's, and a record file cannot be locked for its check and swap: no
+    writer goes past the lock there."""
     from shared.store import local
 
     monkeypatch.setattr(local, "_WRITE_PAST_S", 0.1)
-    store = _swapping_store(tmp_path)
+    store = _record_store(tmp_path)
     backend = store.backend
     assert isinstance(backend, LocalBackend)
-    monkeypatch.setattr(backend, "_exchanges", False)  # as after a swap failed with EINVAL
-    writer, go = _stopped_update(store, lambda j: j.model_copy(update={"total_steps": 1}))
+    monkeypatch.setattr(backend, "_lock_folders", False)  # as found on NFS
+    writer, go, _ = _stopped_update(store, lambda j: _steps(j, 1))
     done: list[Job | None] = []
-    waiting = threading.Thread(
-        target=lambda: done.append(store.update_job("j1", lambda j: j.model_copy(update={"total_steps": 2})))
-    )
+    waiting = threading.Thread(target=lambda: done.append(store.update_job("j1", lambda j: _steps(j, 2))))
     waiting.start()
     waiting.join(0.6)
     assert waiting.is_alive() and done == []

@@ -66,6 +66,7 @@ T = TypeVar("T", Job, Checkpoint, RunSetting)
 _INDEX_BASE = 10**13  # startedAt in ms stays below this until the year 2286
 
 log = logging.getLogger("perq.store")
+_TORN_READS = 3  # how often a record read past its lock is read again when it cannot be parsed
 _MESSAGES = TypeAdapter(list[Message])
 
 
@@ -192,27 +193,25 @@ class JobStore:
 
     def _locked_save(self, job: Job) -> Steps[None]:
         lock = yield from self.backend.lock_steps(self._job_key(job.id))
-        try:
+        try:  # overwritten whole, whatever it holds (tools, tests): nothing to check
             yield from self._save_job_steps(job, past_lock=lock is None)
         finally:
             self.backend.unlock(lock)
 
     def _save_job_steps(
         self, job: Job, *, new: bool = False, replacing: bytes | None = None, past_lock: bool = False
-    ) -> Steps[bytes | None]:
-        """Write the record: a new one, or (the caller holding its lock, or past it) its next version.
-        Returns None, or the record another writer wrote past the lock meanwhile (`rewrite_steps`)."""
-        data = _record_bytes(job)
+    ) -> Steps[bool]:
+        """Write the record: a new one, or (the caller holding its lock, or past it) its next version, only
+        if the record still holds `replacing` when given (`rewrite_steps`): False when it did not."""
+        data = job.model_dump_json(by_alias=True, indent=2, exclude_none=True).encode()
         key = self._job_key(job.id)
-        overtaken: bytes | None = None
         if new:
             # the job's steps create only their checkpoints: its folder for them, and the record's spare
             self.backend.lay_out(folders=[f"{self._job(job.id)}/checkpoints"], rewritten=[key])
             self.backend.write(key, data)
             self.backend.mark(f"index/{_INDEX_BASE - job.started_at:013d}-{job.id}")
-        else:
-            rewrite = self.backend.rewrite_steps(key, data, replacing=replacing, past_lock=past_lock)
-            overtaken = yield from rewrite
+        elif not (yield from self.backend.rewrite_steps(key, data, replacing=replacing, past_lock=past_lock)):
+            return False
         # a submission saves the job queued, its steps running, its end a final status: the marker of an
         # unfinished job is written at the first and dropped at the last, never touched by a step's write.
         # A cancelled job keeps it until reconciliation has seen its last step end (`settle_unfinished`).
@@ -220,7 +219,7 @@ class JobStore:
             yield Offload(functools.partial(self.backend.mark, f"unfinished/{job.id}"))
         elif job.status in FINAL_JOB_STATUSES and job.status != "cancelled":
             yield from self.backend.removal_steps(f"unfinished/{job.id}")
-        return overtaken
+        return True
 
     def _job_key(self, job_id: str) -> str:
         return f"{self._job(job_id)}/job.json"
@@ -239,24 +238,28 @@ class JobStore:
         key = self._job_key(job_id)
         lock = yield from self.backend.lock_steps(key)
         try:
-            data = self.backend.read(key)
-            if data is None:
-                return None
-            job = self._parse(key, data, Job)
-            restore = False  # the record holds this update's write, which overtook a newer one
+            torn = 0
             while True:
+                data = self.backend.read(key)
+                if data is None:
+                    return None
+                try:
+                    job = self._parse(key, data, Job)
+                except StoreError:
+                    # past the lock, a read can meet a spare that the lock's holder is rewriting (read as
+                    # it was swapped out): read again; under the lock a damaged record is one
+                    torn += 1
+                    if lock is not None or torn > _TORN_READS:
+                        raise
+                    continue
                 changed = change(job)  # a copy, or None (`change` never changes what it is given)
-                if changed is None and not restore:
+                if changed is None:
                     return job
-                record = job if changed is None else changed
-                overtaken = yield from self._save_job_steps(record, replacing=data, past_lock=lock is None)
-                if overtaken is None:
-                    return record
-                # this writer held the lock, stopped, while another wrote past it (`lock_steps`): for a
-                # moment the record showed this update of an older version; now it is made again on the
-                # newer one, which the rules leave as it is when it has moved past this change
-                log.warning("the record of job %s changed past its lock; updating the newer one", job_id)
-                data, job, restore = _record_bytes(record), self._parse(key, overtaken, Job), True
+                if (yield from self._save_job_steps(changed, replacing=data, past_lock=lock is None)):
+                    return changed
+                # written meanwhile past the lock (this writer held it, stopped; or both are past it): the
+                # change is made again on what was written, or refused by the rules if the job moved on
+                log.info("the record of job %s changed while it was being updated; updating it again", job_id)
         finally:
             self.backend.unlock(lock)
 
@@ -567,11 +570,6 @@ class JobStore:
         folder = self._fan_in(job_id, checkpoint_id)
         found = (self.backend.read(f"{folder}/{name}") for name in self.backend.list(folder))
         return [data for data in found if data is not None]
-
-
-def _record_bytes(job: Job) -> bytes:
-    """A job record as `job.json` holds it."""
-    return job.model_dump_json(by_alias=True, indent=2, exclude_none=True).encode()
 
 
 def _misfits(events: list[Event]) -> list[str]:

@@ -61,7 +61,9 @@ class LocalBackend:
         self.blocking_reads = False
         self._flush = GroupFlush(root)
         self._lock_folders: bool | None = None  # None: not known yet (`_lockable`)
-        self._exchanges = _RENAMEAT2 is not None  # until a swap fails as unsupported here (`_swap`)
+        self._exchanges = _RENAMEAT2 is not None  # until a swap fails as unsupported here (`_rename`)
+        # the folders whose lock was found held `_WRITE_PAST_S` and is still held: when it was first seen held
+        self._stuck: dict[str, float] = {}
 
     def _path(self, key: str) -> str:
         return f"{self._root}/{key}" if key else self._root  # "": the store's own folder, as pathlib says
@@ -360,7 +362,7 @@ class LocalBackend:
 
     def rewrite_steps(
         self, key: str, data: bytes, *, replacing: bytes | None = None, past_lock: bool = False
-    ) -> Steps[bytes | None]:
+    ) -> Steps[bool]:
         """`write`, for a file rewritten often under its lock (`lock_steps`): the new content goes into a
         spare file beside it, which then swaps names with it; the old file is the next rewrite's spare.
 
@@ -372,38 +374,35 @@ class LocalBackend:
         power loss could bring its name back on a torn file). Readers read under the lock (`read_shared`),
         so none reads a spare while it changes.
 
-        `replacing`: the content this writer read and changed. Returns None when the file swapped out held
-        it, else what the file swapped out held: another writer wrote past the lock while this one held it,
-        stopped (`lock_steps`), and the caller must build on that content and write again (the file now
-        holds `data`). Where names do not swap, the lock is never written past and None is returned.
-        `past_lock`: the lock was written past (None from `lock_steps`): the content goes into a file of
-        its own, as the spare may be the stopped holder's, and the file swapped out is removed."""
+        `replacing`: the content the writer read and changed. The file is then swapped only if it still
+        holds that content, checked and swapped under a lock of the file itself (`_replace_if`); False
+        when it did not (another writer wrote past the lock meanwhile, `lock_steps`): nothing was written,
+        and the caller reads the file again. `past_lock`: the lock was written past (None from
+        `lock_steps`): the content goes into a file of its own, as the spare is the lock holder's."""
         path, made = self._path(key), set[str]()
-        if not self._swaps:
-            # no swap here, or no flush of the whole file system to tell a swap durable: as `write`
-            fd, tmp = self._temp(path, data, made)
-            yield from self._publish([fd], tmp, path, made, exclusive=False)
-            yield Flush()
-            return None
-        folder = os.path.dirname(path)
-        if past_lock:
-            fd, spare = self._temp(path, data, made)
+        swap = self._swaps and not past_lock
+        if swap:
+            new = _spare(path)
+            fd = yield from self._filled_spare(path, new, data, made)
         else:
-            spare = _spare(path)
-            fd = yield from self._filled_spare(path, spare, data, made)
+            # no swap here, or no flush of the whole file system to tell a swap durable, or the spare is
+            # the lock holder's: as `write`
+            fd, new = self._temp(path, data, made)
+        written = False
         try:
             yield Flush(fds=(fd,), folders=frozenset(made))
             os.close(fd)
             fd = -1
-            swapped_out = self._swap(spare, path, read_back=replacing is not None)
-            yield Flush(folders=frozenset((folder,)))
+            written = yield from self._replace_if(new, path, replacing, swap=swap)
+            if written:
+                yield Flush(folders=frozenset((os.path.dirname(path),)))
         finally:
             if fd >= 0:
                 os.close(fd)
-            if past_lock:  # what was the file, or the content never swapped in
+            if not swap and not written:  # a file of its own, never given the name
                 with contextlib.suppress(OSError):
-                    os.unlink(spare)
-        return None if swapped_out is None or swapped_out == replacing else swapped_out
+                    os.unlink(new)
+        return written
 
     def _filled_spare(self, path: str, spare: str, data: bytes, made: set[str]) -> Steps[int]:
         """The spare of the file at `path`, holding `data` (not yet flushed), open."""
@@ -425,21 +424,48 @@ class LocalBackend:
             raise
         return fd
 
-    def _swap(self, new: str, path: str, *, read_back: bool) -> bytes | None:
-        """Give `new` the name `path`, by a swap where names swap; with `read_back`, return what the file
-        swapped out held (None where none was)."""
+    def _replace_if(self, new: str, path: str, replacing: bytes | None, *, swap: bool) -> Steps[bool]:
+        """Give `new` the name `path` (a swap, or a replace), if `path` still holds `replacing` (None: in any
+        case). The check and the swap hold an exclusive lock of the file at `path` itself: a writer past the
+        folder's lock and the folder lock's holder never both swap on what they read. That lock is held for
+        microseconds, never across a flush, and is never written past (`lock_steps`)."""
+        if replacing is None or not self._lock_folders:  # no check, or none needed: never written past
+            self._rename(new, path, swap=swap)
+            return True
+        while True:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:  # removed (the job deleted): nothing to change
+                return False
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    yield LOCK_BUSY  # another writer checks and swaps: microseconds
+                    continue
+                if os.fstat(fd).st_ino != os.stat(path).st_ino:
+                    continue  # swapped meanwhile: the lock is on a file that no longer has the name
+                if _read_fd(fd) != replacing:
+                    return False
+                self._rename(new, path, swap=swap)
+                return True
+            finally:
+                os.close(fd)
+
+    def _rename(self, new: str, path: str, *, swap: bool) -> None:
+        """Give `new` the name `path`: by a swap where names swap (`new` then holds what `path` held)."""
+        if not swap:
+            os.replace(new, path)
+            return
         try:
             _exchange(new, path)
         except FileNotFoundError:  # the first write of the file: the new one takes its name
             os.rename(new, path)
-            return None
         except OSError as e:
             if e.errno not in _NO_EXCHANGE:
                 raise
-            self._exchanges = False  # later rewrites replace (`_swaps`), and the lock is never written past
+            self._exchanges = False  # later rewrites write a file of their own (`_swaps`)
             os.replace(new, path)  # a file system without the swap (some network ones): as `write`
-            return None
-        return _read_file(new) if read_back else None
 
     def _new_spare(self, path: str, spare: str, made: set[str]) -> int:
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
@@ -481,31 +507,36 @@ class LocalBackend:
 
         A process stopped while it holds the lock (SIGSTOP, a frozen container, a debugger) lets go of
         nothing, and a lease is not a lock: another worker takes its job's steps over and must not wait on
-        it. A lock held past `_WRITE_PAST_S` is written past, where rewrites tell when they were overtaken
-        (`rewrite_steps`): None is returned, and the holder, woken, finds that its rewrite replaced a newer
-        one and builds on it instead. Where names do not swap, the lock is waited for as long as it takes."""
+        it. So a lock held `_WRITE_PAST_S` is written past (None is returned; later writers of the key do
+        not wait again while it stays held): a rewrite then swaps the file only if it still holds what the
+        writer read (`rewrite_steps`), so neither the writer past the lock nor its holder, woken, can write
+        over what the other wrote. Where folders cannot be locked (NFS), the lock is waited for as long as
+        it takes."""
         folder = os.path.dirname(self._path(key))
         try:
             fd = self._lockable(folder)
         except FileNotFoundError:  # a new folder (a mkdir on every lock would cost a syscall)
             os.makedirs(folder, exist_ok=True)
             fd = self._lockable(folder)
-        waiting_since: float | None = None
+        since = self._stuck.get(folder)
         try:
             while True:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    self._stuck.pop(folder, None)
                     return fd
                 except BlockingIOError:
                     now = time.monotonic()
-                    if waiting_since is None:
-                        waiting_since = now
-                    elif now - waiting_since >= _WRITE_PAST_S and self._swaps:
-                        log.warning(
-                            "the lock of %s was held for %.0f s (its holder stopped?): writing past it",
-                            self._path(key),
-                            now - waiting_since,
-                        )
+                    if since is None:
+                        since = now
+                    elif now - since >= _WRITE_PAST_S and self._lock_folders:
+                        if folder not in self._stuck:
+                            log.warning(
+                                "the lock of %s was held %.0f s (its holder stopped?): writing past it",
+                                self._path(key),
+                                now - since,
+                            )
+                            self._stuck[folder] = since
                         os.close(fd)
                         return None
                     yield LOCK_BUSY
@@ -570,20 +601,25 @@ def _read_file(path: str) -> bytes | None:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except (FileNotFoundError, NotADirectoryError):
         return None
-    # plain reads of the size fstat gives, where open() adds a seek and a terminal check to each file
     try:
-        size = os.fstat(fd).st_size
-        data = os.read(fd, size + 1)
-        if len(data) == size:  # all of it as fstat saw it (one byte more was asked: growth would show)
-            return data
-        # a read may stop short (a file over 2 GiB, a network file system), and a log being appended
-        # to may have grown since fstat: read on to its end
-        chunks = [data]
-        while chunk := os.read(fd, 1 << 20):
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return _read_fd(fd)
     finally:
         os.close(fd)
+
+
+def _read_fd(fd: int) -> bytes:
+    """The whole of an open file, read from where its offset is (a file just opened: its start)."""
+    # plain reads of the size fstat gives, where open() adds a seek and a terminal check to each file
+    size = os.fstat(fd).st_size
+    data = os.read(fd, size + 1)
+    if len(data) == size:  # all of it as fstat saw it (one byte more was asked: growth would show)
+        return data
+    # a read may stop short (a file over 2 GiB, a network file system), and a log being appended to may
+    # have grown since fstat: read on to its end
+    chunks = [data]
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _create_temp(folder: str, name: str) -> tuple[int, str]:

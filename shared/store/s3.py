@@ -135,9 +135,9 @@ class S3Backend:
 
     def rewrite_steps(
         self, key: str, data: bytes, *, replacing: bytes | None = None, past_lock: bool = False
-    ) -> Steps[bytes | None]:
-        self.write(key, data)  # no lock to write past (`lock_steps`): nothing to tell
-        return no_steps(None)
+    ) -> Steps[bool]:
+        self.write(key, data)  # no lock, so none written past (`lock_steps`): nothing to check
+        return no_steps(True)
 
     def removal_steps(self, key: str) -> Steps[None]:
         self.delete_tree(key)
