@@ -10,9 +10,11 @@ winner's; the job record only moves forward.
 from __future__ import annotations
 
 import json
+import random
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,8 @@ from typing import Any
 import pytest
 import redis as redis_sync
 
+from shared.models import Job
+from shared.store import JobStore
 from tests.conftest import Perq, script_toml
 from tests.support.localredis import LocalRedis
 from tests.test_resilience import traced, wait_until
@@ -178,3 +182,64 @@ def test_a_record_lock_held_by_a_stopped_process_neither_stalls_the_job_nor_undo
 def _state(pid: int) -> str:
     """A process's state letter (R, S, T: stopped...) from /proc."""
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+_COUNTING_WRITER = """
+import os, sys
+from shared.store import JobStore, local
+
+local._WRITE_PAST_S = 0.2
+store = JobStore.open(sys.argv[1])
+added = 0
+while not os.path.exists(sys.argv[2]):
+    store.update_job("j1", lambda j: j.model_copy(update={"total_steps": j.total_steps + 1}))
+    added += 1
+print(added)
+"""
+_WATCHING_READER = """
+import os, sys
+from shared.store import JobStore, local
+
+local._SHARED_WAIT_S = 0.05
+store = JobStore.open(sys.argv[1])
+seen = 0
+while not os.path.exists(sys.argv[2]):
+    now = store.load_job("j1").total_steps
+    assert now >= seen, f"the record went back from {seen} to {now}"
+    seen = now
+"""
+
+
+def test_record_writers_stopped_at_random_lose_no_update(tmp_path: Path) -> None:
+    """Processes adding one to a record, stopped and woken at random (SIGSTOP for 0.5 ms to 0.3 s, anywhere in
+    an update: holding the lock, in a flush, in the check and swap): every addition lands once, a reader
+    past the lock never sees the record torn or going back, and no writer's file is left behind."""
+    root = tmp_path / "perstack"
+    store = JobStore.open(str(root))
+    store.save_job(Job(id="j1", status="running", coordinator_expert_key="e", started_at=1), new=True)
+    done = tmp_path / "done"
+    run = [sys.executable, "-c"]
+    writers = [
+        subprocess.Popen([*run, _COUNTING_WRITER, str(root), str(done)], stdout=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    reader = subprocess.Popen([*run, _WATCHING_READER, str(root), str(done)])
+    chance = random.Random(7)
+    try:
+        for _ in range(40):
+            writer = chance.choice(writers)
+            time.sleep(chance.uniform(0, 0.03))
+            writer.send_signal(signal.SIGSTOP)
+            time.sleep(chance.choice([0.0005, 0.002, 0.01, 0.1, 0.3]))
+            writer.send_signal(signal.SIGCONT)
+    finally:
+        done.touch()
+        for w in writers:
+            w.send_signal(signal.SIGCONT)
+    added = [w.communicate(timeout=30) for w in writers]
+    assert [w.returncode for w in writers] == [0] * len(writers)
+    assert reader.wait(30) == 0
+    record = store.load_job("j1")
+    assert record is not None and record.total_steps == sum(int(out) for out, _ in added)
+    left = sorted(p.name for p in (root / "jobs" / "j1").iterdir() if p.name.startswith("."))
+    assert left == [".job.json.spare"]

@@ -66,7 +66,7 @@ T = TypeVar("T", Job, Checkpoint, RunSetting)
 _INDEX_BASE = 10**13  # startedAt in ms stays below this until the year 2286
 
 log = logging.getLogger("perq.store")
-_TORN_READS = 3  # how often a record read past its lock is read again when it cannot be parsed
+_TORN_READS = 3  # how often a record that cannot be parsed is read again (`_read_record`)
 _MESSAGES = TypeAdapter(list[Message])
 
 
@@ -192,9 +192,13 @@ class JobStore:
         self.backend.run(self._save_job_steps(job, new=True) if new else self._locked_save(job))
 
     def _locked_save(self, job: Job) -> Steps[None]:
-        lock = yield from self.backend.lock_steps(self._job_key(job.id))
-        try:  # overwritten whole, whatever it holds (tools, tests): nothing to check
-            yield from self._save_job_steps(job, past_lock=lock is None)
+        key = self._job_key(job.id)
+        lock = yield from self.backend.lock_steps(key)
+        try:  # overwritten whole, whatever it holds (tools, tests), by one writer at a time all the same
+            while True:
+                replacing = self.backend.read(key)
+                if (yield from self._save_job_steps(job, replacing=replacing, past_lock=lock is None)):
+                    return
         finally:
             self.backend.unlock(lock)
 
@@ -238,20 +242,11 @@ class JobStore:
         key = self._job_key(job_id)
         lock = yield from self.backend.lock_steps(key)
         try:
-            torn = 0
             while True:
-                data = self.backend.read(key)
-                if data is None:
+                read = self._read_record(key, self.backend.read)
+                if read is None:
                     return None
-                try:
-                    job = self._parse(key, data, Job)
-                except StoreError:
-                    # past the lock, a read can meet a spare that the lock's holder is rewriting (read as
-                    # it was swapped out): read again; under the lock a damaged record is one
-                    torn += 1
-                    if lock is not None or torn > _TORN_READS:
-                        raise
-                    continue
+                data, job = read
                 changed = change(job)  # a copy, or None (`change` never changes what it is given)
                 if changed is None:
                     return job
@@ -264,10 +259,24 @@ class JobStore:
             self.backend.unlock(lock)
 
     def load_job(self, job_id: str) -> Job | None:
-        key = self._job_key(job_id)
         # read under the record's lock, shared: a rewrite changes a spare file in place (`rewrite_steps`)
-        data = self.backend.read_shared(key)
-        return None if data is None else self._parse(key, data, Job)
+        read = self._read_record(self._job_key(job_id), self.backend.read_shared)
+        return None if read is None else read[1]
+
+    def _read_record(self, key: str, read: Callable[[str], bytes | None]) -> tuple[bytes, Job] | None:
+        """A job record, as read and parsed. One that does not parse is read again a few times: a read past
+        the record's lock (`lock_steps`, `read_shared`) can meet a spare that the lock's holder is rewriting,
+        as the record was swapped out under the reader."""
+        for attempt in range(_TORN_READS + 1):
+            data = read(key)
+            if data is None:
+                return None
+            try:
+                return data, self._parse(key, data, Job)
+            except StoreError:
+                if attempt == _TORN_READS:
+                    raise
+        raise AssertionError("unreachable")
 
     def head_checkpoint_id(self, job: Job) -> str | None:
         """The checkpoint a continuation of `job` resumes: the one its record names, or for a record Perstack

@@ -31,6 +31,9 @@ _SHARED_WAIT_S = 2.0
 # how long a writer waits for the lock before it writes past it (see `lock_steps`): far longer than any
 # update holds it, flush included, short enough that a job's steps go on while the holder is stopped
 _WRITE_PAST_S = 5.0
+# how long a writer waits for a lock it found stuck before (`lock_steps`): several updates' flushes
+_STUCK_GRACE_S = 0.05
+_STUCK_KEPT = 1024  # how many stuck locks a process remembers
 
 log = logging.getLogger("perq.store")
 
@@ -62,7 +65,7 @@ class LocalBackend:
         self._flush = GroupFlush(root)
         self._lock_folders: bool | None = None  # None: not known yet (`_lockable`)
         self._exchanges = _RENAMEAT2 is not None  # until a swap fails as unsupported here (`_rename`)
-        # the folders whose lock was found held `_WRITE_PAST_S` and is still held: when it was first seen held
+        # the folders whose lock was written past, until this process takes it again: when it was last
         self._stuck: dict[str, float] = {}
 
     def _path(self, key: str) -> str:
@@ -391,8 +394,8 @@ class LocalBackend:
         written = False
         try:
             yield Flush(fds=(fd,), folders=frozenset(made))
-            os.close(fd)
-            fd = -1
+            closing, fd = fd, -1
+            os.close(closing)
             written = yield from self._replace_if(new, path, replacing, swap=swap)
             if written:
                 yield Flush(folders=frozenset((os.path.dirname(path),)))
@@ -443,9 +446,15 @@ class LocalBackend:
                 except BlockingIOError:
                     yield LOCK_BUSY  # another writer checks and swaps: microseconds
                     continue
-                if os.fstat(fd).st_ino != os.stat(path).st_ino:
-                    continue  # swapped meanwhile: the lock is on a file that no longer has the name
-                if _read_fd(fd) != replacing:
+                locked = os.fstat(fd)
+                try:
+                    named = os.stat(path).st_ino
+                except FileNotFoundError:
+                    return False
+                if locked.st_ino != named:
+                    # swapped meanwhile: the file locked is the spare now, perhaps still holding what was read
+                    continue
+                if locked.st_size != len(replacing) or _read_fd(fd, locked.st_size) != replacing:
                     return False
                 self._rename(new, path, swap=swap)
                 return True
@@ -507,18 +516,21 @@ class LocalBackend:
 
         A process stopped while it holds the lock (SIGSTOP, a frozen container, a debugger) lets go of
         nothing, and a lease is not a lock: another worker takes its job's steps over and must not wait on
-        it. So a lock held `_WRITE_PAST_S` is written past (None is returned; later writers of the key do
-        not wait again while it stays held): a rewrite then swaps the file only if it still holds what the
-        writer read (`rewrite_steps`), so neither the writer past the lock nor its holder, woken, can write
-        over what the other wrote. Where folders cannot be locked (NFS), the lock is waited for as long as
-        it takes."""
+        it. So a lock held `_WRITE_PAST_S` is written past (None is returned; this process's later writers
+        of the key wait only `_STUCK_GRACE_S`, until it takes the lock again). A rewrite then swaps the file
+        only if it still holds what the writer read (`rewrite_steps`), so neither the writer past the lock
+        nor its holder, woken, can write over what the other wrote. Where folders cannot be locked (NFS),
+        the lock is waited for as long as it takes."""
         folder = os.path.dirname(self._path(key))
         try:
             fd = self._lockable(folder)
         except FileNotFoundError:  # a new folder (a mkdir on every lock would cost a syscall)
             os.makedirs(folder, exist_ok=True)
             fd = self._lockable(folder)
-        since = self._stuck.get(folder)
+        # a lock found stuck before is gone past sooner, though not at once: its holder may have let it go
+        # and another taken it for the milliseconds of an update
+        patience = _WRITE_PAST_S if folder not in self._stuck else _STUCK_GRACE_S
+        since: float | None = None
         try:
             while True:
                 try:
@@ -529,20 +541,23 @@ class LocalBackend:
                     now = time.monotonic()
                     if since is None:
                         since = now
-                    elif now - since >= _WRITE_PAST_S and self._lock_folders:
-                        if folder not in self._stuck:
-                            log.warning(
-                                "the lock of %s was held %.0f s (its holder stopped?): writing past it",
-                                self._path(key),
-                                now - since,
-                            )
-                            self._stuck[folder] = since
-                        os.close(fd)
-                        return None
+                    elif now - since >= patience and self._lock_folders:
+                        break
                     yield LOCK_BUSY
         except BaseException:
             os.close(fd)
             raise
+        os.close(fd)
+        if folder not in self._stuck:
+            log.warning(
+                "the lock of %s was held %.1f s (its holder stopped? writers queued?): writing past it",
+                self._path(key),
+                now - since,
+            )
+            if len(self._stuck) >= _STUCK_KEPT:
+                self._stuck.clear()
+        self._stuck[folder] = now
+        return None
 
     def _lockable(self, folder: str, *, reading: bool = False) -> int:
         """What locks a folder's file, open: the folder itself; where the file system cannot lock a folder
@@ -607,10 +622,12 @@ def _read_file(path: str) -> bytes | None:
         os.close(fd)
 
 
-def _read_fd(fd: int) -> bytes:
-    """The whole of an open file, read from where its offset is (a file just opened: its start)."""
+def _read_fd(fd: int, size: int | None = None) -> bytes:
+    """The whole of an open file, read from where its offset is (a file just opened: its start); `size`:
+    its size, when the caller has just asked fstat."""
     # plain reads of the size fstat gives, where open() adds a seek and a terminal check to each file
-    size = os.fstat(fd).st_size
+    if size is None:
+        size = os.fstat(fd).st_size
     data = os.read(fd, size + 1)
     if len(data) == size:  # all of it as fstat saw it (one byte more was asked: growth would show)
         return data
