@@ -937,7 +937,7 @@ def test_a_stuck_lock_is_written_past_sooner_by_later_writes(
     monkeypatch.setattr(local.time, "sleep", lambda s: (waits.append(s), real_sleep(s))[1])
     try:
         store.update_job("j1", lambda j: _steps(j, 2))
-        assert len(waits) > 10  # the first write waited
+        assert len(waits) > 1  # the first write waited
         waits.clear()
         store.update_job("j1", lambda j: _steps(j, 3))
         assert len(waits) == 1  # the second looked once more
@@ -948,9 +948,9 @@ def test_a_stuck_lock_is_written_past_sooner_by_later_writes(
     final = store.load_job("j1")
     assert final is not None and final.total_steps == 4  # the holder's change, made on what was written
     backend = store.backend
-    assert isinstance(backend, LocalBackend) and backend._stuck != {}
+    assert isinstance(backend, LocalBackend) and backend._stuck
     store.update_job("j1", lambda j: _steps(j, 5))
-    assert backend._stuck == {}  # the holder let go: the lock was taken again
+    assert not backend._stuck  # the holder let go: the lock was taken again
 
 
 def test_a_lock_found_stuck_is_still_waited_for_a_little(
@@ -964,18 +964,70 @@ def test_a_lock_found_stuck_is_still_waited_for_a_little(
     backend = store.backend
     assert isinstance(backend, LocalBackend)
     folder = str(tmp_path / "perstack" / "jobs" / "j1")
-    backend._stuck[folder] = time.monotonic()  # found stuck before
+    backend._stuck.add(folder)  # found stuck before
+    monkeypatch.setattr(
+        local, "_WRITE_PAST_S", 0.0
+    )  # were the folder not remembered, it would go past at once
     monkeypatch.setattr(local, "_STUCK_GRACE_S", 30.0)
-    lock = backend.run(backend.lock_steps("jobs/j1/job.json"))  # a writer, mid-update
+    holding = os.open(folder, os.O_RDONLY)  # another writer, mid-update (not through this backend)
+    fcntl.flock(holding, fcntl.LOCK_EX)
     waited = threading.Event()
     real_sleep = time.sleep
     monkeypatch.setattr(local.time, "sleep", lambda s: (waited.set(), real_sleep(s))[1])
     writing = threading.Thread(target=lambda: store.update_job("j1", lambda j: _steps(j, 1)))
     writing.start()
-    assert waited.wait(10)
-    backend.unlock(lock)
+    try:
+        assert waited.wait(10)
+        real_sleep(0.1)
+        assert writing.is_alive() and folder in backend._stuck  # still waiting, not gone past
+    finally:
+        os.close(holding)
     writing.join(10)
-    assert not writing.is_alive() and backend._stuck == {}  # it took the lock: not written past
+    assert not writing.is_alive() and not backend._stuck  # it took the lock: not written past
+
+
+def test_a_whole_save_waits_for_a_check_and_swap_and_is_not_undone_by_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """save_job (tools, tests) overwrites the record whole, but through the same check and swap: it cannot
+    land between a writer's check and that writer's swap, which would then swap it away."""
+    from shared.store import local
+
+    monkeypatch.setattr(local, "_WRITE_PAST_S", 0.0)
+    store = _record_store(tmp_path)
+    backend = store.backend
+    assert isinstance(backend, LocalBackend)
+    folder = str(tmp_path / "perstack" / "jobs" / "j1")
+    holding = os.open(folder, os.O_RDONLY)  # a stopped holder: both writers below go past it
+    fcntl.flock(holding, fcntl.LOCK_EX)
+    checked, go = threading.Event(), threading.Event()
+    real_replace = os.replace
+
+    def stopped_after_its_check(a: str, b: str) -> None:
+        if threading.current_thread().name == "checking":
+            checked.set()
+            assert go.wait(10)
+        real_replace(a, b)
+
+    monkeypatch.setattr(os, "replace", stopped_after_its_check)
+    checking = threading.Thread(
+        target=lambda: store.update_job("j1", lambda j: _steps(j, 1)), name="checking"
+    )
+    checking.start()
+    try:
+        assert checked.wait(5)
+        saving = threading.Thread(target=lambda: store.save_job(_steps(job("j1", status="completed"), 9)))
+        saving.start()
+        saving.join(0.5)
+        assert saving.is_alive()  # waits for the check and swap in progress
+        go.set()
+        checking.join(5)
+        saving.join(5)
+    finally:
+        go.set()
+        os.close(holding)
+    final = store.load_job("j1")
+    assert final is not None and (final.status, final.total_steps) == ("completed", 9)
 
 
 def test_a_check_never_passes_on_the_file_swapped_out_under_it(

@@ -65,8 +65,8 @@ class LocalBackend:
         self._flush = GroupFlush(root)
         self._lock_folders: bool | None = None  # None: not known yet (`_lockable`)
         self._exchanges = _RENAMEAT2 is not None  # until a swap fails as unsupported here (`_rename`)
-        # the folders whose lock was written past, until this process takes it again: when it was last
-        self._stuck: dict[str, float] = {}
+        # the folders whose lock was written past, until this process takes it again (`lock_steps`)
+        self._stuck: set[str] = set()
 
     def _path(self, key: str) -> str:
         return f"{self._root}/{key}" if key else self._root  # "": the store's own folder, as pathlib says
@@ -535,7 +535,7 @@ class LocalBackend:
             while True:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    self._stuck.pop(folder, None)
+                    self._stuck.discard(folder)
                     return fd
                 except BlockingIOError:
                     now = time.monotonic()
@@ -556,7 +556,7 @@ class LocalBackend:
             )
             if len(self._stuck) >= _STUCK_KEPT:
                 self._stuck.clear()
-        self._stuck[folder] = now
+        self._stuck.add(folder)
         return None
 
     def _lockable(self, folder: str, *, reading: bool = False) -> int:
