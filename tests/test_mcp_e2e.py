@@ -15,6 +15,7 @@ import pytest
 from shared.models import Checkpoint, SkillConnected, SkillStarting, ToolMessage
 from tests.conftest import Perq, script_toml
 from tests.mcp_servers import PROBE, remote_server
+from tests.support.procs import proc_stat
 
 PYTHON = json.dumps(sys.executable)
 BASE = """
@@ -146,12 +147,8 @@ def test_skill_process_cannot_read_the_workers_keys(perq: Perq) -> None:
     assert results["cwd"] == [str(perq.root)]  # the skill works in the job's workspace
     # the worker stopped its servers when it shut down
     pid = int(results["pid"][0])
-    assert not os.path.exists(f"/proc/{pid}") or _zombie(pid)
-
-
-def _zombie(pid: int) -> bool:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split(") ")[1].startswith("Z")
+    stat = proc_stat(pid)
+    assert stat is None or stat.state == "Z"
 
 
 def test_server_killed_between_steps_is_restarted(perq: Perq) -> None:

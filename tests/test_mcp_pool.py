@@ -29,6 +29,7 @@ from shared.models import (
     ToolCall,
 )
 from tests.mcp_servers import PROBE, remote_server
+from tests.support.procs import proc_stat
 from worker.skills.base import ToolContext
 from worker.skills.mcp.pool import McpSkillPool
 from worker.skills.scope import SkillScope, set_skill_scope
@@ -77,10 +78,8 @@ def is_running(pid: int) -> bool:
     except ProcessLookupError:
         return False
     # a zombie still answers kill(0); its state in /proc says it has exited
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
-    except (OSError, IndexError):
-        return True
+    stat = proc_stat(pid)
+    return stat is None or stat.state != "Z"
 
 
 async def wait_until(predicate: Any, seconds: float = 10) -> None:

@@ -26,6 +26,7 @@ from shared.models import Job
 from shared.store import JobStore
 from tests.conftest import Perq, script_toml
 from tests.support.localredis import LocalRedis
+from tests.support.procs import proc_stat, processes
 from tests.test_resilience import traced, wait_until
 
 SCRIPT = ("--provider", "script", "--model", "script.toml")
@@ -93,17 +94,8 @@ def test_a_worker_frozen_past_its_lease_changes_nothing_when_it_wakes(perq: Perq
 
 
 def _children(pid: int, name: str) -> int:
-    """How many child processes called `name` the process has (read from /proc)."""
-    count = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)
-            comm = fields[0].split("(", 1)[1]
-            ppid = int(fields[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        count += comm == name and ppid == pid
-    return count
+    """How many child processes called `name` the process has."""
+    return sum(p.comm == name and p.ppid == pid for p in processes())
 
 
 def _ends_step(kind: str) -> bool:
@@ -167,7 +159,7 @@ def test_a_record_lock_held_by_a_stopped_process_neither_stalls_the_job_nor_undo
     job_id = perq.submit("pauser", "go", *SCRIPT)
     writer = subprocess.Popen([sys.executable, "-c", _STOPPED_WRITER, str(perq.storage), job_id])
     try:
-        wait_until(lambda: _state(writer.pid) == "T", what="the writer to stop mid-update")
+        wait_until(lambda: _stopped(writer.pid), what="the writer to stop mid-update")
         perq.start_worker()
         job = perq.wait_job(job_id, timeout=45)
         assert (job.status, job.total_steps) == ("completed", 2), job
@@ -179,9 +171,9 @@ def test_a_record_lock_held_by_a_stopped_process_neither_stalls_the_job_nor_undo
     assert job.head_checkpoint_id == perq.checkpoints(job_id)[-1].id
 
 
-def _state(pid: int) -> str:
-    """A process's state letter (R, S, T: stopped...) from /proc."""
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+def _stopped(pid: int) -> bool:
+    found = proc_stat(pid)
+    return found is not None and found.state == "T"
 
 
 _COUNTING_WRITER = """

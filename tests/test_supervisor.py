@@ -9,25 +9,14 @@ import subprocess
 from pathlib import Path
 
 from tests.conftest import Perq, script_toml
+from tests.support.procs import processes
 from tests.test_resilience import CONFIG, SCRIPT, tool_turns, traced, wait_until
 from worker.supervisor import HEALTHY_AFTER_S, Supervisor
 
 
 def children(pid: int) -> set[int]:
-    """The live (not zombie) processes whose parent is `pid`, from /proc."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # pid (comm) state ppid ...: comm may hold spaces, so split after its closing parenthesis
-        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
-        if int(ppid) == pid and state != "Z":
-            found.add(int(entry.name))
-    return found
+    """The live (not zombie) processes whose parent is `pid`."""
+    return {p.pid for p in processes() if p.ppid == pid and p.state != "Z"}
 
 
 def alive(pid: int) -> bool:
