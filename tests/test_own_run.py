@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -27,7 +28,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from shared.config import RedisSection, Settings, WorkerSection
 from shared.models import now_ms
-from shared.queue import StepTask, cancel_key, step_job_id
+from shared.queue import StepTask, cancel_key, events_channel, step_job_id
 from shared.queue.broker import ArqRedis, enqueue_step, in_progress_key_prefix, job_key_prefix
 from tests.support.localredis import LocalRedis
 from worker.queue.leases import Picked, pick_up
@@ -45,6 +46,7 @@ class FakeRuntime:
         self.queue = queue
         self.behaviour = behaviour
         self.attempts: list[tuple[StepTask, int]] = []
+        self.failed: list[StepTask] = []  # jobs stopped by `step` for a step that kept failing
 
     async def run_step(self, task: StepTask, *, attempt: int, cancel_mark: Any) -> None:
         self.attempts.append((task, attempt))
@@ -54,7 +56,7 @@ class FakeRuntime:
         return fn(*args)
 
     def fail_job(self, task: StepTask, error: Exception) -> None:
-        pass
+        self.failed.append(task)
 
 
 async def _done(_rt: FakeRuntime, _task: StepTask, _attempt: int) -> None:
@@ -185,6 +187,38 @@ async def test_the_hand_over_finishes_the_step_and_its_successor_runs(
     assert [(t.step_number, attempt) for t, attempt in h.runtime.attempts] == [(1, 1), (2, 1)]
     assert await h.keys_of(1) == GONE and await h.keys_of(2) == GONE
     assert h.worker.jobs_complete == 2
+
+
+async def test_events_the_stream_refuses_leave_the_hand_over_standing(
+    redis: ArqRedis, redis_server: LocalRedis, caplog: Any
+) -> None:
+    """A step's live events are a copy of what the store holds: when the job's stream refuses them (its key
+    holds something else), that is logged, and the hand-over stands. The step that handed on is finished and
+    not tried again, and on its last try it does not stop the job that moved on; the last step, which hands
+    nothing on and is finished by the events' own call, is finished all the same."""
+
+    async def hand_on(rt: FakeRuntime, task: StepTask, _attempt: int) -> None:
+        lines = [f'{{"type":"step{task.step_number}"}}']
+        if task.step_number == 1:
+            await rt.queue.hand_over(HandOver(task.job_id, epoch=1, event_lines=lines, tasks=[h.task(2)]))
+        else:
+            await rt.queue.hand_over(HandOver(task.job_id, epoch=1, event_lines=lines, stopped=True))
+
+    h = Harness(redis, redis_server.url, hand_on)
+    await redis.set(events_channel(h.job), "not a stream")
+    assert await enqueue_step(redis, h.task(), h.queue)
+    await redis.set(retry_key_prefix + step_job_id(h.task()), 2)  # taken at its third try: the last
+    with caplog.at_level(logging.WARNING, logger="perq.worker"):
+        await h.worker._run((await h.take())[0])
+        second = h.worker.tasks.get(step_job_id(h.task(2)))
+        assert second is not None
+        await second
+    assert [(t.step_number, attempt) for t, attempt in h.runtime.attempts] == [(1, 3), (2, 1)]
+    assert h.runtime.failed == []
+    assert await h.keys_of(1) == GONE and await h.keys_of(2) == GONE
+    assert (h.worker.jobs_complete, h.worker.jobs_retried, h.worker.jobs_failed) == (2, 0, 0)
+    assert caplog.text.count("could not publish the events") == 2
+    assert await redis.get(events_channel(h.job)) == b"not a stream"
 
 
 async def test_a_fan_out_takes_its_first_step_and_leaves_the_rest_to_the_loop(

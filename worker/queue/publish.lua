@@ -5,14 +5,22 @@
 -- keys, and the queue
 -- ARGV[1] the stream's length cap (approximate, as XADD MAXLEN ~), ARGV[2] the stream's lifetime (s),
 -- ARGV[3] the finished step's arq id ('' for none), ARGV[4..] the events' lines
--- Returns how many events were added.
+-- Returns how many events were added; or, when the stream refused them (its key holds something else), the
+-- error as a string: the events are a live copy of what the store holds, so the step is finished all the
+-- same (the worker logs it).
 if redis.replicate_commands then redis.replicate_commands() end  -- Redis 5 and 6: XADD's ids are random
+local refused = nil
 for i = 4, #ARGV do
-  redis.call('xadd', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[i])
+  local added = redis.pcall('xadd', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[i])
+  if type(added) == 'table' and added.err then
+    refused = added.err
+    break
+  end
 end
-if #ARGV > 3 then redis.call('expire', KEYS[1], ARGV[2]) end
+if #ARGV > 3 and not refused then redis.call('expire', KEYS[1], ARGV[2]) end
 if ARGV[3] ~= '' then
   redis.call('del', KEYS[2], KEYS[3], KEYS[4])
   redis.call('zrem', KEYS[5], ARGV[3])
 end
+if refused then return refused end
 return #ARGV - 3

@@ -45,11 +45,13 @@ class LuaScript:
         pipe.evalsha(self.sha, len(keys), *keys, *args)
 
 
-async def settle(redis: Any, replies: list[Any], calls: list[ScriptCall]) -> list[Any]:
+async def settle(
+    redis: Any, replies: list[Any], calls: list[ScriptCall], *, raising: bool = True
+) -> list[Any]:
     """The replies of a pipeline run with `execute(raise_on_error=False)`, with the script calls (`calls`,
     of any scripts) that Redis refused for not knowing their script run again once it is loaded (a refused
     call did nothing, the rest of the pipeline ran once). Then, like `execute()`, the first error left is
-    raised."""
+    raised, unless not `raising`: then the caller looks at each error in `replies` itself."""
     unknown = [c for c in calls if isinstance(replies[c.position], NoScriptError)]
     if unknown:
         for script in {id(c.script): c.script for c in unknown}.values():
@@ -60,7 +62,7 @@ async def settle(redis: Any, replies: list[Any], calls: list[ScriptCall]) -> lis
             again = await pipe.execute(raise_on_error=False)
         for c, reply in zip(unknown, again, strict=True):
             replies[c.position] = reply
-    for reply in replies:
+    for reply in replies if raising else ():
         if isinstance(reply, Exception):
             raise reply
     return replies

@@ -99,6 +99,24 @@ class Taking:
     running: Callable[[str], bool]  # whether the worker runs this step already (by arq id)
 
 
+def _log_side_errors(
+    job_id: str, replies: list[Any], publishing: ScriptCall | None, dropping: int | None
+) -> None:
+    """Log what a hand-over could not do beside handing on: publish the step's events (a live copy of what
+    the store holds: `publish.lua` says so with a string), or drop its journaled answers (they expire). Not
+    raised: the step is committed and handed on, and an error raised here would count as the step failing,
+    which on its last try stops a job whose next step runs."""
+    events = replies[publishing.position] if publishing is not None else None
+    if isinstance(events, Exception | bytes | str):
+        log.warning("could not publish the events of job %s to its stream: %s", job_id, _text(events))
+    if dropping is not None and isinstance(replies[dropping], Exception):
+        log.warning("could not drop the journaled answers of job %s: %s", job_id, replies[dropping])
+
+
+def _text(reply: Exception | bytes | str) -> str:
+    return reply.decode(errors="replace") if isinstance(reply, bytes) else str(reply)
+
+
 class RedisStepQueue:
     def __init__(self, redis: Any, queue_name: str, enqueued: Callable[[list[str]], None]) -> None:
         self.redis = redis
@@ -129,6 +147,8 @@ class RedisStepQueue:
             taking = None
         payloads: list[bytes] = []
         enqueues: list[ScriptCall] = []
+        publishing: ScriptCall | None = None
+        dropping: int | None = None  # where the reply of the answers' DEL is
         async with self.redis.pipeline(transaction=False) as pipe:
             # the events, and the finish of a step that hands nothing on, in one call (`publish.lua`)
             finished = finish if finish is not None and not tasks else None
@@ -140,6 +160,7 @@ class RedisStepQueue:
                 published: list[Arg] = [STREAM_MAXLEN, lifetime, finished.arq_id if finished else ""]
                 published += handed.event_lines
                 PUBLISH.add_to(pipe, stream, published, calls)
+                publishing = calls[-1]
             for i, task in enumerate(tasks):
                 arq_id = step_job_id(task)
                 keys = [job_key_prefix + arq_id, result_key_prefix + arq_id, self.queue_name]
@@ -157,12 +178,20 @@ class RedisStepQueue:
                 ENQUEUE.add_to(pipe, keys, args, enqueues)
             calls += enqueues
             if handed.answered:
+                dropping = len(pipe)
                 pipe.delete(*handed.answered)
             left = [step_job_id(t) for t in tasks]
             replies: list[Any] = []
             try:
                 replies = await pipe.execute(raise_on_error=False)
-                await settle(self.redis, replies, calls)  # fills in `replies`; raises the first error
+                await settle(self.redis, replies, calls, raising=False)  # fills in `replies`
+                # what the hand-over is: the enqueues, and the finish of a step that hands nothing on
+                essential = [c.position for c in enqueues]
+                if finished is not None and publishing is not None:
+                    essential.insert(0, publishing.position)
+                for position in essential:
+                    if isinstance(replies[position], Exception):
+                        raise replies[position]
             finally:
                 if taking is not None and enqueues:
                     self._started(
@@ -173,6 +202,7 @@ class RedisStepQueue:
             finish.done = not tasks or replies[enqueues[-1].position] != REFUSED_CANCELLED
         if left:
             self.enqueued(left)
+        _log_side_errors(handed.job_id, replies, publishing, dropping)
         return refused
 
     def _started(self, taking: Taking, reply: Any, left: list[str], now: int, payloads: list[bytes]) -> None:
