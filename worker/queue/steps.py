@@ -36,6 +36,7 @@ from shared.queue.broker import (
     result_key_prefix,
     step_payload,
 )
+from worker.queue.batch import Batches, Commands
 from worker.queue.scripts import DROP, ENQUEUE, PUBLISH, Arg, ScriptCall, settle
 from worker.step_queue import HandOver
 
@@ -123,6 +124,7 @@ class RedisStepQueue:
         self.queue_name = queue_name
         self.enqueued = enqueued  # tells this worker's poll loop, which takes the steps at once
         self.taking: Taking | None = None  # set by the worker that runs this queue's steps
+        self.batches = Batches(redis)  # the hand-overs and journal writes of all its steps, sent together
 
     async def is_cancelled(self, job_id: str, epoch: int) -> bool:
         """Whether `perq cancel` came after the submission this run descends from."""
@@ -149,54 +151,52 @@ class RedisStepQueue:
         enqueues: list[ScriptCall] = []
         publishing: ScriptCall | None = None
         dropping: int | None = None  # where the reply of the answers' DEL is
-        async with self.redis.pipeline(transaction=False) as pipe:
-            # the events, and the finish of a step that hands nothing on, in one call (`publish.lua`)
-            finished = finish if finish is not None and not tasks else None
-            if handed.event_lines or finished is not None:
-                stream = [events_channel(handed.job_id)]
-                if finished is not None:
-                    stream += [*finished.keys(), self.queue_name]
-                lifetime = stream_lifetime_s(handed.stopped)
-                published: list[Arg] = [STREAM_MAXLEN, lifetime, finished.arq_id if finished else ""]
-                published += handed.event_lines
-                PUBLISH.add_to(pipe, stream, published, calls)
-                publishing = calls[-1]
-            for i, task in enumerate(tasks):
-                arq_id = step_job_id(task)
-                keys = [job_key_prefix + arq_id, result_key_prefix + arq_id, self.queue_name]
-                keys.append(cancel_key(handed.job_id))
-                payloads.append(step_payload(task, now))
-                args: list[Arg] = [payloads[-1], now, expires_extra_ms, arq_id, epoch]
-                finishing = finish if i == len(tasks) - 1 else None
-                if finishing is not None or (taking and i == 0):
-                    # the finished step's keys, or (none finished) three the script does not read
-                    keys.extend(finishing.keys() if finishing is not None else keys[:3])
-                    args.append(finishing.arq_id if finishing is not None else "")
-                if taking and i == 0:
-                    keys += [in_progress_key_prefix + arq_id, retry_key_prefix + arq_id]
-                    args += [taking.owner, taking.lease_ms]
-                ENQUEUE.add_to(pipe, keys, args, enqueues)
-            calls += enqueues
-            if handed.answered:
-                dropping = len(pipe)
-                pipe.delete(*handed.answered)
-            left = [step_job_id(t) for t in tasks]
-            replies: list[Any] = []
-            try:
-                replies = await pipe.execute(raise_on_error=False)
-                await settle(self.redis, replies, calls, raising=False)  # fills in `replies`
-                # what the hand-over is: the enqueues, and the finish of a step that hands nothing on
-                essential = [c.position for c in enqueues]
-                if finished is not None and publishing is not None:
-                    essential.insert(0, publishing.position)
-                for position in essential:
-                    if isinstance(replies[position], Exception):
-                        raise replies[position]
-            finally:
-                if taking is not None and enqueues:
-                    self._started(
-                        taking, replies[enqueues[0].position] if replies else None, left, now, payloads
-                    )
+        commands = Commands()  # sent in the worker's next batch (`batch.py`)
+        # the events, and the finish of a step that hands nothing on, in one call (`publish.lua`)
+        finished = finish if finish is not None and not tasks else None
+        if handed.event_lines or finished is not None:
+            stream = [events_channel(handed.job_id)]
+            if finished is not None:
+                stream += [*finished.keys(), self.queue_name]
+            lifetime = stream_lifetime_s(handed.stopped)
+            published: list[Arg] = [STREAM_MAXLEN, lifetime, finished.arq_id if finished else ""]
+            published += handed.event_lines
+            PUBLISH.add_to(commands, stream, published, calls)
+            publishing = calls[-1]
+        for i, task in enumerate(tasks):
+            arq_id = step_job_id(task)
+            keys = [job_key_prefix + arq_id, result_key_prefix + arq_id, self.queue_name]
+            keys.append(cancel_key(handed.job_id))
+            payloads.append(step_payload(task, now))
+            args: list[Arg] = [payloads[-1], now, expires_extra_ms, arq_id, epoch]
+            finishing = finish if i == len(tasks) - 1 else None
+            if finishing is not None or (taking and i == 0):
+                # the finished step's keys, or (none finished) three the script does not read
+                keys.extend(finishing.keys() if finishing is not None else keys[:3])
+                args.append(finishing.arq_id if finishing is not None else "")
+            if taking and i == 0:
+                keys += [in_progress_key_prefix + arq_id, retry_key_prefix + arq_id]
+                args += [taking.owner, taking.lease_ms]
+            ENQUEUE.add_to(commands, keys, args, enqueues)
+        calls += enqueues
+        if handed.answered:
+            dropping = len(commands)
+            commands.delete(*handed.answered)
+        left = [step_job_id(t) for t in tasks]
+        replies: list[Any] = []
+        try:
+            replies = await self.batches.send(commands)
+            await settle(self.redis, replies, calls, raising=False)  # fills in `replies`
+            # what the hand-over is: the enqueues, and the finish of a step that hands nothing on
+            essential = [c.position for c in enqueues]
+            if finished is not None and publishing is not None:
+                essential.insert(0, publishing.position)
+            for position in essential:
+                if isinstance(replies[position], Exception):
+                    raise replies[position]
+        finally:
+            if taking is not None and enqueues:
+                self._started(taking, replies[enqueues[0].position] if replies else None, left, now, payloads)
         refused = any(replies[c.position] == REFUSED_CANCELLED for c in enqueues)
         if finish is not None:
             finish.done = not tasks or replies[enqueues[-1].position] != REFUSED_CANCELLED
@@ -217,12 +217,21 @@ class RedisStepQueue:
         elif not isinstance(reply, int) and not taking.running(arq_id):
             # taken, or perhaps taken (the reply lost, or an error in place of the script's): -1, 0 and 1
             # say no lease was set; a step this worker already runs under its own lease is left alone
-            task = asyncio.ensure_future(DROP(self.redis, [in_progress_key_prefix + arq_id], [taking.owner]))
+            # through the batches: after the take it undoes, which may not have left yet
+            task = asyncio.ensure_future(self._drop(in_progress_key_prefix + arq_id, taking.owner))
             _DROPPING.add(task)
             task.add_done_callback(_dropped)
 
+    async def _drop(self, lease_key: str, owner: str) -> None:
+        calls: list[ScriptCall] = []
+        dropping = Commands()
+        DROP.add_to(dropping, [lease_key], [owner], calls)
+        await settle(self.redis, await self.batches.send(dropping), calls)
+
     async def save_answer(self, key: str, data: bytes) -> None:
-        await self.redis.set(key, data, ex=ANSWER_TTL_S)
+        [saved] = await self.batches.send([("SET", key, data, "EX", ANSWER_TTL_S)])
+        if isinstance(saved, Exception):
+            raise saved
 
     async def load_answer(self, key: str) -> bytes | None:
         value = await self.redis.get(key)

@@ -1,0 +1,135 @@
+"""`worker/queue/batch.py`: the Redis commands of a worker's steps, sent together, against a real Redis.
+
+What the steps rely on: each caller gets the replies of its own commands, in order, an error in place of a
+refused command's reply and nowhere else; what is asked together goes in one round trip; what is asked
+while a batch is away goes in the next one, after it; a caller cancelled before its batch left sends
+nothing; a failed round trip reaches every caller of its batch, and the next batch goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+
+from shared.queue.broker import ArqRedis, open_pool
+from tests.support.localredis import LocalRedis, free_port
+from worker.queue.batch import Batches, Commands
+
+
+class CountingRedis:
+    """The worker's pool, counting the pipelines sent through it (one per round trip)."""
+
+    def __init__(self, redis: ArqRedis) -> None:
+        self.redis = redis
+        self.sent: list[int] = []  # how many commands each pipeline carried
+
+    def pipeline(self, transaction: bool = False) -> Any:
+        pipe = self.redis.pipeline(transaction=transaction)
+        execute = pipe.execute
+
+        async def counted(raise_on_error: bool = True) -> list[Any]:
+            self.sent.append(len(pipe))
+            return await execute(raise_on_error=raise_on_error)
+
+        pipe.execute = counted
+        return pipe
+
+
+def _key(name: str) -> str:
+    return f"perq:test:batch:{time.monotonic_ns()}:{name}"
+
+
+async def test_callers_together_share_one_round_trip_and_each_gets_its_own_replies(redis: ArqRedis) -> None:
+    counting = CountingRedis(redis)
+    batches = Batches(counting)
+    a, b, text = _key("a"), _key("b"), _key("text")
+    await redis.set(text, "not a number")
+    first = Commands([("SET", a, "1"), ("INCR", a)])
+    second = Commands([("INCR", text), ("SET", b, "2")])
+    second.delete(b)
+    third = [("GET", a)]
+    one, two, three = await asyncio.gather(batches.send(first), batches.send(second), batches.send(third))
+    assert counting.sent == [6]
+    assert one == [True, 2]
+    assert isinstance(two[0], ResponseError) and two[1:] == [True, 1]  # the refusal is this caller's alone
+    assert three == [b"2"]  # run after the other callers' commands asked before it
+
+
+async def test_what_is_asked_while_a_batch_is_away_goes_next_and_after_it(redis: ArqRedis) -> None:
+    counting = CountingRedis(redis)
+    batches = Batches(counting)
+    key = _key("list")
+    away = asyncio.ensure_future(batches.send([("RPUSH", key, "first")]))
+    await asyncio.sleep(0)  # the sender's task is started: its batch leaves
+    await asyncio.sleep(0)
+    later = [asyncio.ensure_future(batches.send([("RPUSH", key, f"later{i}")])) for i in range(3)]
+    assert await away == [1] and [await w for w in later] == [[2], [3], [4]]
+    assert counting.sent == [1, 3]
+    assert await redis.lrange(key, 0, -1) == [b"first", b"later0", b"later1", b"later2"]
+    assert await batches.send([]) == [] and counting.sent == [1, 3]  # nothing asked, nothing sent
+
+
+async def test_a_caller_cancelled_before_its_batch_left_sends_nothing(redis: ArqRedis) -> None:
+    counting = CountingRedis(redis)
+    batches = Batches(counting)
+    kept, dropped = _key("kept"), _key("dropped")
+    sending = asyncio.ensure_future(batches.send([("SET", kept, "1")]))
+    cancelled = asyncio.ensure_future(batches.send([("SET", dropped, "1")]))
+    await asyncio.sleep(0)  # both asked; the sender's task has not run yet
+    cancelled.cancel()
+    assert await sending == [True]
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    assert counting.sent == [1] and await redis.get(dropped) is None
+
+
+async def test_a_failed_round_trip_reaches_every_caller_of_its_batch_and_the_next_goes_on(
+    redis_server: LocalRedis,
+) -> None:
+    from redis.asyncio import Redis
+
+    down = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
+    batches = Batches(down)
+    results = await asyncio.gather(
+        batches.send([("SET", _key("a"), "1")]), batches.send([("GET", _key("b"))]), return_exceptions=True
+    )
+    assert all(isinstance(r, RedisConnectionError) for r in results)
+    # the batches outlive the failure: once Redis answers, the next batch goes
+    batches.redis = await open_pool(redis_server.url, "unused")
+    key = _key("after")
+    assert await batches.send([("SET", key, "1"), ("GET", key)]) == [True, b"1"]
+    await batches.redis.aclose()
+    await down.aclose()
+
+
+async def test_the_journal_writes_and_hand_overs_of_concurrent_steps_share_a_round_trip(
+    redis: ArqRedis,
+) -> None:
+    """What the worker's steps ask of Redis (`RedisStepQueue`) goes through its batches."""
+    from shared.queue import StepTask, step_job_id
+    from worker.queue.scripts import load_scripts
+    from worker.queue.steps import RedisStepQueue
+    from worker.step_queue import HandOver
+
+    await load_scripts(redis)
+    counting = CountingRedis(redis)
+    queue = _key("queue")
+    steps = RedisStepQueue(redis, queue, lambda _ids: None)
+    steps.batches = Batches(counting)
+    tasks = [StepTask(job_id=f"j{n}", run_id=f"r{n}", step_number=2) for n in range(2)]
+    answer = _key("answer")
+    await asyncio.gather(
+        steps.save_answer(answer, b"{}"),
+        *(
+            steps.hand_over(HandOver(t.job_id, epoch=1, event_lines=['{"type":"x"}'], tasks=[t]))
+            for t in tasks
+        ),
+    )
+    assert counting.sent == [5]  # the SET, and each hand-over's events and enqueue
+    assert await redis.get(answer) == b"{}"
+    assert sorted(await redis.zrange(queue, 0, -1)) == sorted(step_job_id(t).encode() for t in tasks)
