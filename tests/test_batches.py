@@ -133,3 +133,55 @@ async def test_the_journal_writes_and_hand_overs_of_concurrent_steps_share_a_rou
     assert counting.sent == [5]  # the SET, and each hand-over's events and enqueue
     assert await redis.get(answer) == b"{}"
     assert sorted(await redis.zrange(queue, 0, -1)) == sorted(step_job_id(t).encode() for t in tasks)
+
+
+async def test_a_sender_cancelled_before_it_ran_leaves_no_caller_waiting(redis: ArqRedis) -> None:
+    batches = Batches(redis)
+    key = _key("after")
+    waiting = asyncio.ensure_future(batches.send([("SET", _key("a"), "1")]))
+    await asyncio.sleep(0)  # the caller asked: the sender's task is created, and has not run
+    sender = batches._sender
+    assert sender is not None and not sender.done()
+    sender.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(waiting, 2)
+    assert await asyncio.wait_for(batches.send([("SET", key, "1"), ("GET", key)]), 2) == [True, b"1"]
+
+
+async def test_an_argument_that_cannot_be_sent_fails_its_caller_alone(redis: ArqRedis) -> None:
+    from redis.exceptions import DataError
+
+    counting = CountingRedis(redis)
+    batches = Batches(counting)
+    good, bad = _key("good"), _key("bad")
+    results = await asyncio.gather(
+        batches.send([("SET", good, "1")]), batches.send([("SET", bad, {"a": 1})]), return_exceptions=True
+    )
+    assert results[0] == [True] and isinstance(results[1], DataError)
+    assert await redis.get(good) == b"1" and await redis.get(bad) is None
+
+
+async def test_a_batch_without_a_reply_fails_in_time_and_the_next_goes_on(redis_server: LocalRedis) -> None:
+    """A connection that went dead without a word (here a server that never answers) fails its batch after
+    the batch's timeout with redis-py's TimeoutError, an error object per caller; the next batch goes on."""
+    from redis.asyncio import Redis
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    async def silent(reader: asyncio.StreamReader, _writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # reads everything, answers nothing
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    mute = Redis.from_url(f"redis://127.0.0.1:{port}/0")
+    batches = Batches(mute, timeout_s=0.3)
+    asked = asyncio.gather(
+        batches.send([("SET", _key("a"), "1")]), batches.send([("GET", _key("b"))]), return_exceptions=True
+    )
+    results = await asyncio.wait_for(asked, 5)
+    assert all(isinstance(r, RedisTimeoutError) for r in results) and results[0] is not results[1]
+    batches.redis = await open_pool(redis_server.url, "unused")
+    key = _key("after")
+    assert await batches.send([("SET", key, "1"), ("GET", key)]) == [True, b"1"]
+    await batches.redis.aclose()
+    await mute.aclose()
+    server.close()

@@ -218,7 +218,9 @@ async def test_events_the_stream_refuses_leave_the_hand_over_standing(
     assert await h.keys_of(1) == GONE and await h.keys_of(2) == GONE
     assert (h.worker.jobs_complete, h.worker.jobs_retried, h.worker.jobs_failed) == (2, 0, 0)
     assert caplog.text.count("could not publish the events") == 2
+    # the key that is no stream is left as it was, its lifetime too
     assert await redis.get(events_channel(h.job)) == b"not a stream"
+    assert await redis.ttl(events_channel(h.job)) == -1
 
 
 async def test_a_fan_out_takes_its_first_step_and_leaves_the_rest_to_the_loop(

@@ -196,3 +196,70 @@ async def test_a_worker_loads_every_script_so_none_is_refused_alone(redis: ArqRe
     await redis.script_load(scripts.ENQUEUE.body)
     await scripts.load_scripts(redis)
     assert await redis.script_exists(*(s.sha for s in scripts.SCRIPTS)) == [True] * len(scripts.SCRIPTS)
+
+
+async def test_a_take_whose_hand_over_was_cancelled_on_its_way_is_dropped_after_it(redis: ArqRedis) -> None:
+    """The hand-over's caller is cancelled while its batch is on its way (here a slow connection): the take
+    may still happen after the cancel, so the lease drop that undoes it goes through the same batches, after
+    it. The step stays queued for any worker, its lease gone."""
+    import asyncio
+    from typing import Any
+
+    from worker.queue.batch import Batches
+    from worker.queue.scripts import load_scripts
+    from worker.queue.steps import FINISHING, Finish, Picked, Taking, drops_settled
+
+    class Slow:
+        """The worker's pool, with every pipeline's round trip 0.2 s late."""
+
+        def pipeline(self, transaction: bool = False) -> Any:
+            pipe = redis.pipeline(transaction=transaction)
+            execute = pipe.execute
+
+            async def late(raise_on_error: bool = True) -> list[Any]:
+                await asyncio.sleep(0.2)
+                return await execute(raise_on_error=raise_on_error)
+
+            pipe.execute = late
+            return pipe
+
+    await load_scripts(redis)
+    queue, job = f"perq:test:scripts:{time.monotonic_ns()}", f"j{time.monotonic_ns()}"
+    started: list[Picked] = []
+    steps = RedisStepQueue(redis, queue, lambda _ids: None)
+    steps.batches = Batches(Slow())
+    steps.taking = Taking("w1", 5000, lambda: True, started.append, lambda _i: False)
+    token = FINISHING.set(Finish("perq:none:r1:1"))
+    try:
+        handing = asyncio.ensure_future(steps.hand_over(HandOver(job, epoch=1, tasks=[_task(job)])))
+    finally:
+        FINISHING.reset(token)
+    await asyncio.sleep(0.05)  # its batch is on its way
+    handing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await handing
+    await drops_settled(5)
+    arq_id = step_job_id(_task(job))
+    assert started == []
+    assert await redis.zscore(queue, arq_id) is not None  # taken on the server after the cancel, then freed
+    assert not await redis.exists(in_progress_key_prefix + arq_id)
+
+
+async def test_a_hand_over_whose_finish_fails_raises_and_leaves_the_step_unfinished(redis: ArqRedis) -> None:
+    """The events' call also finishes a step that hands nothing on: an error there is the hand-over's own
+    (raised, the step not marked finished, so the worker finishes or retries it), unlike a refused event."""
+    from redis.exceptions import ResponseError
+
+    from worker.queue.steps import FINISHING, Finish
+
+    queue, job = f"perq:test:scripts:{time.monotonic_ns()}", f"j{time.monotonic_ns()}"
+    await redis.set(queue, "not a queue")  # the finish's ZREM is refused
+    finish = Finish(step_job_id(_task(job, 1)))
+    steps = RedisStepQueue(redis, queue, lambda _ids: None)
+    token = FINISHING.set(finish)
+    try:
+        with pytest.raises(ResponseError, match="WRONGTYPE"):
+            await steps.hand_over(HandOver(job, epoch=1, event_lines=['{"type":"x"}'], stopped=True))
+    finally:
+        FINISHING.reset(token)
+    assert not finish.done

@@ -53,7 +53,7 @@ class QueueAnswerJournal(AnswerJournal):
         # a step cancelled meanwhile never awaits it: its failure is then nobody's to report
         saving.add_done_callback(lambda done: done.cancelled() or done.exception())
         self._saving.append(saving)
-        await asyncio.sleep(0)  # a turn of the loop: the save most often sends its command in it
+        await asyncio.sleep(0)  # a turn of the loop: the save asks for its command in the next batch in it
 
     async def recorded(self) -> None:
         while self._saving:  # each let go once recorded: one that fails or is cut short is `abandon`'s

@@ -11,17 +11,26 @@ same turn of the event loop, or while a batch is away), so there the calls come 
 Batches go one at a time, in the order asked: what is asked while one is away waits for it and goes in the
 next one. So a lone step waits for no one but the start of the sender's task, a busy worker sends fewer
 and larger batches, and a command asked after another runs after it (a lease dropped after the take it
-undoes). What a step asked and was cancelled from before its batch left is not sent, as a pipeline of its
-own would not have been.
+undoes). A caller cancelled before the sender took its commands into a batch sends nothing, as a pipeline
+of its own would not have; one cancelled later may still have its commands run. A batch that gets no reply
+within `BATCH_TIMEOUT_S` (a connection that went dead without a word) fails with redis-py's TimeoutError,
+its connection dropped, so that one dead connection stalls the worker's steps for that long, not for good.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 from collections.abc import Sequence
 from typing import Any
 
+from redis.exceptions import DataError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
 Command = tuple[Any, ...]  # a command's name and its arguments, as redis-py's execute_command takes them
+# a batch with no reply this long fails: a hand-over's round trip takes milliseconds, a big batch on a busy
+# Redis tenths of a second
+BATCH_TIMEOUT_S = 30.0
 
 
 class Commands(list[Command]):
@@ -35,53 +44,69 @@ class Commands(list[Command]):
         self.append(("DEL", *keys))
 
 
+Asked = tuple[Sequence[Command], "asyncio.Future[list[Any]]"]  # a caller's commands, and its replies to come
+
+
 class Batches:
     """Sends its callers' commands to Redis in batches, one batch at a time (see the module's docstring)."""
 
-    def __init__(self, redis: Any) -> None:
+    def __init__(self, redis: Any, *, timeout_s: float = BATCH_TIMEOUT_S) -> None:
         self.redis = redis
-        self._asked: list[tuple[Sequence[Command], asyncio.Future[list[Any]]]] = []
+        self.timeout_s = timeout_s
+        self._asked: list[Asked] = []
         self._sender: asyncio.Task[None] | None = None
 
     async def send(self, commands: Sequence[Command]) -> list[Any]:
         """Run `commands` in order in the next batch; their replies, an error in place of the reply of a
         command Redis refused (as `execute(raise_on_error=False)` gives them). Raises what the batch's round
-        trip raised (a connection lost)."""
+        trip raised (a connection lost, no reply in time) or, alone, an argument that cannot be sent."""
         if not commands:
             return []
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         self._asked.append((commands, future))
-        if self._sender is None:
+        if self._sender is None or self._sender.done():
             self._sender = asyncio.create_task(self._send_all())
-        return await future  # cancelled before its batch left: left out of it (`_send_all`)
+            self._sender.add_done_callback(self._sender_ended)
+        return await future
 
-    async def _send_all(self) -> None:
-        try:
-            while self._asked:
-                # a caller cancelled meanwhile has its future cancelled before its task hears of it
-                batch = [(commands, future) for commands, future in self._asked if not future.done()]
-                self._asked = []
-                if batch:
-                    await self._send(batch)
-        except BaseException:  # this task cancelled (its loop closing): so are the callers still waiting
+    def _sender_ended(self, sender: asyncio.Task[None]) -> None:
+        """A sender cancelled (its loop closing; even before it first ran) leaves no caller waiting on it."""
+        if sender.cancelled():
             for _, future in self._asked:
                 future.cancel()
             self._asked = []
-            raise
-        finally:
+        if self._sender is sender:
             self._sender = None
 
-    async def _send(self, batch: list[tuple[Sequence[Command], asyncio.Future[list[Any]]]]) -> None:
+    async def _send_all(self) -> None:
+        while self._asked:
+            # a caller cancelled meanwhile has its future cancelled before its task hears of it
+            batch = [(commands, future) for commands, future in self._asked if not future.done()]
+            self._asked = []
+            if batch:
+                await self._send(batch)
+
+    async def _send(self, batch: list[Asked]) -> None:
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for commands, _ in batch:
-                    for command in commands:
-                        pipe.execute_command(*command)
-                replies = await pipe.execute(raise_on_error=False)
+            async with asyncio.timeout(self.timeout_s):
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for commands, _ in batch:
+                        for command in commands:
+                            pipe.execute_command(*command)
+                    replies = await pipe.execute(raise_on_error=False)
+        except DataError as e:  # an argument that cannot be packed: nothing was sent, and it is one caller's
+            if len(batch) > 1:
+                for one in batch:
+                    await self._send([one])
+                return
+            _fail(batch, e)
+            return
+        except TimeoutError as e:  # asyncio's: redis-py dropped the connection when its read was cancelled
+            what = f"no reply from Redis within {self.timeout_s:g} s to a batch of {len(batch)} callers"
+            _fail(batch, RedisTimeoutError(what), cause=e)
+            return
         except Exception as e:  # the round trip failed: every caller of the batch hears it
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(e)
+            _fail(batch, e)
             return
         except BaseException:
             for _, future in batch:
@@ -92,3 +117,15 @@ class Batches:
             if not future.done():
                 future.set_result(replies[at : at + len(commands)])
             at += len(commands)
+
+
+def _fail(batch: list[Asked], error: Exception, cause: BaseException | None = None) -> None:
+    """Each caller of `batch` gets an error of its own: one object raised in many tasks would gather all
+    their tracebacks (the first caller gets `error` itself)."""
+    for n, (_, future) in enumerate(batch):
+        if future.done():
+            continue
+        own = error if n == 0 else copy.copy(error)
+        if own is not error or cause is not None:
+            own.__cause__ = cause or error
+        future.set_exception(own)

@@ -5,9 +5,9 @@
 -- keys, and the queue
 -- ARGV[1] the stream's length cap (approximate, as XADD MAXLEN ~), ARGV[2] the stream's lifetime (s),
 -- ARGV[3] the finished step's arq id ('' for none), ARGV[4..] the events' lines
--- Returns how many events were added; or, when the stream refused them (its key holds something else), the
--- error as a string: the events are a live copy of what the store holds, so the step is finished all the
--- same (the worker logs it).
+-- Returns how many events were added; or, when Redis refused them (the stream's key holds something else,
+-- or Redis is out of memory), the error as a string: the events are a live copy of what the store holds, so
+-- the step is finished all the same (the worker logs it; a follower with the store reads them there).
 if redis.replicate_commands then redis.replicate_commands() end  -- Redis 5 and 6: XADD's ids are random
 local refused = nil
 for i = 4, #ARGV do

@@ -69,6 +69,13 @@ FINISHING: ContextVar[Finish | None] = ContextVar("perq_finishing", default=None
 _DROPPING: set[asyncio.Future[Any]] = set()  # the loop keeps tasks weakly: these are kept till they end
 
 
+async def drops_settled(timeout_s: float) -> None:
+    """Wait, up to `timeout_s`, for the lease drops still on their way (a worker's shutdown, before its pool
+    closes: a take that could not start then frees its step at once instead of when its lease lapses)."""
+    if _DROPPING:
+        await asyncio.wait(set(_DROPPING), timeout=timeout_s)
+
+
 def _dropped(task: asyncio.Future[Any]) -> None:
     _DROPPING.discard(task)
     if not task.cancelled() and task.exception() is not None:  # the lease lapses instead: a try more
@@ -115,7 +122,8 @@ def _log_side_errors(
 
 
 def _text(reply: Exception | bytes | str) -> str:
-    return reply.decode(errors="replace") if isinstance(reply, bytes) else str(reply)
+    text = reply.decode(errors="replace") if isinstance(reply, bytes) else str(reply)
+    return text.strip()  # Redis 6 hands a script's refusal over with its line's end
 
 
 class RedisStepQueue:
@@ -186,7 +194,9 @@ class RedisStepQueue:
         replies: list[Any] = []
         try:
             replies = await self.batches.send(commands)
-            await settle(self.redis, replies, calls, raising=False)  # fills in `replies`
+            await settle(
+                self.redis, replies, calls, raising=False, batches=self.batches
+            )  # fills in `replies`
             # what the hand-over is: the enqueues, and the finish of a step that hands nothing on
             essential = [c.position for c in enqueues]
             if finished is not None and publishing is not None:
@@ -226,7 +236,7 @@ class RedisStepQueue:
         calls: list[ScriptCall] = []
         dropping = Commands()
         DROP.add_to(dropping, [lease_key], [owner], calls)
-        await settle(self.redis, await self.batches.send(dropping), calls)
+        await settle(self.redis, await self.batches.send(dropping), calls, batches=self.batches)
 
     async def save_answer(self, key: str, data: bytes) -> None:
         [saved] = await self.batches.send([("SET", key, data, "EX", ANSWER_TTL_S)])

@@ -46,7 +46,7 @@ from worker.loop import StepInterrupted
 from worker.queue.arq_private import arq_mismatches, arq_version
 from worker.queue.leases import pick_up, renew_leases
 from worker.queue.scripts import load_scripts
-from worker.queue.steps import FINISHING, Finish, Picked, RedisStepQueue, Taking
+from worker.queue.steps import FINISHING, Finish, Picked, RedisStepQueue, Taking, drops_settled
 from worker.reconcile import reconcile_forever
 from worker.runtime import UNKNOWN, Runtime, collector_for_steps
 from worker.step_queue import StepQueue
@@ -64,6 +64,8 @@ MAX_TRIES = 1000
 RETRY_COUNTER_S = 88400  # the lifetime of arq's try counter, as arq and pick_up.lua set it
 # health_check_interval: arq's health-check key is rewritten this often (the bench waits for it)
 HEALTH_CHECK_S = 10
+# how long a stopping worker waits for its lease drops still on their way (each is one batch's round trip)
+DROPS_WAIT_S = 2.0
 
 
 async def step(ctx: dict[str, Any], payload: Any) -> None:
@@ -90,6 +92,12 @@ async def step(ctx: dict[str, Any], payload: Any) -> None:
             raise Retry(defer=2 * attempt) from e
         await runtime.io(runtime.fail_job, task, e)
         raise
+
+
+async def _drops_before_close(ctx: dict[Any, Any]) -> None:
+    """arq's on_shutdown, run once every step has ended and before the pool closes: the lease drops of takes
+    that could not start (a step cut short in its hand-over) still reach Redis."""
+    await drops_settled(DROPS_WAIT_S)
 
 
 class Backoff:
@@ -153,6 +161,7 @@ class PerqWorker(Worker):
             max_jobs=settings.worker.concurrency,
             job_completion_wait=int(settings.worker.grace_seconds),
             health_check_interval=HEALTH_CHECK_S,
+            on_shutdown=_drops_before_close,
         )
         problems = arq_mismatches(self)
         if problems:
