@@ -40,11 +40,32 @@ class CountingRedis:
         return pipe
 
 
+class Late(CountingRedis):
+    """The worker's pool, with every pipeline's round trip `delay_s` late."""
+
+    def __init__(self, redis: ArqRedis, delay_s: float) -> None:
+        super().__init__(redis)
+        self.delay_s = delay_s
+
+    def pipeline(self, transaction: bool = False) -> Any:
+        pipe = super().pipeline(transaction)
+        execute = pipe.execute
+
+        async def late(raise_on_error: bool = True) -> list[Any]:
+            await asyncio.sleep(self.delay_s)
+            return await execute(raise_on_error=raise_on_error)
+
+        pipe.execute = late
+        return pipe
+
+
 def _key(name: str) -> str:
     return f"perq:test:batch:{time.monotonic_ns()}:{name}"
 
 
 async def test_callers_together_share_one_round_trip_and_each_gets_its_own_replies(redis: ArqRedis) -> None:
+    """A caller that finds nothing away sends at once, alone; the callers that come while its batch is away
+    share the next round trip, each with the replies of its own commands."""
     counting = CountingRedis(redis)
     batches = Batches(counting)
     a, b, text = _key("a"), _key("b"), _key("text")
@@ -53,8 +74,9 @@ async def test_callers_together_share_one_round_trip_and_each_gets_its_own_repli
     second = Commands([("INCR", text), ("SET", b, "2")])
     second.delete(b)
     third = [("GET", a)]
-    one, two, three = await asyncio.gather(batches.send(first), batches.send(second), batches.send(third))
-    assert counting.sent == [6]
+    asked = asyncio.gather(batches.send(first), batches.send(second), batches.send(third))
+    one, two, three = await asyncio.wait_for(asked, 5)  # a batch nobody sends fails here, not hangs
+    assert counting.sent == [2, 4]
     assert one == [True, 2]
     assert isinstance(two[0], ResponseError) and two[1:] == [True, 1]  # the refusal is this caller's alone
     assert three == [b"2"]  # run after the other callers' commands asked before it
@@ -68,7 +90,7 @@ async def test_what_is_asked_while_a_batch_is_away_goes_next_and_after_it(redis:
     await asyncio.sleep(0)  # the sender's task is started: its batch leaves
     await asyncio.sleep(0)
     later = [asyncio.ensure_future(batches.send([("RPUSH", key, f"later{i}")])) for i in range(3)]
-    assert await away == [1] and [await w for w in later] == [[2], [3], [4]]
+    assert await asyncio.wait_for(asyncio.gather(away, *later), 5) == [[1], [2], [3], [4]]
     assert counting.sent == [1, 3]
     assert await redis.lrange(key, 0, -1) == [b"first", b"later0", b"later1", b"later2"]
     assert await batches.send([]) == [] and counting.sent == [1, 3]  # nothing asked, nothing sent
@@ -130,21 +152,29 @@ async def test_the_journal_writes_and_hand_overs_of_concurrent_steps_share_a_rou
             for t in tasks
         ),
     )
-    assert counting.sent == [5]  # the SET, and each hand-over's events and enqueue
+    assert counting.sent == [1, 4]  # the SET at once; then each hand-over's events and enqueue, together
     assert await redis.get(answer) == b"{}"
     assert sorted(await redis.zrange(queue, 0, -1)) == sorted(step_job_id(t).encode() for t in tasks)
 
 
-async def test_a_sender_cancelled_before_it_ran_leaves_no_caller_waiting(redis: ArqRedis) -> None:
-    batches = Batches(redis)
-    key = _key("after")
-    waiting = asyncio.ensure_future(batches.send([("SET", _key("a"), "1")]))
-    await asyncio.sleep(0)  # the caller asked: the sender's task is created, and has not run
+async def test_a_cancelled_sender_leaves_no_caller_waiting_and_a_new_one_takes_over(redis: ArqRedis) -> None:
+    """The sender's task cancelled (its loop closing) with one batch away and a caller waiting for the next:
+    both are cancelled, none is left waiting; a later caller is served."""
+    batches = Batches(Late(redis, 0.2))
+    first = asyncio.ensure_future(batches.send([("SET", _key("first"), "1")]))  # leaves at once, alone
+    await asyncio.sleep(0.05)
+    away = asyncio.ensure_future(batches.send([("SET", _key("away"), "1")]))  # the sender's first batch
+    await asyncio.sleep(0.25)  # the first came back; the sender's batch is away
+    waiting = asyncio.ensure_future(batches.send([("SET", _key("waiting"), "1")]))
+    await asyncio.sleep(0)
+    assert await first == [True] and not away.done() and not waiting.done()
     sender = batches._sender
-    assert sender is not None and not sender.done()
+    assert sender is not None
     sender.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await asyncio.wait_for(waiting, 2)
+    for caller in (away, waiting):
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(caller, 2)
+    key = _key("after")
     assert await asyncio.wait_for(batches.send([("SET", key, "1"), ("GET", key)]), 2) == [True, b"1"]
 
 
@@ -185,3 +215,25 @@ async def test_a_batch_without_a_reply_fails_in_time_and_the_next_goes_on(redis_
     await batches.redis.aclose()
     await mute.aclose()
     server.close()
+
+
+async def test_an_error_that_cannot_be_copied_still_reaches_every_caller(redis: ArqRedis) -> None:
+    class Odd(Exception):
+        def __init__(self, *, what: str) -> None:  # not made again from its arguments by copy.copy
+            super().__init__(what)
+
+    class Failing(CountingRedis):
+        def pipeline(self, transaction: bool = False) -> Any:
+            pipe = super().pipeline(transaction)
+
+            async def fail(raise_on_error: bool = True) -> list[Any]:
+                await asyncio.sleep(0.05)
+                raise Odd(what="down")
+
+            pipe.execute = fail
+            return pipe
+
+    batches = Batches(Failing(redis))
+    asked = asyncio.gather(*(batches.send([("GET", _key(str(n)))]) for n in range(3)), return_exceptions=True)
+    results = await asyncio.wait_for(asked, 5)  # the first alone, the other two in one batch
+    assert all(isinstance(r, Odd) for r in results)

@@ -199,45 +199,34 @@ async def test_a_worker_loads_every_script_so_none_is_refused_alone(redis: ArqRe
 
 
 async def test_a_take_whose_hand_over_was_cancelled_on_its_way_is_dropped_after_it(redis: ArqRedis) -> None:
-    """The hand-over's caller is cancelled while its batch is on its way (here a slow connection): the take
-    may still happen after the cancel, so the lease drop that undoes it goes through the same batches, after
-    it. The step stays queued for any worker, its lease gone."""
+    """The hand-over's caller is cancelled while its batch is on its way (here behind another caller's, on a
+    slow connection): the take still happens after the cancel, so the lease drop that undoes it goes through
+    the same batches, after it. The step stays queued for any worker, its lease gone."""
     import asyncio
-    from typing import Any
 
+    from tests.test_batches import Late
     from worker.queue.batch import Batches
     from worker.queue.scripts import load_scripts
     from worker.queue.steps import FINISHING, Finish, Picked, Taking, drops_settled
-
-    class Slow:
-        """The worker's pool, with every pipeline's round trip 0.2 s late."""
-
-        def pipeline(self, transaction: bool = False) -> Any:
-            pipe = redis.pipeline(transaction=transaction)
-            execute = pipe.execute
-
-            async def late(raise_on_error: bool = True) -> list[Any]:
-                await asyncio.sleep(0.2)
-                return await execute(raise_on_error=raise_on_error)
-
-            pipe.execute = late
-            return pipe
 
     await load_scripts(redis)
     queue, job = f"perq:test:scripts:{time.monotonic_ns()}", f"j{time.monotonic_ns()}"
     started: list[Picked] = []
     steps = RedisStepQueue(redis, queue, lambda _ids: None)
-    steps.batches = Batches(Slow())
+    steps.batches = Batches(Late(redis, 0.2))
     steps.taking = Taking("w1", 5000, lambda: True, started.append, lambda _i: False)
+    ahead = asyncio.ensure_future(steps.batches.send([("PING",)]))  # away at once, alone, for 0.2 s
+    await asyncio.sleep(0.01)
     token = FINISHING.set(Finish("perq:none:r1:1"))
-    try:
+    try:  # asked while `ahead` is away: the hand-over goes in the sender's first batch
         handing = asyncio.ensure_future(steps.hand_over(HandOver(job, epoch=1, tasks=[_task(job)])))
     finally:
         FINISHING.reset(token)
-    await asyncio.sleep(0.05)  # its batch is on its way
+    await asyncio.sleep(0.3)  # `ahead` came back at 0.2 s; the hand-over's batch is away until 0.4 s
     handing.cancel()
     with pytest.raises(asyncio.CancelledError):
         await handing
+    await ahead
     await drops_settled(5)
     arq_id = step_job_id(_task(job))
     assert started == []
