@@ -222,11 +222,16 @@ async def test_a_take_whose_hand_over_was_cancelled_on_its_way_is_dropped_after_
         handing = asyncio.ensure_future(steps.hand_over(HandOver(job, epoch=1, tasks=[_task(job)])))
     finally:
         FINISHING.reset(token)
-    await asyncio.sleep(0.3)  # `ahead` came back at 0.2 s; the hand-over's batch is away until 0.4 s
+    await ahead  # back after 0.2 s: the sender takes the hand-over's batch, away for 0.2 s more
+    for _ in range(100):
+        if not steps.batches._asked and steps.batches._sender is not None:
+            break
+        await asyncio.sleep(0.001)
+    await asyncio.sleep(0.05)
+    assert not handing.done()
     handing.cancel()
     with pytest.raises(asyncio.CancelledError):
         await handing
-    await ahead
     await drops_settled(5)
     arq_id = step_job_id(_task(job))
     assert started == []
