@@ -48,18 +48,13 @@ class LuaScript:
 
 
 async def settle(
-    redis: Any,
-    replies: list[Any],
-    calls: list[ScriptCall],
-    *,
-    raising: bool = True,
-    batches: Batches | None = None,
+    redis: Any, batches: Batches, replies: list[Any], calls: list[ScriptCall], *, raising: bool = True
 ) -> list[Any]:
-    """The replies of a pipeline run with `execute(raise_on_error=False)`, with the script calls (`calls`,
+    """The replies of a batch (`batches`, which return errors as replies), with the script calls (`calls`,
     of any scripts) that Redis refused for not knowing their script run again once it is loaded (a refused
-    call did nothing, the rest of the pipeline ran once): through `batches` when the calls went through
-    them, so that what their caller asks next still runs after them. Then, like `execute()`, the first
-    error left is raised, unless not `raising`: then the caller looks at each error in `replies` itself."""
+    call did nothing, the rest of the batch ran once), through the same batches, so that what their caller
+    asks next still runs after them. Then, like `execute()`, the first error left is raised, unless not
+    `raising`: then the caller looks at each error in `replies` itself."""
     unknown = [c for c in calls if isinstance(replies[c.position], NoScriptError)]
     if unknown:
         for script in {id(c.script): c.script for c in unknown}.values():
@@ -67,13 +62,7 @@ async def settle(
         again_calls = Commands()
         for c in unknown:
             again_calls.evalsha(c.script.sha, len(c.keys), *c.keys, *c.args)
-        if batches is not None:
-            again = await batches.send(again_calls)
-        else:
-            async with redis.pipeline(transaction=False) as pipe:
-                for command in again_calls:
-                    pipe.execute_command(*command)
-                again = await pipe.execute(raise_on_error=False)
+        again = await batches.send(again_calls)
         for c, reply in zip(unknown, again, strict=True):
             replies[c.position] = reply
     for reply in replies if raising else ():

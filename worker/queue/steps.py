@@ -194,9 +194,7 @@ class RedisStepQueue:
         replies: list[Any] = []
         try:
             replies = await self.batches.send(commands)
-            await settle(
-                self.redis, replies, calls, raising=False, batches=self.batches
-            )  # fills in `replies`
+            await settle(self.redis, self.batches, replies, calls, raising=False)  # fills in `replies`
             # what the hand-over is: the enqueues, and the finish of a step that hands nothing on
             essential = [c.position for c in enqueues]
             if finished is not None and publishing is not None:
@@ -236,7 +234,7 @@ class RedisStepQueue:
         calls: list[ScriptCall] = []
         dropping = Commands()
         DROP.add_to(dropping, [lease_key], [owner], calls)
-        await settle(self.redis, await self.batches.send(dropping), calls, batches=self.batches)
+        await settle(self.redis, self.batches, await self.batches.send(dropping), calls)
 
     async def save_answer(self, key: str, data: bytes) -> None:
         [saved] = await self.batches.send([("SET", key, data, "EX", ANSWER_TTL_S)])
