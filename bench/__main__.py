@@ -7,6 +7,7 @@ import importlib
 import json
 import os
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -79,6 +80,24 @@ def cpu_gauge_ms() -> float:
     return round(best * 1000, 1)
 
 
+CREATE_FILES = 100
+
+
+def file_create_us(root: Path) -> float:
+    """How long creating an empty file takes right now where the stores live, mean of `CREATE_FILES` (µs),
+    in a folder of its own (kept till the run's scratch goes: a removal is what slows creation). Why: on
+    ext4 without a journal (this project's VMs) every file created scans past the inodes freed in the last
+    1 to 6 minutes, and a step creates one file (its checkpoint); after a test run or another bench run
+    removed its files, this reads ten to thirty times its settled value, and the figures that write stores
+    read worse with it (bench/README.md)."""
+    folder = Path(tempfile.mkdtemp(prefix="create-gauge-", dir=root))
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    start = time.perf_counter()
+    for i in range(CREATE_FILES):
+        os.close(os.open(folder / f"f{i}", flags, 0o644))
+    return round((time.perf_counter() - start) / CREATE_FILES * 1e6, 1)
+
+
 def main(argv: list[str] | None = None) -> int:
     names = [*FIGURES, "mcp"]
     parser = argparse.ArgumentParser(prog="python -m bench", description="perq's benchmark figures")
@@ -107,11 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     gauge_before = cpu_gauge_ms()
     chosen = [args.only] if args.only else names
     gauges: dict[str, float] = {}  # the CPU gauge as each figure began: how fast the machine ran for it
+    creates: dict[str, float] = {}  # the file creation gauge as each figure began: how slow the disk's was
     with bench_session(profile_dir, args.tmpdir) as bench:
         for name in chosen:
             gauges[name] = gauge_before if name == chosen[0] else cpu_gauge_ms()
+            creates[name] = file_create_us(bench.root)
             if not args.json:
-                print(f"running {name} (CPU gauge {gauges[name]:.0f} ms) ...", file=sys.stderr, flush=True)
+                gauged = f"CPU gauge {gauges[name]:.0f} ms, file creation {creates[name]:.0f} µs"
+                print(f"running {name} ({gauged}) ...", file=sys.stderr, flush=True)
             t0 = time.monotonic()
             try:
                 if name == "mcp":
@@ -133,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                 bench.flush()
             if not args.json:
                 print(f"  {name}: {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
+        create_after = file_create_us(bench.root)
     total = time.monotonic() - started
     # other work on the machine moves every figure: the load average says how quiet the run was
     load = (round(load_before, 2), round(os.getloadavg()[0], 2))
@@ -144,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": os.cpu_count(),
             "loadAverage": {"start": load[0], "end": load[1]},
             "cpuGaugeMs": {"start": gauge[0], "end": gauge[1], "byFigure": gauges},
+            "fileCreateUs": {"start": creates[chosen[0]], "end": create_after, "byFigure": creates},
         }
         print(json.dumps(out, indent=2))
     else:
@@ -152,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
             f"\n{len(rows)} rows in {total:.0f} s on {os.cpu_count()} CPUs; "
             f"1-minute load average {load[0]:.2f} at start, {load[1]:.2f} at end; "
             f"CPU gauge ({GAUGE_LOOP:,} Python additions, best of 3) {gauge[0]:.0f} ms at start, "
-            f"{gauge[1]:.0f} ms at end"
+            f"{gauge[1]:.0f} ms at end; file creation (an empty file where the stores live, mean of "
+            f"{CREATE_FILES}) {creates[chosen[0]]:.0f} µs at start, {create_after:.0f} µs at end"
         )
     return 0 if all(r.holds is not False for r in rows) else 1
 

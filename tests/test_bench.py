@@ -95,6 +95,9 @@ def test_bench_entry_point_prints_json_rows() -> None:
     gauge = out["cpuGaugeMs"]
     assert gauge["start"] > 0 and gauge["end"] > 0  # how fast the machine ran, beside the load average
     assert list(gauge["byFigure"]) == ["cli"] and gauge["byFigure"]["cli"] == gauge["start"]
+    creates = out["fileCreateUs"]  # how slow creating a file was where the stores live
+    assert creates["start"] > 0 and creates["end"] > 0
+    assert creates["byFigure"] == {"cli": creates["start"]}
     assert row["figure"] == "CLI start" and row["goal"] == "<= 1.5"
     assert isinstance(row["value"], float) and row["holds"] in (True, False)
     assert result.returncode == (0 if row["holds"] else 1)
