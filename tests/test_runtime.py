@@ -213,6 +213,23 @@ async def test_two_attempts_of_a_step_commit_once_and_a_long_one_writes_nothing(
     monkeypatch.setattr(runtime, "LOOK_AGAIN_AFTER_S", 0.2 if looks_again else 60.0)
     job = h.start("e", "go")
     task = h.local.pending.popleft()
+    generate = ScriptModel.generate
+    asked = 0
+
+    async def answered_after_the_first_attempt(
+        self: ScriptModel, request: GenerationRequest
+    ) -> GenerationResult:
+        """The second attempt's answer comes once the first attempt's step is done, commit included, however
+        long its flush takes (a syncfs behind a busy disk: tenths of a second); the two still overlap."""
+        nonlocal asked
+        asked += 1
+        second = asked == 2
+        result = await generate(self, request)
+        if second:
+            await asyncio.wait({first})
+        return result
+
+    monkeypatch.setattr(ScriptModel, "generate", answered_after_the_first_attempt)
     first = asyncio.create_task(h.runtime.run_step(task))
     await asyncio.sleep(0.1)
     h.runtime._checkpoints.clear()  # the other attempt is another worker's: it shares no cache
