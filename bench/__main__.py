@@ -83,19 +83,26 @@ def cpu_gauge_ms() -> float:
 CREATE_FILES = 100
 
 
-def file_create_us(root: Path) -> float:
+def file_create_us(root: Path) -> float | None:
     """How long creating an empty file takes right now where the stores live, mean of `CREATE_FILES` (µs),
-    in a folder of its own (kept till the run's scratch goes: a removal is what slows creation). Why: on
-    ext4 without a journal (this project's VMs) every file created scans past the inodes freed in the last
-    1 to 6 minutes, and a step creates one file (its checkpoint); after a test run or another bench run
-    removed its files, this reads ten to thirty times its settled value, and the figures that write stores
-    read worse with it (bench/README.md)."""
-    folder = Path(tempfile.mkdtemp(prefix="create-gauge-", dir=root))
+    in a folder of its own (kept till the run's scratch goes: a removal is what slows creation); None when
+    no file can be made there (the figures say why). Why: on ext4 without a journal (this project's VMs)
+    every file created scans past the inodes freed in the last 1 to 6 minutes, and a step creates one file
+    (its checkpoint); settled, this reads tens of µs, within minutes of a removal of thousands of files
+    (a test run's, another bench run's) hundreds, and the figures that write stores read worse with it."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-    start = time.perf_counter()
-    for i in range(CREATE_FILES):
-        os.close(os.open(folder / f"f{i}", flags, 0o644))
+    try:
+        folder = Path(tempfile.mkdtemp(prefix="create-gauge-", dir=root))
+        start = time.perf_counter()
+        for i in range(CREATE_FILES):
+            os.close(os.open(folder / f"f{i}", flags, 0o644))
+    except OSError:
+        return None
     return round((time.perf_counter() - start) / CREATE_FILES * 1e6, 1)
+
+
+def _us(value: float | None) -> str:
+    return "?" if value is None else f"{value:.0f} µs"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,13 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     gauge_before = cpu_gauge_ms()
     chosen = [args.only] if args.only else names
     gauges: dict[str, float] = {}  # the CPU gauge as each figure began: how fast the machine ran for it
-    creates: dict[str, float] = {}  # the file creation gauge as each figure began: how slow the disk's was
+    creates: dict[str, float | None] = {}  # the file creation gauge as each figure began
     with bench_session(profile_dir, args.tmpdir) as bench:
         for name in chosen:
             gauges[name] = gauge_before if name == chosen[0] else cpu_gauge_ms()
             creates[name] = file_create_us(bench.root)
             if not args.json:
-                gauged = f"CPU gauge {gauges[name]:.0f} ms, file creation {creates[name]:.0f} µs"
+                gauged = f"CPU gauge {gauges[name]:.0f} ms, file creation {_us(creates[name])}"
                 print(f"running {name} ({gauged}) ...", file=sys.stderr, flush=True)
             t0 = time.monotonic()
             try:
@@ -177,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             f"1-minute load average {load[0]:.2f} at start, {load[1]:.2f} at end; "
             f"CPU gauge ({GAUGE_LOOP:,} Python additions, best of 3) {gauge[0]:.0f} ms at start, "
             f"{gauge[1]:.0f} ms at end; file creation (an empty file where the stores live, mean of "
-            f"{CREATE_FILES}) {creates[chosen[0]]:.0f} µs at start, {create_after:.0f} µs at end"
+            f"{CREATE_FILES}) {_us(creates[chosen[0]])} at start, {_us(create_after)} at end"
         )
     return 0 if all(r.holds is not False for r in rows) else 1
 

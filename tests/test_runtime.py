@@ -214,22 +214,26 @@ async def test_two_attempts_of_a_step_commit_once_and_a_long_one_writes_nothing(
     job = h.start("e", "go")
     task = h.local.pending.popleft()
     generate = ScriptModel.generate
-    asked = 0
+    second_asked = asyncio.Event()
+    asked: list[bool] = []  # whether it was the first attempt, each time the model was asked
 
-    async def answered_after_the_first_attempt(
-        self: ScriptModel, request: GenerationRequest
-    ) -> GenerationResult:
-        """The second attempt's answer comes once the first attempt's step is done, commit included, however
-        long its flush takes (a syncfs behind a busy disk: tenths of a second); the two still overlap."""
-        nonlocal asked
-        asked += 1
-        second = asked == 2
-        result = await generate(self, request)
-        if second:
+    async def answered_in_order(self: ScriptModel, request: GenerationRequest) -> GenerationResult:
+        """The first attempt's answer waits until the second has looked for the step's checkpoint (found
+        none) and asked the model; the second's answer until the first attempt's step is done, commit
+        included, however long its flush takes (a syncfs behind a busy disk: tenths of a second). Each
+        attempt generates in its own task."""
+        by_first = asyncio.current_task() is first
+        asked.append(by_first)
+        if not by_first:
+            second_asked.set()
+        result = await generate(self, request)  # the turn's 300 ms: the second attempt runs long
+        if by_first:
+            await second_asked.wait()
+        else:
             await asyncio.wait({first})
         return result
 
-    monkeypatch.setattr(ScriptModel, "generate", answered_after_the_first_attempt)
+    monkeypatch.setattr(ScriptModel, "generate", answered_in_order)
     first = asyncio.create_task(h.runtime.run_step(task))
     await asyncio.sleep(0.1)
     h.runtime._checkpoints.clear()  # the other attempt is another worker's: it shares no cache
@@ -240,8 +244,9 @@ async def test_two_attempts_of_a_step_commit_once_and_a_long_one_writes_nothing(
     assert [e.type for e in h.events(job.id)] == ["startRun", "startGeneration", "completeRun"]
     run_log = h.storage / "jobs" / job.id / "runs" / task.run_id / "events.jsonl"
     written = len(run_log.read_bytes().splitlines())
-    assert written == (3 if looks_again else 6)  # the late attempt's three lines, or none
+    assert written == (3 if looks_again else 6)  # no lines of the late attempt, or its three
     assert h.job(job.id).status == "completed" and h.job(job.id).total_steps == 1
+    assert asked == [True, False]
 
 
 def records_at_hand_over(h: Perq, job_id: str) -> list[tuple[str, int]]:
