@@ -246,7 +246,7 @@ async def test_two_attempts_of_a_step_commit_once_and_a_long_one_writes_nothing(
     written = len(run_log.read_bytes().splitlines())
     assert written == (3 if looks_again else 6)  # no lines of the late attempt, or its three
     assert h.job(job.id).status == "completed" and h.job(job.id).total_steps == 1
-    assert asked == [True, False]
+    assert sorted(asked) == [False, True]  # each attempt asked the model once
 
 
 def records_at_hand_over(h: Perq, job_id: str) -> list[tuple[str, int]]:
