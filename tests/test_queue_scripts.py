@@ -204,7 +204,7 @@ async def test_a_take_whose_hand_over_was_cancelled_on_its_way_is_dropped_after_
     the same batches, after it. The step stays queued for any worker, its lease gone."""
     import asyncio
 
-    from tests.test_batches import Late
+    from tests.support.pipelines import Late
     from worker.queue.batch import Batches
     from worker.queue.scripts import load_scripts
     from worker.queue.steps import FINISHING, Finish, Picked, Taking, drops_settled
